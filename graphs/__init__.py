@@ -4,3 +4,9 @@ from .graph import Adjacency as Adjacency
 from .graph import AttributionGraph as AttributionGraph
 from .graph import NodeKind as NodeKind
 from .graph import NodeLayout as NodeLayout
+from .prune import PruneConfig as PruneConfig
+from .prune import PruneResult as PruneResult
+from .prune import apply_prune as apply_prune
+from .prune import node_influence as node_influence
+from .prune import prune as prune
+from .prune import prune_graph as prune_graph

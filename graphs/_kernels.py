@@ -1,0 +1,135 @@
+"""Private numba kernels on the CSR edge store (rows = targets, ``indices`` = sources).
+
+Array-only: every function takes and returns plain numpy arrays; validation and wrapping live in
+``prune.py``. Each kernel has a parity test against the dense numpy reference in
+``tests/reference/influence_naive.py`` (STYLE.md §7, §8), and the test-suite is also run once with
+``NUMBA_DISABLE_JIT=1`` so these lines are measured as plain Python.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def reverse_topological_order(indptr, indices, n):
+    """Kahn's algorithm on the reversed edges: a node is emitted once every node it feeds has been.
+
+    Returns ``(order [n] int64, n_emitted)``; ``n_emitted < n`` means the edges contain a cycle
+    (a self-loop included). The order puts every target before all of its sources, which is what the
+    one-sweep influence needs: I_t is final before it is pushed to t's sources.
+    """
+    out_degree = np.zeros(n, dtype=np.int64)
+    for e in range(indptr[n]):
+        out_degree[indices[e]] += 1
+    order = np.empty(n, dtype=np.int64)
+    head = 0
+    tail = 0
+    for v in range(n - 1, -1, -1):  # reverse index order: logits first, a stable, readable order
+        if out_degree[v] == 0:
+            order[tail] = v
+            tail += 1
+    while head < tail:
+        t = order[head]
+        head += 1
+        for e in range(indptr[t], indptr[t + 1]):
+            s = indices[e]
+            out_degree[s] -= 1
+            if out_degree[s] == 0:
+                order[tail] = s
+                tail += 1
+    return order, tail
+
+
+@njit(cache=True)
+def row_denominators(indptr, indices, data, remainder, node_mask):
+    """Per target row: Σ|A[t, s]| over kept sources s, plus the row's stored ``remainder``.
+
+    The remainder is the absolute mass thresholded storage dropped, so counting it keeps Â identical to
+    the un-thresholded one. Sources outside ``node_mask`` are *not* counted: a node-pruned graph is
+    renormalised over its surviving sources (circuit-tracer's golden edge scores, prune-12.json).
+    Rows outside the mask get 0.
+    """
+    n = indptr.shape[0] - 1
+    out = np.zeros(n, dtype=np.float64)
+    for t in range(n):
+        if not node_mask[t]:
+            continue
+        acc = np.float64(remainder[t])
+        for e in range(indptr[t], indptr[t + 1]):
+            if node_mask[indices[e]]:
+                acc += abs(np.float64(data[e]))
+        out[t] = acc
+    return out
+
+
+@njit(cache=True)
+def influence_sweep(indptr, indices, data, denom, w, order, node_mask):
+    """I = wᵀ(Â + Â² + …) in one pass: I_s = Σ_t (I_t + w_t)·Â[t, s], targets visited before sources.
+
+    ``order`` is a reverse topological order (see :func:`reverse_topological_order`). Rows with a zero
+    denominator have no inputs and push nothing (Â's row stays 0, DESIGN.md §5).
+    """
+    n = indptr.shape[0] - 1
+    infl = np.zeros(n, dtype=np.float64)
+    for k in range(n):
+        t = order[k]
+        if not node_mask[t] or denom[t] == 0.0:
+            continue
+        push = (infl[t] + w[t]) / denom[t]
+        if push == 0.0:
+            continue
+        for e in range(indptr[t], indptr[t + 1]):
+            s = indices[e]
+            if node_mask[s]:
+                infl[s] += push * abs(np.float64(data[e]))
+    return infl
+
+
+@njit(cache=True)
+def edge_scores(indptr, indices, data, denom, infl, w, node_mask):
+    """score[e] = Â[t, s]·(I_t + w_t) for every stored entry e = (t, s); 0 where t or s is pruned."""
+    n = indptr.shape[0] - 1
+    out = np.zeros(indices.shape[0], dtype=np.float64)
+    for t in range(n):
+        if not node_mask[t] or denom[t] == 0.0:
+            continue
+        scale = (infl[t] + w[t]) / denom[t]
+        for e in range(indptr[t], indptr[t + 1]):
+            if node_mask[indices[e]]:
+                out[e] = scale * abs(np.float64(data[e]))
+    return out
+
+
+@njit(cache=True)
+def prune_to_fixed_point(indptr, indices, node_mask, edge_mask, protected, needs_input):
+    """Drop nodes without a kept out-edge (unless ``protected``) and nodes flagged ``needs_input``
+    without a kept in-edge, drop the edges that touch them, and repeat until nothing changes.
+
+    Works in place on copies made by the caller; returns the number of sweeps (≥ 1).
+    """
+    n = indptr.shape[0] - 1
+    has_out = np.zeros(n, dtype=np.bool_)
+    has_in = np.zeros(n, dtype=np.bool_)
+    sweeps = 0
+    changed = True
+    while changed:
+        sweeps += 1
+        changed = False
+        has_out[:] = False
+        has_in[:] = False
+        for t in range(n):
+            for e in range(indptr[t], indptr[t + 1]):
+                if edge_mask[e]:
+                    if node_mask[t] and node_mask[indices[e]]:
+                        has_in[t] = True
+                        has_out[indices[e]] = True
+                    else:
+                        edge_mask[e] = False
+        for v in range(n):
+            if node_mask[v] and not protected[v]:
+                if (not has_out[v]) or (needs_input[v] and not has_in[v]):
+                    node_mask[v] = False
+                    changed = True
+    return sweeps

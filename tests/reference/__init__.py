@@ -1,0 +1,1 @@
+"""Naive reference implementations kept for parity tests (STYLE.md §7)."""
