@@ -10,3 +10,6 @@ from .prune import apply_prune as apply_prune
 from .prune import node_influence as node_influence
 from .prune import prune as prune
 from .prune import prune_graph as prune_graph
+from .scores import GraphScores as GraphScores
+from .scores import graph_scores as graph_scores
+from .scores import store_scores as store_scores
