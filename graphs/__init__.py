@@ -13,3 +13,6 @@ from .prune import prune_graph as prune_graph
 from .scores import GraphScores as GraphScores
 from .scores import graph_scores as graph_scores
 from .scores import store_scores as store_scores
+from .supernodes import Supernode as Supernode
+from .supernodes import auto_supernodes as auto_supernodes
+from .supernodes import group_nodes as group_nodes
