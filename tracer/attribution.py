@@ -1,0 +1,423 @@
+"""The attribution engine: prompt → AttributionGraph with exact edge weights (DESIGN.md §4).
+
+Rows are computed by backward passes through the frozen model (replacement.py): for a batch of B
+targets, B copies of the prompt go through one frozen forward whose graph is kept, and each batch
+injects the targets' read vectors (encoder rows, logit directions) as output gradients at their
+(layer, position). The gradients at every MLP write and at the layer-0 input are then contracted with
+the sources' writes: feature a_s·d_s, error ε, token embedding h0.
+
+The source side is a set of (layer, position, vector) writes per node, so a cross-layer transcoder
+(a feature writing to several layers) fits by adding more writes for the same node.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sparsetrace.errors import AttributionError, ConfigError
+from sparsetrace.graphs import Adjacency, AttributionGraph, NodeLayout
+from sparsetrace.transcoders import TranscoderSet
+
+from .models import LoadedModel, resolve_device, resolve_dtype
+from .replacement import CleanRun, ReplacementModel
+from .targets import LogitTarget, TargetSpec, select_targets
+
+__all__ = ["AttributionConfig", "attribute", "AttributionStats"]
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Settings of one attribution; the only place their defaults live (the CLI reads them here)."""
+
+    max_n_logits: int = 10
+    """At most this many logit targets."""
+    desired_logit_prob: float = 0.95
+    """Take the smallest top-probability prefix of logits whose cumulative probability reaches this."""
+    batch_size: int = 64
+    """Target rows per backward pass."""
+    max_feature_nodes: int | None = None
+    """Row budget: compute rows for at most this many features, chosen by estimated influence on the
+    logits (re-ranked every 4 batches); unselected features are folded into the error node at their
+    (layer, position), so every row still sums exactly. None: all active features."""
+    dtype: str = "float32"
+    """float32 or float64 (the model and transcoders are cast for the run and cast back)."""
+    device: str | None = None
+    """cpu, cuda or cuda:N; None picks CUDA when available."""
+    store_threshold: float = 0.0
+    """Per row, drop edges with |w| ≤ store_threshold · max|row| into the row's remainder (0: exact)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}; allowed: ≥ 1")
+        if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
+            raise ConfigError(f"max_feature_nodes={self.max_feature_nodes}; allowed: ≥ 0 or None")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype={self.dtype!r}; allowed: float32, float64")
+        if not 0 <= self.store_threshold < 1:
+            raise ConfigError(f"store_threshold={self.store_threshold}; allowed: [0, 1)")
+        if not 0 < self.desired_logit_prob <= 1:
+            raise ConfigError(f"desired_logit_prob={self.desired_logit_prob}; allowed: (0, 1]")
+        if not 1 <= self.max_n_logits <= 1000:
+            raise ConfigError(f"max_n_logits={self.max_n_logits}; allowed: 1..1000")
+
+
+@dataclass(frozen=True)
+class AttributionStats:
+    """What one attribution cost."""
+
+    n_pos: int
+    active_features: int
+    feature_nodes: int
+    rows_computed: int
+    backward_passes: int
+    seconds: float
+
+
+@dataclass(eq=False)
+class _Candidates:
+    """All active features (candidates for nodes) and the per-layer source writes.
+
+    Candidate index space: features (sorted by layer, pos, id) | errors L×T | tokens T — the same
+    order as a full NodeLayout without logits.
+    """
+
+    layer: np.ndarray
+    pos: np.ndarray
+    feat: np.ndarray
+    layout: NodeLayout  # full layout with all candidates (and the logits)
+    layer_start: np.ndarray  # [L+1] first candidate index of each layer
+    writes: list[Tensor]  # per layer: [n_l, d] a_s · W_dec[f]
+    ranges: list[list[tuple[int, int, int]]]  # per layer: (pos, start, stop) in candidate indices
+
+
+def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
+    act = run.act  # [L, T, F]
+    L, T, _ = act.shape
+    nz = torch.nonzero(act > 0)  # sorted by (layer, pos, feat)
+    layer, pos, feat = (nz[:, i].cpu().numpy() for i in range(3))
+    layout = NodeLayout.build(L, T, layer, pos, feat, n_logits)
+    writes, ranges = [], []
+    starts = np.searchsorted(layer, np.arange(L + 1))
+    for l in range(L):
+        s, e = int(starts[l]), int(starts[l + 1])
+        f = torch.as_tensor(feat[s:e], device=act.device)
+        p = torch.as_tensor(pos[s:e], device=act.device)
+        writes.append(act[l, p, f][:, None] * ts[l].W_dec[f])
+        pr = []
+        if e > s:
+            bounds = np.searchsorted(pos[s:e], np.arange(T + 1))
+            for c in range(T):
+                if bounds[c + 1] > bounds[c]:
+                    pr.append((c, s + int(bounds[c]), s + int(bounds[c + 1])))
+        ranges.append(pr)
+    return _Candidates(layer, pos, feat, layout, starts, writes, ranges)
+
+
+def _contract(
+    grads: Sequence[Tensor], g_emb: Tensor, run: CleanRun, cand: _Candidates, n_src: int
+) -> Tensor:
+    """Rows [B, n_src] over candidate sources from gradients at MLP writes ``grads[l]`` [B, T, d] and at
+    the layer-0 input ``g_emb`` [B, T, d]."""
+    B = g_emb.shape[0]
+    lay = cand.layout
+    rows = g_emb.new_zeros(B, n_src)
+    for l, g in enumerate(grads):
+        if g is None:
+            continue
+        w, off = cand.writes[l], int(cand.layer_start[l])
+        for c, s, e in cand.ranges[l]:
+            rows[:, s:e] = g[:, c, :] @ w[s - off : e - off].T
+        err_idx = torch.as_tensor(lay.error_index(l, np.arange(run.n_pos)), device=g.device)
+        rows[:, err_idx] = torch.einsum("btd,td->bt", g, run.error[l])
+    tok_idx = torch.as_tensor(lay.token_index(np.arange(run.n_pos)), device=g_emb.device)
+    rows[:, tok_idx] = torch.einsum("btd,td->bt", g_emb, run.h0)
+    return rows
+
+
+class _RowEngine:
+    """Backward passes over one kept frozen forward of B copies."""
+
+    def __init__(self, rm: ReplacementModel, run: CleanRun, batch: int) -> None:
+        self.rm, self.run, self.B = rm, run, batch
+        T, d = run.n_pos, run.h0.shape[-1]
+        self.h0 = run.h0.expand(batch, T, d).clone().requires_grad_(True)
+        self.writes = [w.expand(batch, T, d).clone().requires_grad_(True) for w in rm.clean_writes(run)]
+        with torch.enable_grad():
+            self.out = rm.frozen(run, self.h0, self.writes)
+        self.passes = 0
+
+    def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[list[Tensor | None], Tensor]:
+        """``reads[b] = (layer, pos, vector)``: batch element b reads ``vector`` at MLP input of ``layer``
+        (``layer == L``: the final normed residual) at ``pos``. Returns per-layer write gradients and the
+        layer-0 input gradient, each [B, T, d]."""
+        L = self.rm.n_layers
+        outs = self.out.x + [self.out.final]
+        gouts = [None] * (L + 1)
+        for b, (l, c, v) in enumerate(reads):
+            if gouts[l] is None:
+                gouts[l] = torch.zeros_like(outs[l])
+            gouts[l][b, c] = v.detach()
+        used = [i for i in range(L + 1) if gouts[i] is not None]
+        grads = torch.autograd.grad(
+            [outs[i] for i in used],
+            self.writes + [self.h0],
+            [gouts[i] for i in used],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        self.passes += 1
+        return list(grads[:L]), grads[L]
+
+
+def _influence_estimate(
+    coo_rows: list[np.ndarray], coo_cols: list[np.ndarray], coo_vals: list[np.ndarray], n: int, w: np.ndarray, depth: int
+) -> np.ndarray:
+    """Influence on the logits of every node through the rows computed so far (exact on that partial
+    DAG: a path has at most ``depth`` edges)."""
+    r = np.concatenate(coo_rows)
+    c = np.concatenate(coo_cols)
+    v = np.abs(np.concatenate(coo_vals)).astype(np.float64)
+    rowsum = np.bincount(r, weights=v, minlength=n)
+    v = v / np.where(rowsum[r] > 0, rowsum[r], 1.0)
+    infl = np.zeros(n)
+    cur = w.astype(np.float64)
+    for _ in range(depth):
+        cur = np.bincount(c, weights=cur[r] * v, minlength=n)
+        if not cur.any():
+            break
+        infl += cur
+    return infl
+
+
+def attribute(
+    prompt: str | Sequence[int] | Tensor,
+    model: LoadedModel,
+    transcoders: TranscoderSet,
+    *,
+    targets: TargetSpec = None,
+    config: AttributionConfig | None = None,
+    progress: Progress | None = None,
+) -> AttributionGraph:
+    """Trace one prompt into an attribution graph.
+
+    ``prompt``: a string (tokenised with the model's tokenizer; BOS prepended where the tokenizer has
+    one it does not add) or token ids. ``targets``: None for the top logits, or token ids / strings /
+    :class:`CustomTarget`. The graph's metadata carries the config, the stats and provenance.
+    """
+    cfg = config or AttributionConfig()
+    dev, dt = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    ids = _prompt_ids(prompt, model)
+    old_dev, old_dt = model.device, model.dtype
+    ts_dev, ts_dt = transcoders[0].W_enc.device, transcoders[0].W_enc.dtype
+    model.to(dev, dt)
+    transcoders.to(dev, dt)
+    try:
+        return _attribute(ids, model, transcoders, targets, cfg, progress)
+    finally:
+        model.to(old_dev, old_dt)
+        transcoders.to(ts_dev, ts_dt)
+
+
+def _prompt_ids(prompt, model: LoadedModel) -> Tensor:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ConfigError("prompt is empty; give some text to trace")
+        ids = model.tokenize(prompt)
+    else:
+        ids = torch.as_tensor(list(prompt) if not isinstance(prompt, Tensor) else prompt, dtype=torch.long).flatten()
+    if ids.numel() < 2:
+        raise ConfigError(
+            f"prompt has {ids.numel()} token(s); need at least 2 (position 0 is a constant, not nodes)"
+        )
+    n_ctx = model.n_ctx
+    if n_ctx is not None and ids.numel() > n_ctx:
+        raise ConfigError(f"prompt has {ids.numel()} tokens; the model's context is {n_ctx}")
+    return ids
+
+
+@torch.no_grad()
+def _attribute(
+    ids: Tensor, lm: LoadedModel, ts: TranscoderSet, spec: TargetSpec, cfg: AttributionConfig, progress: Progress | None
+) -> AttributionGraph:
+    t0 = time.perf_counter()
+    say = progress or (lambda stage, done, total: None)
+    rm = ReplacementModel(lm, ts)
+    run = rm.run(ids)
+    L, T = rm.n_layers, run.n_pos
+    W_U = rm.unembedding()
+    probs = run.model_logits[-1].float().softmax(-1)
+    tgts: list[LogitTarget] = select_targets(
+        run.logits[-1], probs, W_U, spec, max_n_logits=cfg.max_n_logits,
+        desired_logit_prob=cfg.desired_logit_prob, tokenizer=lm.tokenizer,
+    )
+    K = len(tgts)
+    cand = _candidates(run, ts, K)
+    lay = cand.layout
+    n_feat = lay.n_features
+    n_src = lay.logits.start  # candidates: features | errors | tokens
+    budget = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
+    B = cfg.batch_size
+
+    engine = _RowEngine(rm, run, min(B, K + budget) if K + budget > 0 else 1)
+    B = engine.B
+    rows_r: list[np.ndarray] = []
+    rows_c: list[np.ndarray] = []
+    rows_v: list[np.ndarray] = []
+    remainder = np.zeros(lay.n_nodes)
+
+    def store(target_idx: np.ndarray, block: Tensor) -> None:
+        blk = block.double().cpu().numpy() if cfg.dtype == "float64" else block.float().cpu().numpy()
+        absb = np.abs(blk)
+        keep = absb > cfg.store_threshold * absb.max(axis=1, keepdims=True) if cfg.store_threshold > 0 else blk != 0
+        r, c = np.nonzero(keep)
+        rows_r.append(target_idx[r])
+        rows_c.append(c.astype(np.int64))
+        rows_v.append(blk[r, c])
+        remainder[target_idx] += (absb * ~keep).sum(axis=1)
+
+    def compute(target_idx: np.ndarray, reads: list[tuple[int, int, Tensor]]) -> None:
+        with torch.enable_grad():
+            grads, g_emb = engine.backward(reads)
+        store(target_idx, _contract(grads, g_emb, run, cand, n_src)[: len(reads)])
+
+    # logit rows first: they rank the features for a row budget
+    logit_nodes = np.asarray(lay.logit_index(np.arange(K)), dtype=np.int64).reshape(-1)
+    for s in range(0, K, B):
+        compute(logit_nodes[s : s + B], [(L, T - 1, t.vector) for t in tgts[s : s + B]])
+    say("rows", K, K + budget)
+
+    visited = np.zeros(n_feat, dtype=bool)
+    w = np.zeros(lay.n_nodes)
+    w[lay.logits] = [t.probability for t in tgts]
+    order = np.arange(n_feat)
+    since_rank = math.inf
+    done = 0
+    while done < budget:
+        if cfg.max_feature_nodes is not None and since_rank >= 4:
+            infl = _influence_estimate(rows_r, rows_c, rows_v, lay.n_nodes, w, L + 2)[:n_feat]
+            infl[visited] = -np.inf
+            order = np.argsort(-infl, kind="stable")
+            since_rank, cursor = 0, 0
+        elif since_rank == math.inf:
+            cursor, since_rank = 0, 0
+        take = order[cursor : cursor + min(B, budget - done)]
+        take = take[~visited[take]]
+        cursor += len(take)
+        visited[take] = True
+        reads = [
+            (int(cand.layer[i]), int(cand.pos[i]), ts[int(cand.layer[i])].W_enc[int(cand.feat[i])]) for i in take
+        ]
+        compute(take.astype(np.int64), reads)
+        done += len(take)
+        since_rank += 1
+        say("rows", K + done, K + budget)
+
+    # ---- assemble: selected features are nodes; the rest fold into their (layer, pos) error node ----
+    keep_node = np.ones(lay.n_nodes, dtype=bool)
+    keep_node[:n_feat] = visited
+    folded = np.arange(lay.n_nodes)
+    unsel = np.flatnonzero(~visited)
+    folded[unsel] = lay.error_index(cand.layer[unsel], cand.pos[unsel])
+    new_index = np.cumsum(keep_node) - 1
+    r = new_index[np.concatenate(rows_r)]
+    c = new_index[folded[np.concatenate(rows_c)]]
+    v = np.concatenate(rows_v)
+    layout = lay.subset(keep_node)
+    adj = Adjacency.from_coo(r, c, v, layout.n_nodes, remainder[keep_node])
+
+    # ---- κ: the frozen model with every source zeroed (it is affine, so value = Σ A + κ exactly) ----
+    bias_full, value_full = _bias_and_values(rm, run, cand, tgts, visited)
+    activation = np.zeros(lay.n_nodes)
+    ix = [torch.as_tensor(a, device=run.act.device) for a in (cand.layer, cand.pos, cand.feat)]
+    a = run.act[ix[0], ix[1], ix[2]]
+    activation[:n_feat] = a.double().cpu().numpy()
+    err_vec = run.error.clone()
+    if len(unsel):
+        # an unselected feature's write joins its error node
+        for l in range(L):
+            m = unsel[cand.layer[unsel] == l]
+            if len(m):
+                err_vec[l].index_add_(0, torch.as_tensor(cand.pos[m], device=err_vec.device), _feature_writes(cand, m, l))
+    err_norm = err_vec.norm(dim=-1).double().cpu().numpy()  # [L, T]
+    activation[lay.errors] = err_norm[lay.layer[lay.errors], lay.pos[lay.errors]]
+    activation[lay.logits] = value_full[lay.logits]
+
+    np_dt = np.float64 if cfg.dtype == "float64" else np.float32
+    stats = AttributionStats(
+        n_pos=T,
+        active_features=n_feat,
+        feature_nodes=int(visited.sum()),
+        rows_computed=K + done,
+        backward_passes=engine.passes,
+        seconds=time.perf_counter() - t0,
+    )
+    return AttributionGraph(
+        layout=layout,
+        adjacency=Adjacency(adj.indptr, adj.indices, adj.data.astype(np_dt), adj.n, adj.remainder.astype(np_dt)),
+        activation=activation[keep_node].astype(np_dt),
+        bias=bias_full[keep_node].astype(np_dt),
+        value=value_full[keep_node].astype(np_dt),
+        token_ids=run.input_ids.cpu().numpy().astype(np.int64),
+        token_strings=lm.token_strings(run.input_ids),
+        logit_token=np.array([t.token_id for t in tgts], dtype=np.int64),
+        logit_probability=np.array([t.probability for t in tgts], dtype=np.float64),
+        logit_label=[t.label for t in tgts],
+        prompt=lm.tokenizer.decode(run.input_ids) if lm.tokenizer is not None else "",
+        metadata={
+            "model": {"id": lm.model_id, "architecture": lm.adapter.name, "n_layers": L, "d_model": lm.d_model},
+            "transcoders": {k: v for k, v in ts.config.to_dict().items() if k not in ("metrics", "training")},
+            "transcoder_training": ts.config.training,
+            "transcoder_metrics": ts.config.metrics,
+            "attribution": asdict(cfg),
+            "stats": asdict(stats),
+            "hook_points": {"in": ts.config.hook_in, "out": ts.config.hook_out},
+            "position_0": "constant (attention sink): its features and errors are not nodes, they are in κ",
+        },
+    )
+
+
+def _feature_writes(cand: _Candidates, idx: np.ndarray, layer: int) -> Tensor:
+    start = int(cand.layer_start[layer])
+    return cand.writes[layer][torch.as_tensor(idx - start, device=cand.writes[layer].device)]
+
+
+def _bias_and_values(
+    rm: ReplacementModel, run: CleanRun, cand: _Candidates, tgts: list[LogitTarget], visited: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """κ and the target values for every candidate node (features and logits; 0 elsewhere)."""
+    lay = cand.layout
+    L, T = rm.n_layers, run.n_pos
+    h0 = torch.zeros_like(run.h0)[None]
+    writes = []
+    for l, w in enumerate(rm.clean_writes(run)):
+        z = rm.transcoders[l].b_dec.expand(T, -1).clone()
+        z[0] = w[0]  # position 0 keeps its whole constant MLP output
+        writes.append(z[None])
+    out = rm.frozen(run, h0, writes)
+    bias = np.zeros(lay.n_nodes)
+    value = np.zeros(lay.n_nodes)
+    n_feat = lay.n_features
+    for l in range(L):
+        sel = np.flatnonzero(cand.layer == l)
+        if not len(sel):
+            continue
+        f = torch.as_tensor(cand.feat[sel], device=run.x.device)
+        p = torch.as_tensor(cand.pos[sel], device=run.x.device)
+        tc = rm.transcoders[l]
+        bias[sel] = ((out.x[l][0, p] * tc.W_enc[f]).sum(-1) + tc.b_enc[f]).double().cpu().numpy()
+        value[sel] = run.pre[l, p, f].double().cpu().numpy()
+    vec = torch.stack([t.vector for t in tgts]).to(run.final)  # [K, d]
+    ln = lay.logits
+    bias[ln] = (vec @ out.final[0, T - 1]).double().cpu().numpy()
+    value[ln] = (vec @ run.final[T - 1]).double().cpu().numpy()
+    assert n_feat == len(cand.layer)
+    return bias, value
