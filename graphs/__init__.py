@@ -16,3 +16,6 @@ from .scores import store_scores as store_scores
 from .supernodes import Supernode as Supernode
 from .supernodes import auto_supernodes as auto_supernodes
 from .supernodes import group_nodes as group_nodes
+from .export import from_networkx as from_networkx
+from .export import to_circuit_tracer_json as to_circuit_tracer_json
+from .export import to_networkx as to_networkx
