@@ -1,0 +1,165 @@
+"""TrainConfig validation, trainer initialisation, normalisation folding, state round trip, metrics."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sparsetrace.errors import ConfigError
+from sparsetrace.transcoders import metrics
+from sparsetrace.transcoders.train import TrainConfig, Trainer
+
+
+def _data(L=2, N=2048, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(L, d, d, generator=g)
+    x = 3.0 * torch.randn(L, N, d, generator=g) + 1.0
+    y = 5.0 * torch.relu(torch.bmm(x, A)) - 2.0
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"activation": "gelu"}, "activation='gelu'; allowed: relu, jumprelu, topk"),
+        ({"skip_init": "svd"}, "skip_init='svd'; allowed: zero, lstsq"),
+        ({"k": 0}, "k=0; allowed: a positive integer"),
+        ({"n_features": 8, "k": 9}, r"k=9; allowed: 1..n_features \(8\)"),
+        ({"batch_tokens": 8192, "shuffle_buffer_tokens": 4096}, "shuffle_buffer_tokens=4096; allowed: ≥ batch_tokens"),
+        ({"lr": -1.0}, "lr=-1.0; allowed: a positive float or None"),
+        ({"decay_fraction": 1.5}, "decay_fraction=1.5; allowed: 0..1"),
+        ({"layers": (1, 1)}, r"layers=\(1, 1\); allowed: distinct"),
+    ],
+)
+def test_config_errors_name_argument_and_allowed(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kw)
+
+
+def test_config_fields_are_simple_types_and_round_trip():
+    cfg = TrainConfig(layers=(0, 3), lr=1e-3)
+    for f in dataclasses.fields(cfg):
+        assert f.type in ("int", "float", "bool", "str", "int | None", "float | None", "tuple[int, ...] | None"), f
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown training config keys"):
+        TrainConfig.from_dict({"nope": 1})
+    assert cfg.features_for(576) == 4608
+    assert TrainConfig().lr_for(2**14) == pytest.approx(2e-4)
+    assert TrainConfig().lr_for(2**12) == pytest.approx(4e-4)
+
+
+def test_lr_schedule_warmup_and_decay():
+    cfg = TrainConfig(n_tokens=100 * 4096, batch_tokens=4096, warmup_steps=10, decay_fraction=0.2)
+    assert cfg.lr_scale(0) == pytest.approx(0.1)
+    assert cfg.lr_scale(9) == 1.0 and cfg.lr_scale(50) == 1.0
+    assert cfg.lr_scale(90) == pytest.approx(0.5)
+    assert cfg.lr_scale(99) == pytest.approx(0.05)
+
+
+def test_init_is_mean_predictor_and_lstsq_skip():
+    x, y = _data()
+    for skip_init in ("zero", "lstsq"):
+        cfg = TrainConfig(n_features=32, k=4, skip_init=skip_init, progress=False)
+        tr = Trainer(cfg, 2, 16)
+        tr.initialize(x, y)
+        tcs = tr.to_transcoders()
+        for l, tc in enumerate(tcs):
+            assert torch.count_nonzero(tc.W_dec) == 0
+            pre = tc.pre_activation(x[l].mean(0))
+            assert_close(pre, torch.zeros_like(pre), atol=1e-4, rtol=0)  # b_enc = −W_enc·mean(x̃)
+            with torch.no_grad():
+                yhat = tc(x[l])
+            assert_close(yhat.mean(0), y[l].mean(0), atol=1e-3, rtol=1e-4)  # ŷ's mean is ȳ
+            f = float(metrics.fvu(y[l], yhat))
+            if skip_init == "zero":
+                assert f == pytest.approx(1.0, abs=1e-5)  # the mean predictor
+            else:
+                ref = torch.linalg.lstsq(
+                    torch.cat([x[l], torch.ones(len(x[l]), 1)], 1).double(), y[l].double()
+                ).solution
+                best = float(metrics.fvu(y[l], (torch.cat([x[l], torch.ones(len(x[l]), 1)], 1).double() @ ref)))
+                assert f == pytest.approx(best, abs=2e-3)  # ridge ≈ the exact least-squares fit
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+def test_saved_transcoder_reproduces_trainer_output(activation):
+    """Normalisation folded into the weights: the raw-unit transcoder = rms_y × the trainer's forward."""
+    x, y = _data(N=512)
+    cfg = TrainConfig(n_features=32, k=4, activation=activation, batch_tokens=256, n_tokens=2560,
+                      shuffle_buffer_tokens=512, warmup_steps=1, progress=False)
+    tr = Trainer(cfg, 2, 16)
+    tr.initialize(x, y)
+    for _ in range(5):
+        tr.step(x[:, :256], y[:, :256])
+    xn, _ = tr._normalise(x, y)
+    with torch.no_grad():
+        yhat_n = tr.forward(xn)[0]
+    for l, tc in enumerate(tr.to_transcoders()):
+        assert_close(tc(x[l]), yhat_n[l] * tr.rms_y[l], rtol=1e-4, atol=1e-4)
+
+
+def test_training_reduces_fvu_and_state_round_trip():
+    x, y = _data(N=4096)
+    cfg = TrainConfig(n_features=64, k=8, skip=False, skip_init="zero", batch_tokens=512, n_tokens=512 * 60,
+                      shuffle_buffer_tokens=4096, warmup_steps=5, lr=5e-3, progress=False)
+    tr = Trainer(cfg, 2, 16)
+    tr.initialize(x, y)
+    first = tr.step(x[:, :512], y[:, :512]).fvu
+    for i in range(40):
+        s = (i % 8) * 512
+        tr.step(x[:, s : s + 512], y[:, s : s + 512])
+    last = tr.step(x[:, :512], y[:, :512]).fvu
+    assert (first > 0.9).all() and (last < 0.35 * first).all(), (first, last)
+    # State round trip: a fresh trainer loaded from the state tensors takes the identical next step.
+    state = tr.state_tensors()
+    tr2 = Trainer(cfg, 2, 16)
+    tr2.load_state_tensors(state)
+    a, b = tr.step(x[:, 512:1024], y[:, 512:1024]), tr2.step(x[:, 512:1024], y[:, 512:1024])
+    assert torch.equal(a.fvu, b.fvu)
+    for k in tr.params:
+        assert torch.equal(tr.params[k], tr2.params[k])
+
+
+def test_dead_latents_are_detected_and_auxk_revives_them():
+    x, y = _data(N=2048)
+    cfg = TrainConfig(n_features=64, k=2, batch_tokens=256, n_tokens=256 * 40, shuffle_buffer_tokens=2048,
+                      dead_tokens=512, warmup_steps=1, lr=3e-3, progress=False)
+    tr = Trainer(cfg, 2, 16)
+    tr.initialize(x, y)
+    with torch.no_grad():
+        # Half the latents get a small constant positive pre-activation: they never win the top-k
+        # (dead) but are positive, so AuxK (ReLU'd like the main top-k) can train them.
+        tr.params["W_enc"][:, :32] = 0.0
+        tr.params["b_enc"][:, :32] = 0.01
+    stats = [tr.step(x[:, (i % 8) * 256 : (i % 8 + 1) * 256], y[:, (i % 8) * 256 : (i % 8 + 1) * 256]) for i in range(3)]
+    assert (stats[-1].dead_fraction >= 0.5).all()
+    grad_seen = tr.params["W_dec"].grad[:, :32].abs().sum()
+    assert grad_seen > 0  # AuxK trains the dead latents' decoder rows
+
+
+def test_metric_definitions():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(100, 8, generator=g, dtype=torch.float64)
+    assert float(metrics.fvu(y, y)) == 0.0
+    assert float(metrics.fvu(y, y.mean(0).expand_as(y))) == pytest.approx(1.0, abs=1e-12)
+    assert float(metrics.fvu(y, torch.zeros_like(y))) == pytest.approx(
+        float(y.double().pow(2).sum() / (y.double() - y.double().mean(0)).pow(2).sum()), rel=1e-12
+    )
+    acc = metrics.FVUAccumulator()
+    yhat = y + 0.1 * torch.randn(100, 8, generator=g, dtype=torch.float64)
+    for s in range(0, 100, 30):
+        acc.update(y[s : s + 30], yhat[s : s + 30])
+    assert acc.value() == pytest.approx(float(metrics.fvu(y, yhat)), rel=1e-9)
+    a = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]])
+    assert metrics.l0(a) == 1.5
+    assert metrics.dead_fraction(torch.tensor([0, 3, 0, 1])) == 0.5
+    assert metrics.ce_recovered(2.0, 2.0, 5.0) == 100.0
+    assert metrics.ce_recovered(2.0, 5.0, 5.0) == 0.0
+    assert metrics.ce_recovered(2.0, 3.0, 6.0) == 75.0
+    logits = torch.randn(3, 5, 11, generator=g)
+    assert_close(metrics.kl_divergence(logits, logits), torch.zeros(3, 5, dtype=torch.float64))
+    ids = torch.randint(0, 11, (3, 5), generator=g)
+    ce = metrics.cross_entropy(logits, ids)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11).double(), ids[:, 1:].reshape(-1), reduction="none")
+    assert_close(ce.reshape(-1), ref)

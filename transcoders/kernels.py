@@ -1,0 +1,212 @@
+"""TopK transcoder kernels whose backward touches only the active latents (DESIGN.md §7.8, §9).
+
+A TopK transcoder over N tokens and F latents has k ≪ F active latents per token. The dense path
+(``pre → topk → scatter into [N, F] → a @ W_dec``) costs six N·F·d products per step: the encoder
+forward, the decoder forward, and two of each in the backward. Only the encoder forward has to be
+dense (every latent's pre-activation is needed to pick the top k); everything else can be done on the
+N·k active entries:
+
+- decoder forward   ŷ[n]       = Σ_j a[n,j] · W_dec[i[n,j]]                 (``embedding_bag``)
+- ∂a                ∂a[n,j]    = ∂ŷ[n] · W_dec[i[n,j]]                       (gathered rows)
+- ∂W_dec            ∂W_dec[f] += a[n,j] · ∂ŷ[n]   for every (n, j) with i[n,j]=f  (``index_add``)
+- ∂x                ∂x[n]      = Σ_j ∂pre[n,j] · W_enc[i[n,j]]               (``embedding_bag``)
+- ∂W_enc            ∂W_enc[f] += ∂pre[n,j] · x[n]                            (``index_add``)
+
+All functions work on a stack of L layers at once (``x [L, N, d]``, ``W_enc [L, F, d]``): latent ``f``
+of layer ``l`` is row ``l·F + f`` of the flattened ``[L·F, d]`` weight, so one kernel call serves every
+layer. The dense functions are the reference the sparse ones are tested against (values and gradients).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor
+
+__all__ = [
+    "topk_encode",
+    "topk_encode_dense",
+    "sparse_decode",
+    "dense_decode",
+    "EncodeOutput",
+]
+
+class EncodeOutput(tuple):
+    """``(vals [L,N,k], idx [L,N,k])``: the k largest pre-activations and their latent ids (not ReLU'd)."""
+
+    __slots__ = ()
+
+    def __new__(cls, vals: Tensor, idx: Tensor) -> "EncodeOutput":
+        return super().__new__(cls, (vals, idx))
+
+    @property
+    def vals(self) -> Tensor:
+        return self[0]
+
+    @property
+    def idx(self) -> Tensor:
+        return self[1]
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    # torch warns once per process that CSR support is "beta"; the ops used here are covered by the
+    # parity tests, so the warning would only be noise in users' logs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+def _flat_idx(idx: Tensor, n_features: int) -> Tensor:
+    """[L, N, k] per-layer latent ids → [L·N, k] row ids of the flattened [L·F, d] weight."""
+    L = idx.shape[0]
+    offs = (torch.arange(L, device=idx.device) * n_features).view(L, 1, 1)
+    return (idx + offs).reshape(-1, idx.shape[-1])
+
+
+def _bag(weight: Tensor, rows: Tensor, coef: Tensor) -> Tensor:
+    """Σ_j coef[n,j] · weight[rows[n,j]] → [M, d] (rows, coef: [M, k])."""
+    return Fn.embedding_bag(rows, weight, per_sample_weights=coef, mode="sum")
+
+
+def _scatter_rows(n_rows: int, rows: Tensor, coef: Tensor, vec: Tensor) -> Tensor:
+    """out[r] = Σ_{(n,j): rows[n,j]=r} coef[n,j] · vec[n]  → [n_rows, d] (rows, coef: [M,k]; vec: [M,d]).
+
+    Built as a CSR matrix [n_rows, M] times vec: measured 16× faster than ``index_add_`` of the N·k·d
+    outer products on 2 cores (5.7 vs 91 ms at M=2048, k=32, d=576), and deterministic because the
+    entries are put in a stable order (needed for bit-for-bit resume).
+    """
+    M, k = rows.shape
+    fl = rows.reshape(-1)
+    order = torch.argsort(fl, stable=True)
+    tok = torch.arange(M, device=rows.device).repeat_interleave(k)[order]
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(fl, minlength=n_rows).cumsum(0)
+    S = _csr(crow, tok, coef.reshape(-1)[order], (n_rows, M))
+    return S @ vec
+
+
+def _gather_dot(weight: Tensor, rows: Tensor, vec: Tensor) -> Tensor:
+    """out[n,j] = weight[rows[n,j]] · vec[n]  → [M, k].
+
+    A sampled dense product (vec · weightᵀ evaluated only at the CSR pattern ``rows``): 2 ms instead of
+    64 ms for gathering the N·k rows at M=2048, k=32, d=576. ``rows`` must not repeat within a row of
+    the pattern (TopK ids are distinct per token).
+    """
+    M, k = rows.shape
+    crow = torch.arange(0, M * k + 1, k, device=rows.device)
+    pattern = _csr(crow, rows.reshape(-1), vec.new_zeros(M * k), (M, weight.shape[0]))
+    return torch.sparse.sampled_addmm(pattern, vec, weight.T, beta=0.0).values().view(M, k)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """pre = x W_encᵀ + b_enc; returns its top-k values/ids, and optionally the top ``k_aux`` among the
+    latents marked in ``aux_mask`` (AuxK, Gao et al. 2024 §A.2) from the same pre-activations."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, aux_mask, k_aux):  # noqa: D401 - autograd signature
+        # x (L,N,d) · W_enc (L,F,d) → pre (L,N,F): the one dense product of the step.
+        pre = torch.baddbmm(b_enc.unsqueeze(1), x, W_enc.transpose(1, 2))
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        outs = [vals, idx]
+        if aux_mask is not None:
+            masked = pre.masked_fill_(~aux_mask.unsqueeze(1), float("-inf"))  # in place: pre is no longer needed
+            a_vals, a_idx = masked.topk(k_aux, dim=-1, sorted=False)
+            outs += [a_vals, a_idx]
+            ctx.mark_non_differentiable(idx, a_idx)
+        else:
+            ctx.mark_non_differentiable(idx)
+        del pre
+        ctx.save_for_backward(x, W_enc, *outs[1::2])
+        ctx.has_aux = aux_mask is not None
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, g_vals, *rest):
+        x, W_enc, idx, *aux = ctx.saved_tensors
+        L, N, d = x.shape
+        F = W_enc.shape[1]
+        if g_vals is None:
+            g_vals = torch.zeros(idx.shape, dtype=x.dtype, device=x.device)
+        g, rows = g_vals, idx
+        if ctx.has_aux:
+            g_aux = rest[1]
+            if g_aux is not None:
+                # The aux latents are disjoint from nothing in particular: a latent may be both in the
+                # top-k and in the aux top-k; index_add sums both contributions, as autograd would.
+                g = torch.cat([g_vals, g_aux.nan_to_num(0.0)], dim=-1)
+                rows = torch.cat([idx, aux[0]], dim=-1)
+        flat = _flat_idx(rows, F)  # (L·N, k')
+        gf = g.reshape(L * N, -1)
+        xf = x.reshape(L * N, d)
+        gx = gW = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _bag(W_enc.reshape(L * F, d), flat, gf).view(L, N, d)
+        if ctx.needs_input_grad[1]:
+            gW = _scatter_rows(L * F, flat, gf, xf).view(L, F, d)
+        if ctx.needs_input_grad[2]:
+            gb = gf.new_zeros(L * F).index_add_(0, flat.reshape(-1), gf.reshape(-1)).view(L, F)
+        return gx, gW, gb, None, None, None
+
+
+def topk_encode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None = None, k_aux: int = 0
+) -> tuple[Tensor, ...]:
+    """Sparse-backward TopK encoder over a stack of layers.
+
+    x [L,N,d], W_enc [L,F,d], b_enc [L,F]; returns ``(vals [L,N,k], idx [L,N,k])`` and, with
+    ``aux_mask`` [L,F] (bool, True = eligible), also ``(aux_vals [L,N,k_aux], aux_idx)``. Values are the
+    raw pre-activations (apply ReLU outside); masked-out aux entries are ``-inf``.
+    """
+    if aux_mask is None:
+        return _TopKEncode.apply(x, W_enc, b_enc, k, None, 0)
+    return _TopKEncode.apply(x, W_enc, b_enc, k, aux_mask, k_aux)
+
+
+def topk_encode_dense(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None = None, k_aux: int = 0
+) -> tuple[Tensor, ...]:
+    """The naive reference of :func:`topk_encode`: plain autograd through a dense product and topk."""
+    pre = torch.baddbmm(b_enc.unsqueeze(1), x, W_enc.transpose(1, 2))
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    if aux_mask is None:
+        return vals, idx
+    masked = pre.masked_fill(~aux_mask.unsqueeze(1), float("-inf"))
+    a_vals, a_idx = masked.topk(k_aux, dim=-1, sorted=False)
+    return vals, idx, a_vals, a_idx
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, acts, idx, W_dec):
+        L, N, k = acts.shape
+        F, d = W_dec.shape[1], W_dec.shape[2]
+        flat = _flat_idx(idx, F)
+        ctx.save_for_backward(acts, flat, W_dec)
+        return _bag(W_dec.reshape(L * F, d), flat, acts.reshape(L * N, k)).view(L, N, d)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        acts, flat, W_dec = ctx.saved_tensors
+        L, N, k = acts.shape
+        F, d = W_dec.shape[1], W_dec.shape[2]
+        go = g_out.reshape(L * N, d)
+        g_acts = g_W = None
+        if ctx.needs_input_grad[0]:
+            g_acts = _gather_dot(W_dec.reshape(L * F, d), flat, go).view(L, N, k)
+        if ctx.needs_input_grad[2]:
+            g_W = _scatter_rows(L * F, flat, acts.reshape(L * N, k), go).view(L, F, d)
+        return g_acts, None, g_W
+
+
+def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ_j acts[l,n,j] · W_dec[l, idx[l,n,j]] → [L,N,d] (no bias), backward on the active rows only."""
+    return _SparseDecode.apply(acts, idx, W_dec)
+
+
+def dense_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """Reference of :func:`sparse_decode`: scatter into a dense [L,N,F] code and multiply."""
+    L, N, _ = acts.shape
+    code = acts.new_zeros(L, N, W_dec.shape[1]).scatter(-1, idx, acts)
+    return torch.bmm(code, W_dec)

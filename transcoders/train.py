@@ -1,0 +1,639 @@
+"""Training every layer's transcoder at once from streamed MLP activations (DESIGN.md §9).
+
+The model-free half of training: :class:`TrainConfig` (the only place training defaults live),
+:class:`Trainer` (the parameters of all trained layers stacked as ``[L, F, d]``, one optimiser step per
+batch ``(x [L,N,d], y [L,N,d])``) and :func:`fit`, the loop that reads shuffle buffers from an
+:class:`ActivationSource`, steps, logs and checkpoints. Running the model that produces the activations
+lives in ``sparsetrace.tracer.training``.
+
+Training happens in normalised units: x̃ and y are divided by their RMS per layer (measured on the first
+buffer) so that one learning rate fits every layer; :meth:`Trainer.to_transcoders` folds the scales back
+into the weights, so a saved transcoder acts on raw activations.
+
+Checkpoints are safetensors (weights, Adam moments, dead-latent counters, the shuffle RNG) plus JSON
+(step, tokens, data position); they are taken only between shuffle buffers, so no buffer contents need
+saving and a resumed run is bit-for-bit the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sparsetrace.errors import ConfigError, FormatError
+
+from .io import atomic_write, read_safetensors
+from .kernels import dense_decode, sparse_decode, topk_encode, topk_encode_dense
+from .model import ACTIVATIONS, Transcoder
+
+__all__ = ["TrainConfig", "Trainer", "StepStats", "ActivationSource", "fit", "FitResult", "CHECKPOINT_DIR"]
+
+CHECKPOINT_DIR = "checkpoint"
+SKIP_INITS = ("zero", "lstsq")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train a transcoder set. Every field is a simple type so that each can be a CLI option."""
+
+    n_features: int | None = None
+    """Latents per layer; ``None`` → ``expansion_factor × d_model``."""
+    expansion_factor: int = 8
+    """Used when ``n_features`` is None (DESIGN.md §9: 4–8× d_model)."""
+    activation: str = "topk"
+    """``topk`` (Gao et al. 2024), ``relu`` (+ L1 penalty) or ``jumprelu`` (straight-through threshold)."""
+    k: int = 32
+    """Active latents per token for TopK."""
+    skip: bool = True
+    """Train a linear skip W_skip (skip transcoder, Paulo et al. 2025)."""
+    skip_init: str = "lstsq"
+    """``zero`` or ``lstsq`` (ridge least-squares fit of y on x̃ on the first buffer)."""
+    n_tokens: int = 10_000_000
+    """Training tokens (after dropping position 0 and outliers)."""
+    batch_tokens: int = 4096
+    """Tokens per optimiser step (DESIGN.md §9: 1–4k)."""
+    lr: float | None = None
+    """Adam learning rate; ``None`` → 2e-4 / √(F / 2¹⁴) (Gao et al. 2024 scaling)."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0."""
+    decay_fraction: float = 0.2
+    """Final fraction of the steps over which the learning rate decays linearly to 0."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al. 2024 §A.2)."""
+    k_aux: int | None = None
+    """Latents in the AuxK reconstruction; ``None`` → d_model // 2."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired for this many tokens is dead (AuxK trains it)."""
+    l1_coef: float = 5e-3
+    """ReLU only: weight of Σ_f a_f·‖W_dec[f]‖ per token."""
+    l0_coef: float = 1e-3
+    """JumpReLU only: weight of the (straight-through) L0 per token."""
+    jumprelu_bandwidth: float = 1e-3
+    """JumpReLU: width ε of the rectangle kernel of the threshold's pseudo-gradient (Rajamanoharan et al. 2024)."""
+    jumprelu_init_threshold: float = 1e-3
+    normalize: bool = True
+    """Train on x̃ / RMS(x̃), y / RMS(y); folded back into the weights on save."""
+    shuffle_buffer_tokens: int = 65536
+    """Tokens per shuffle buffer (per layer); checkpoints are taken between buffers."""
+    outlier_factor: float = 10.0
+    """Drop tokens whose x̃ or y norm exceeds this multiple of the median (at any layer)."""
+    ctx_len: int = 256
+    """Tokens per sequence fed to the model (BOS included when the model wants one)."""
+    model_batch: int = 8
+    """Sequences per model forward."""
+    checkpoint_every_tokens: int = 100_000
+    """Checkpoint at the first buffer boundary after this many tokens since the last one; 0 = never."""
+    log_every_steps: int = 10
+    seed: int = 0
+    sparse_kernels: bool = True
+    """TopK only: sparse backward (kernels.py); False = the dense reference path."""
+    layers: tuple[int, ...] | None = None
+    """Layers to train; ``None`` → all."""
+    progress: bool = True
+    """Show a tqdm bar (rank 0)."""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if self.skip_init not in SKIP_INITS:
+            raise ConfigError(f"skip_init={self.skip_init!r}; allowed: {', '.join(SKIP_INITS)}")
+        positive = ("expansion_factor", "k", "n_tokens", "batch_tokens", "dead_tokens", "shuffle_buffer_tokens",
+                    "ctx_len", "model_batch", "log_every_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)}; allowed: a positive integer")
+        for name in ("n_features", "k_aux"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"{name}={v}; allowed: a positive integer or None")
+        if self.n_features is not None and self.activation == "topk" and self.k > self.n_features:
+            raise ConfigError(f"k={self.k}; allowed: 1..n_features ({self.n_features})")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr={self.lr}; allowed: a positive float or None")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction={self.decay_fraction}; allowed: 0..1")
+        if self.warmup_steps < 0 or self.checkpoint_every_tokens < 0:
+            raise ConfigError("warmup_steps and checkpoint_every_tokens must be ≥ 0")
+        if self.shuffle_buffer_tokens < self.batch_tokens:
+            raise ConfigError(
+                f"shuffle_buffer_tokens={self.shuffle_buffer_tokens}; allowed: ≥ batch_tokens ({self.batch_tokens})"
+            )
+        if not self.outlier_factor > 1:
+            raise ConfigError(f"outlier_factor={self.outlier_factor}; allowed: > 1")
+        for name in ("auxk_coef", "l1_coef", "l0_coef", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}; allowed: ≥ 0")
+        if self.layers is not None:
+            if len(self.layers) == 0 or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+                raise ConfigError(f"layers={self.layers}; allowed: distinct non-negative layer ids, or None")
+
+    def features_for(self, d_model: int) -> int:
+        return self.n_features if self.n_features is not None else self.expansion_factor * d_model
+
+    def lr_for(self, n_features: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_features / 2**14)
+
+    @property
+    def total_steps(self) -> int:
+        return self.n_tokens // self.batch_tokens
+
+    def lr_scale(self, step: int) -> float:
+        """Multiplier of the learning rate at optimiser step ``step`` (0-based): warm-up, flat, linear decay."""
+        total = self.total_steps
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        decay_steps = int(total * self.decay_fraction)
+        decay = min(1.0, (total - step) / decay_steps) if decay_steps else 1.0
+        return warm * decay
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown training config keys: {sorted(unknown)}; allowed: {sorted(known)}")
+        d = dict(d)
+        if d.get("layers") is not None:
+            d["layers"] = tuple(d["layers"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimiser step measured (per trained layer, in the trainer's layer order)."""
+
+    loss: float
+    """The total loss that was minimised (Σ over layers)."""
+    fvu: Tensor
+    """[L] FVU of this batch (normalised units; FVU is scale-free)."""
+    l0: Tensor
+    """[L] mean active latents per token."""
+    dead_fraction: Tensor
+    """[L] fraction of latents that have not fired for ``dead_tokens`` tokens."""
+    lr: float
+
+
+class _JumpReLU(torch.autograd.Function):
+    """a = pre·H(pre − θ); ∂a/∂θ = −θ/ε · K((pre − θ)/ε) with a rectangle K (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        rect = ((pre - theta).abs() < ctx.eps / 2).to(g.dtype)
+        g_theta = -(theta / ctx.eps) * rect * g
+        return g * (pre > theta), g_theta.sum_to_size(theta.shape), None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre − θ) with the straight-through gradient ∂/∂θ = −1/ε · K((pre − θ)/ε); used for the L0 term."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        rect = ((pre - theta).abs() < ctx.eps / 2).to(g.dtype)
+        return None, (-(1.0 / ctx.eps) * rect * g).sum_to_size(theta.shape), None
+
+
+class Trainer:
+    """The stacked parameters of L transcoders and one Adam step per batch.
+
+    Shapes: W_enc [L,F,d_in], b_enc [L,F], W_dec [L,F,d_out], b_dec [L,d_out], W_skip [L,d_out,d_in].
+    Parameters are created zero; :meth:`initialize` sets them from the first buffer (DESIGN.md §9).
+    """
+
+    PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "log_threshold")
+
+    def __init__(
+        self, config: TrainConfig, n_layers: int, d_in: int, d_out: int | None = None, layer_ids: list[int] | None = None
+    ) -> None:
+        d_out = d_in if d_out is None else d_out
+        self.config, self.n_layers, self.d_in, self.d_out = config, n_layers, d_in, d_out
+        self.layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
+        if len(self.layer_ids) != n_layers:
+            raise ConfigError(f"layer_ids={self.layer_ids}; allowed: {n_layers} layer ids")
+        self.n_features = F = config.features_for(d_in)
+        if config.activation == "topk" and config.k > F:
+            raise ConfigError(f"k={config.k}; allowed: 1..n_features ({F})")
+        L = n_layers
+        z = lambda *s: torch.zeros(*s, dtype=torch.float32)  # noqa: E731
+        self.params: dict[str, Tensor] = {
+            "W_enc": z(L, F, d_in), "b_enc": z(L, F), "W_dec": z(L, F, d_out), "b_dec": z(L, d_out),
+        }
+        if config.skip:
+            self.params["W_skip"] = z(L, d_out, d_in)
+        if config.activation == "jumprelu":
+            self.params["log_threshold"] = z(L, F)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.rms_x = torch.ones(L)
+        self.rms_y = torch.ones(L)
+        # Tokens since each latent last fired (dead-latent detection for AuxK).
+        self.since_fired = torch.zeros(L, F, dtype=torch.int64)
+        self.step_count = 0
+        self.lr = config.lr_for(F)
+        self.optimizer = torch.optim.Adam(
+            list(self.params.values()), lr=self.lr, betas=(config.beta1, config.beta2), eps=config.eps, foreach=True
+        )
+
+    # ---- initialisation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, x: Tensor, y: Tensor) -> None:
+        """Set scales and parameters from a sample ``x [L,M,d_in], y [L,M,d_out]`` (DESIGN.md §9).
+
+        Each layer's random encoder comes from its own generator seeded by (seed, layer id), so a layer
+        trains identically whichever other layers share the trainer (layer-parallel runs)."""
+        cfg, p = self.config, self.params
+        if cfg.normalize:
+            self.rms_x = x.pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12)
+            self.rms_y = y.pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12)
+        xn, yn = self._normalise(x, y)
+        mx, my = xn.mean(1), yn.mean(1)  # (L, d)
+        L, F, d = p["W_enc"].shape
+        # Rows of norm ≈ 1: with unit-RMS inputs the pre-activations start at O(1).
+        for l, lid in enumerate(self.layer_ids):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + lid)
+            p["W_enc"][l].copy_(torch.randn(F, d, generator=g) / math.sqrt(d))
+        p["b_enc"].copy_(-torch.einsum("lfd,ld->lf", p["W_enc"], mx))
+        p["W_dec"].zero_()
+        b_dec = my.clone()
+        if "W_skip" in p:
+            if cfg.skip_init == "lstsq":
+                p["W_skip"].copy_(_ridge_fit(xn - mx[:, None], yn - my[:, None]))
+                # Keep ŷ's mean equal to ȳ at init: b_dec = ȳ − W_skip x̄.
+                b_dec -= torch.einsum("loi,li->lo", p["W_skip"], mx)
+            else:
+                p["W_skip"].zero_()
+        p["b_dec"].copy_(b_dec)
+        if "log_threshold" in p:
+            p["log_threshold"].fill_(math.log(cfg.jumprelu_init_threshold))
+
+    def _normalise(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return x / self.rms_x.view(-1, 1, 1), y / self.rms_y.view(-1, 1, 1)
+
+    # ---- the forward ------------------------------------------------------------------------------
+    def forward(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple | None]:
+        """Normalised x̃ [L,N,d] → (ŷ [L,N,d], l0 [L], penalty (scalar), AuxK context or None)."""
+        cfg, p = self.config, self.params
+        aux = None
+        if cfg.activation == "topk":
+            dead = self.since_fired >= cfg.dead_tokens
+            # k_aux does not depend on how many latents are dead (entries beyond them are -inf and
+            # contribute exactly 0), so layers stay independent of each other.
+            k_aux = min(cfg.k_aux or self.d_in // 2, self.n_features)
+            use_aux = cfg.auxk_coef > 0 and bool(dead.any())
+            encode, decode = (topk_encode, sparse_decode) if cfg.sparse_kernels else (topk_encode_dense, dense_decode)
+            outs = encode(xn, p["W_enc"], p["b_enc"], cfg.k, dead if use_aux else None, k_aux)
+            vals, idx = outs[0], outs[1]
+            acts = torch.relu(vals)
+            yhat = decode(acts, idx, p["W_dec"])
+            if use_aux:
+                a_vals, a_idx = outs[2], outs[3]
+                a_acts = torch.where(torch.isfinite(a_vals), torch.relu(a_vals), torch.zeros_like(a_vals))
+                aux = (decode(a_acts, a_idx, p["W_dec"]),)
+            with torch.no_grad():
+                fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+                fired.view(-1).index_fill_(0, _fired_rows(idx, acts, self.n_features), True)
+                l0 = (acts > 0).sum(-1).double().mean(-1)
+            penalty = yhat.new_zeros(())
+        else:
+            pre = torch.baddbmm(p["b_enc"].unsqueeze(1), xn, p["W_enc"].transpose(1, 2))  # (L, N, F)
+            if cfg.activation == "relu":
+                code = torch.relu(pre)
+                dec_norm = p["W_dec"].norm(dim=-1)  # (L, F)
+                penalty = cfg.l1_coef * (code * dec_norm.unsqueeze(1)).sum(-1).mean(-1).sum()
+            else:
+                theta = p["log_threshold"].exp().unsqueeze(1)  # (L, 1, F)
+                code = _JumpReLU.apply(pre, theta, cfg.jumprelu_bandwidth)
+                penalty = cfg.l0_coef * _Step.apply(pre, theta, cfg.jumprelu_bandwidth).sum(-1).mean(-1).sum()
+            yhat = torch.bmm(code, p["W_dec"])
+            with torch.no_grad():
+                fired = (code > 0).any(1)
+                l0 = (code > 0).sum(-1).double().mean(-1)
+        yhat = yhat + p["b_dec"].unsqueeze(1)
+        if "W_skip" in p:
+            yhat = yhat + torch.bmm(xn, p["W_skip"].transpose(1, 2))
+        with torch.no_grad():
+            self.since_fired += xn.shape[1]
+            self.since_fired.masked_fill_(fired, 0)
+        return yhat, l0, penalty, aux
+
+    def step(self, x: Tensor, y: Tensor) -> StepStats:
+        """One Adam step on raw activations ``x [L,N,d_in], y [L,N,d_out]``."""
+        cfg = self.config
+        xn, yn = self._normalise(x, y)
+        yhat, l0, penalty, aux = self.forward(xn)
+        err = yn - yhat
+        total_var = (yn - yn.mean(1, keepdim=True)).pow(2).sum(dim=(1, 2))  # (L,)
+        fvu = err.pow(2).sum(dim=(1, 2)) / total_var
+        loss = fvu.sum() + penalty
+        if aux is not None:
+            # AuxK: the dead latents reconstruct the residual (Gao et al. 2024 §A.2), as a fraction of its variance.
+            e = err.detach()
+            e_var = (e - e.mean(1, keepdim=True)).pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
+            loss = loss + cfg.auxk_coef * ((aux[0] - e).pow(2).sum(dim=(1, 2)) / e_var).sum()
+        lr = self.lr * cfg.lr_scale(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step_count += 1
+        dead = (self.since_fired >= cfg.dead_tokens).double().mean(-1)
+        return StepStats(float(loss), fvu.detach(), l0, dead, lr)
+
+    # ---- state ------------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything a bit-for-bit resume needs, as named tensors (safetensors, no pickle)."""
+        out = {f"param.{k}": v.detach().clone() for k, v in self.params.items()}
+        for k, v in self.params.items():
+            st = self.optimizer.state.get(v, {})
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                if name in st:
+                    out[f"adam.{k}.{name}"] = st[name].detach().clone().reshape(st[name].shape)
+        out["rms_x"], out["rms_y"] = self.rms_x.clone(), self.rms_y.clone()
+        out["since_fired"] = self.since_fired.clone()
+        out["step_count"] = torch.tensor([self.step_count], dtype=torch.int64)
+        return out
+
+    def load_state_tensors(self, t: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.params.items():
+                if f"param.{k}" not in t or t[f"param.{k}"].shape != v.shape:
+                    raise FormatError(f"checkpoint lacks param.{k} of shape {tuple(v.shape)}")
+                v.copy_(t[f"param.{k}"])
+                st = {n: t[f"adam.{k}.{n}"].clone() for n in ("exp_avg", "exp_avg_sq", "step") if f"adam.{k}.{n}" in t}
+                if st:
+                    self.optimizer.state[v] = st
+        self.rms_x, self.rms_y = t["rms_x"].clone(), t["rms_y"].clone()
+        self.since_fired = t["since_fired"].clone()
+        self.step_count = int(t["step_count"][0])
+
+    @torch.no_grad()
+    def to_transcoders(self) -> list[Transcoder]:
+        """One :class:`Transcoder` per trained layer acting on raw activations (normalisation folded in).
+
+        Trained: ŷ/s_y = W_dec·σ(W_enc·x/s_x + b_enc) + b_dec + W_skip·x/s_x, hence
+        W_enc ← W_enc/s_x, W_dec ← s_y·W_dec, b_dec ← s_y·b_dec, W_skip ← (s_y/s_x)·W_skip.
+        """
+        cfg, p = self.config, self.params
+        out = []
+        for l in range(self.n_layers):
+            sx, sy = float(self.rms_x[l]), float(self.rms_y[l])
+            tc = Transcoder(self.d_in, self.n_features, cfg.activation, cfg.k, d_out=self.d_out, skip=cfg.skip)
+            tc.W_enc.copy_(p["W_enc"][l] / sx)
+            tc.b_enc.copy_(p["b_enc"][l])
+            tc.W_dec.copy_(p["W_dec"][l] * sy)
+            tc.b_dec.copy_(p["b_dec"][l] * sy)
+            if cfg.skip:
+                tc.W_skip.copy_(p["W_skip"][l] * (sy / sx))
+            if cfg.activation == "jumprelu":
+                tc.threshold.copy_(p["log_threshold"][l].exp())
+            out.append(tc)
+        return out
+
+
+def _fired_rows(idx: Tensor, acts: Tensor, n_features: int) -> Tensor:
+    """Flat ids (l·F + f) of latents with a positive activation somewhere in the batch."""
+    L = idx.shape[0]
+    flat = idx + (torch.arange(L, device=idx.device) * n_features).view(L, 1, 1)
+    return flat[acts > 0]
+
+
+def _ridge_fit(x: Tensor, y: Tensor, ridge: float = 1e-3) -> Tensor:
+    """Per layer, W minimising ‖y − x Wᵀ‖² + ridge·M·‖W‖² (x [L,M,i], y [L,M,o] centred) → [L,o,i], in fp64."""
+    x64, y64 = x.double(), y.double()
+    xtx = x64.transpose(1, 2) @ x64  # (L, i, i)
+    xty = x64.transpose(1, 2) @ y64  # (L, i, o)
+    eye = torch.eye(x.shape[-1], dtype=torch.float64)
+    w = torch.linalg.solve(xtx + ridge * x.shape[1] * eye, xty)  # (L, i, o)
+    return w.transpose(1, 2).float()
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+class ActivationSource(Protocol):
+    """Where :func:`fit` reads activations from; ``position`` makes it resumable."""
+
+    position: int
+    """Opaque resumable position (e.g. sequences consumed); restored with :meth:`seek`."""
+
+    def read(self, n_tokens: int) -> tuple[Tensor, Tensor]:
+        """The next ``n_tokens`` tokens' ``(x [L,n,d_in], y [L,n,d_out])`` (fewer only at the end of the data)."""
+
+    def seek(self, position: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The end of :func:`fit`."""
+
+    transcoders: list[Transcoder]
+    """One per trained layer, raw-activation units."""
+    tokens: int
+    steps: int
+    last_stats: StepStats | None
+    scales: tuple[Tensor, Tensor]
+    """(rms_x [L], rms_y [L]) used for normalisation."""
+
+
+Logger = Callable[[dict[str, Any]], None]
+
+
+def fit(
+    trainer: Trainer,
+    source: ActivationSource,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    log: Logger | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    layer_ids: list[int] | None = None,
+    n_layers_total: int | None = None,
+) -> FitResult:
+    """Train until ``config.n_tokens`` tokens; checkpoint under ``out_dir/checkpoint`` between buffers.
+
+    With several ranks (layer-parallel), every rank reads the same activations and trains its own
+    layers; ``reduce`` (an all-reduce sum) combines the per-layer statistics for logging.
+    """
+    cfg = trainer.config
+    ckpt = Checkpointer(Path(out_dir) / CHECKPOINT_DIR, rank, world_size) if out_dir is not None else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tokens, since_ckpt, stats = 0, 0, None
+    if resume and ckpt is not None and ckpt.exists():
+        meta = ckpt.load(trainer, gen)
+        tokens = meta["tokens"]
+        source.seek(meta["position"])
+        initialised = True
+    else:
+        initialised = False
+    layer_ids = list(range(trainer.n_layers)) if layer_ids is None else layer_ids
+    n_total = n_layers_total or trainer.n_layers
+    bar = _progress(cfg, rank, tokens)
+    t0, tok0 = time.perf_counter(), tokens
+    while trainer.step_count < cfg.total_steps:
+        x, y = source.read(cfg.shuffle_buffer_tokens)
+        n = x.shape[1]
+        if n < cfg.batch_tokens:
+            break  # the data ran out
+        if not initialised:
+            trainer.initialize(x, y)
+            initialised = True
+        perm = torch.randperm(n, generator=gen)
+        for s in range(0, n - cfg.batch_tokens + 1, cfg.batch_tokens):
+            if trainer.step_count >= cfg.total_steps:
+                break
+            b = perm[s : s + cfg.batch_tokens]
+            stats = trainer.step(x[:, b], y[:, b])
+            tokens += cfg.batch_tokens
+            since_ckpt += cfg.batch_tokens
+            if trainer.step_count % cfg.log_every_steps == 0 or trainer.step_count == cfg.total_steps:
+                rec = _record(stats, trainer, tokens, tokens - tok0, time.perf_counter() - t0, layer_ids, n_total, reduce)
+                if log is not None and rank == 0:
+                    log(rec)
+                if bar is not None:
+                    bar.set_postfix_str(_group_fvu(rec["fvu"]), refresh=False)
+            if bar is not None:
+                bar.update(cfg.batch_tokens)
+        if ckpt is not None and cfg.checkpoint_every_tokens and since_ckpt >= cfg.checkpoint_every_tokens:
+            if trainer.step_count < cfg.total_steps:
+                ckpt.save(trainer, gen, {"tokens": tokens, "position": source.position, "step": trainer.step_count})
+            since_ckpt = 0
+    if bar is not None:
+        bar.close()
+    return FitResult(trainer.to_transcoders(), tokens, trainer.step_count, stats, (trainer.rms_x, trainer.rms_y))
+
+
+def _record(stats, trainer, tokens, new_tokens, elapsed, layer_ids, n_total, reduce) -> dict[str, Any]:
+    """A JSON log record with per-layer stats over ALL layers (other ranks' filled in by ``reduce``)."""
+    per = torch.zeros(3, n_total, dtype=torch.float64)
+    ids = torch.tensor(layer_ids)
+    per[0, ids], per[1, ids], per[2, ids] = stats.fvu.double(), stats.l0.double(), stats.dead_fraction.double()
+    loss = torch.tensor([stats.loss], dtype=torch.float64)
+    if reduce is not None:
+        per, loss = reduce(per), reduce(loss)
+    return {
+        "step": trainer.step_count,
+        "tokens": tokens,
+        "lr": stats.lr,
+        "loss": float(loss[0]),
+        "tokens_per_s": new_tokens / max(elapsed, 1e-9),
+        "fvu": [round(v, 6) for v in per[0].tolist()],
+        "l0": [round(v, 3) for v in per[1].tolist()],
+        "dead_fraction": [round(v, 5) for v in per[2].tolist()],
+        "time": time.time(),
+    }
+
+
+def _group_fvu(fvu: list[float], groups: int = 3) -> str:
+    """'fvu 0-9 .12 | 10-19 .08 | …': running FVU averaged over layer groups for the progress bar."""
+    n = len(fvu)
+    size = max(1, math.ceil(n / groups))
+    parts = []
+    for s in range(0, n, size):
+        chunk = fvu[s : s + size]
+        parts.append(f"L{s}-{s + len(chunk) - 1} {sum(chunk) / len(chunk):.3f}")
+    return "fvu " + " | ".join(parts)
+
+
+def _progress(cfg: TrainConfig, rank: int, tokens: int):
+    if not cfg.progress or rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    total = cfg.total_steps * cfg.batch_tokens
+    return tqdm(total=total, initial=tokens, unit="tok", unit_scale=True, dynamic_ncols=True, desc="train")
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+class Checkpointer:
+    """``checkpoint/ckpt_{tokens}/rank{r}.safetensors`` + ``rank{r}.json``; ``latest.json`` names the last
+    complete one and is written (atomically, by rank 0) only after every rank has written its files."""
+
+    def __init__(self, folder: Path, rank: int = 0, world_size: int = 1) -> None:
+        self.folder, self.rank, self.world_size = folder, rank, world_size
+
+    def exists(self) -> bool:
+        return (self.folder / "latest.json").is_file()
+
+    def save(self, trainer: Trainer, gen: torch.Generator, meta: dict[str, Any]) -> Path:
+        sub = self.folder / f"ckpt_{meta['tokens']:012d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        tensors = trainer.state_tensors()
+        tensors["rng_state"] = gen.get_state()
+        atomic_write(sub / f"rank{self.rank}.safetensors", lambda tmp: save_file(tensors, tmp))
+        full = {**meta, "world_size": self.world_size, "rank": self.rank, "config": trainer.config.to_dict()}
+        _write_json(sub / f"rank{self.rank}.json", full)
+        self._barrier()
+        if self.rank == 0:
+            prev = self._latest_name()
+            _write_json(self.folder / "latest.json", {"checkpoint": sub.name, **meta})
+            if prev and prev != sub.name:
+                shutil.rmtree(self.folder / prev, ignore_errors=True)
+        self._barrier()
+        return sub
+
+    def _latest_name(self) -> str | None:
+        if not self.exists():
+            return None
+        return json.loads((self.folder / "latest.json").read_text())["checkpoint"]
+
+    def load(self, trainer: Trainer, gen: torch.Generator) -> dict[str, Any]:
+        sub = self.folder / self._latest_name()
+        meta = json.loads((sub / f"rank{self.rank}.json").read_text())
+        if meta["world_size"] != self.world_size:
+            raise ConfigError(
+                f"world_size={self.world_size}; the checkpoint in {str(sub)!r} was written with {meta['world_size']}"
+            )
+        saved = TrainConfig.from_dict(meta["config"])
+        if saved != trainer.config:
+            diff = {k: (v, getattr(trainer.config, k)) for k, v in asdict(saved).items() if getattr(trainer.config, k) != v}
+            raise ConfigError(f"resume with a different training config: {diff} (checkpoint, now)")
+        t = read_safetensors(sub / f"rank{self.rank}.safetensors")
+        gen.set_state(t.pop("rng_state"))
+        trainer.load_state_tensors(t)
+        return meta
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    def w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+
+    atomic_write(path, w)
