@@ -105,7 +105,7 @@ def node_table(
             token = graph.token_strings[pos]
             if kind is NodeKind.FEATURE:
                 label = names.get(str(feat)) if feat <= -2 else labels.get((layer, feat))
-                label = label or f"{layer}.{feat}"
+                label = label or f"F{layer}.{feat}"
             elif kind is NodeKind.ERROR:
                 label = f"error {layer}@{pos}"
             else:
