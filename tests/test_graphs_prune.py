@@ -238,3 +238,18 @@ def test_property_sweep_equals_power_series_and_inverse(dag):
     sweep = adjacency_influence(adj, w)
     np.testing.assert_allclose(sweep, series, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(sweep, inverse, rtol=1e-8, atol=1e-10)
+
+
+def test_graphs_package_never_imports_torch():
+    """DESIGN.md §1: a saved graph can be pruned, scored, exported and rendered without torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import sparsetrace.graphs, sparsetrace.graphs.prune, sparsetrace.graphs.scores, sparsetrace.graphs.export\n"
+        "import sparsetrace.graphs.supernodes, sparsetrace.graphs.render, sparsetrace.graphs.html\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
