@@ -8,7 +8,6 @@ from .prune import PruneConfig as PruneConfig
 from .prune import PruneResult as PruneResult
 from .prune import apply_prune as apply_prune
 from .prune import node_influence as node_influence
-from .prune import prune as prune
 from .prune import prune_graph as prune_graph
 from .scores import GraphScores as GraphScores
 from .scores import graph_scores as graph_scores
