@@ -368,7 +368,7 @@ class Trainer:
         self.optimizer.step()
         self.step_count += 1
         dead = (self.since_fired >= cfg.dead_tokens).double().mean(-1)
-        return StepStats(float(loss), fvu.detach(), l0, dead, lr)
+        return StepStats(float(loss.detach()), fvu.detach(), l0, dead, lr)
 
     # ---- state ------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:

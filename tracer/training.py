@@ -1,0 +1,222 @@
+"""Training a transcoder set on a model: activation streaming and the driver (DESIGN.md §9).
+
+:class:`ModelActivationSource` runs the model on corpus sequences and yields the MLP inputs/outputs of
+every trained layer, with position 0 (the attention sink, DESIGN.md §3) and outlier tokens (norm above
+``outlier_factor`` × the median at any layer) removed. :func:`train_transcoders` wires model, corpus and
+:class:`~sparsetrace.transcoders.train.Trainer` together, writes the set in our format and can run
+layer-parallel over several processes (``torch.distributed``, gloo): every rank runs the same forwards
+and trains its share of the layers (round-robin), so the result equals a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sparsetrace.errors import ConfigError
+from sparsetrace.transcoders.data import Corpus
+from sparsetrace.transcoders.io import atomic_write, load_transcoders
+from sparsetrace.transcoders.model import Transcoder, TranscoderSet, TranscoderSetConfig
+from sparsetrace.transcoders.train import FitResult, TrainConfig, Trainer, fit
+
+from .models import LoadedModel, collect_mlp_io
+
+__all__ = ["ModelActivationSource", "train_transcoders", "outlier_mask", "LOG_FILE"]
+
+LOG_FILE = "train_log.jsonl"
+
+
+def outlier_mask(x: Tensor, y: Tensor, factor: float) -> Tensor:
+    """[N] bool, True = keep: a token whose x̃ or y norm exceeds ``factor`` × that layer's median norm at
+    ANY layer is dropped for all layers (x, y: [L, N, d]), so every layer sees the same tokens."""
+    keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+    for t in (x, y):
+        n = t.norm(dim=-1)  # (L, N)
+        med = n.median(dim=1, keepdim=True).values
+        keep &= (n <= factor * med).all(dim=0)
+    return keep
+
+
+class ModelActivationSource:
+    """Streams ``(x̃ [L,n,d], y [L,n,d])`` of the selected layers from consecutive corpus sequences.
+
+    ``position`` counts sequences consumed (resumable with :meth:`seek`). ``collect`` are the layers
+    the model is read at (the outlier filter looks at all of them); ``keep`` the subset returned.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        corpus: Corpus,
+        collect: list[int],
+        keep: list[int] | None = None,
+        *,
+        ctx_len: int,
+        model_batch: int,
+        outlier_factor: float,
+        split: str = "train",
+    ) -> None:
+        self.lm, self.corpus, self.collect = lm, corpus, list(collect)
+        keep = self.collect if keep is None else list(keep)
+        missing = [l for l in keep if l not in self.collect]
+        if missing:
+            raise ConfigError(f"keep layers {missing} are not among the collected layers {self.collect}")
+        self.keep_pos = torch.tensor([self.collect.index(l) for l in keep])
+        self.ctx_len, self.model_batch, self.outlier_factor, self.split = ctx_len, model_batch, outlier_factor, split
+        self.bos = lm.tokenizer.bos_token_id if lm.prepend_bos else None
+        self.position = 0
+
+    def seek(self, position: int) -> None:
+        self.position = int(position)
+
+    def read(self, n_tokens: int) -> tuple[Tensor, Tensor]:
+        xs, ys, n = [], [], 0
+        while n < n_tokens:
+            ids = self.corpus.sequences(self.split, self.position, self.model_batch, self.ctx_len, self.bos)
+            if len(ids) == 0:
+                break
+            self.position += len(ids)
+            x, y = collect_mlp_io(self.lm, torch.from_numpy(ids), self.collect)  # (L, B, T, d) each
+            # Position 0 is the attention sink (DESIGN.md §3): never trained on.
+            x = x[:, :, 1:].reshape(x.shape[0], -1, x.shape[-1]).float()  # (L, B·(T−1), d)
+            y = y[:, :, 1:].reshape(y.shape[0], -1, y.shape[-1]).float()
+            keep = outlier_mask(x, y, self.outlier_factor)
+            x, y = x[self.keep_pos][:, keep], y[self.keep_pos][:, keep]
+            xs.append(x.cpu())
+            ys.append(y.cpu())
+            n += x.shape[1]
+        if not xs:
+            d = self.lm.d_model
+            return torch.zeros(len(self.keep_pos), 0, d), torch.zeros(len(self.keep_pos), 0, d)
+        # Tokens past n_tokens are dropped, not carried over: buffers then start at sequence boundaries,
+        # which is what makes a checkpoint (taken between buffers) resumable bit for bit.
+        return torch.cat(xs, 1)[:, :n_tokens], torch.cat(ys, 1)[:, :n_tokens]
+
+
+def _dist() -> tuple[int, int, Any]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist
+    return 0, 1, None
+
+
+def train_transcoders(
+    lm: LoadedModel,
+    corpus: Corpus,
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+) -> TranscoderSet:
+    """Train one transcoder per layer (``config.layers``, default all) and save the set to ``out_dir``.
+
+    Checkpoints go to ``out_dir/checkpoint`` every ``config.checkpoint_every_tokens``; ``resume=True``
+    continues from the last one exactly. Logs go to ``out_dir/train_log.jsonl``. When
+    ``torch.distributed`` is initialised, the layers are split round-robin across ranks; call it on
+    every rank with the same arguments. Returns the saved set (as loaded back from ``out_dir``).
+    """
+    rank, world, dist = _dist()
+    layers = list(config.layers) if config.layers is not None else list(range(lm.n_layers))
+    bad = [l for l in layers if not 0 <= l < lm.n_layers]
+    if bad:
+        raise ConfigError(f"layers={config.layers}; allowed: ids in 0..{lm.n_layers - 1}")
+    if len(layers) < world:
+        raise ConfigError(f"{len(layers)} layers cannot be split over world_size={world} ranks")
+    positions = list(range(rank, len(layers), world))
+    mine = [layers[i] for i in positions]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / "checkpoint" / "latest.json").exists():
+        raise ConfigError(f"{str(out)!r} already has a checkpoint; pass resume=True to continue it or use a new folder")
+    d = lm.d_model
+    trainer = Trainer(config, len(mine), d, layer_ids=mine)
+    source = ModelActivationSource(
+        lm, corpus, collect=layers, keep=mine,
+        ctx_len=config.ctx_len, model_batch=config.model_batch, outlier_factor=config.outlier_factor,
+    )
+    reduce = None
+    if dist is not None:
+        def reduce(t: Tensor) -> Tensor:
+            t = t.clone()
+            dist.all_reduce(t)
+            return t
+
+    log_file = out / LOG_FILE
+
+    def log(rec: dict[str, Any]) -> None:
+        with open(log_file, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    result = fit(trainer, source, out, resume, rank=rank, world_size=world, log=log, reduce=reduce,
+                 layer_ids=positions, n_layers_total=len(layers))
+    for pos, tc in zip(positions, result.transcoders):
+        _save_layer(tc, out / f"layer_{pos}.safetensors")
+    if dist is not None:
+        dist.barrier()
+    if rank == 0:
+        _write_set_config(out, lm, corpus, config, layers, result, trainer.n_features)
+    if dist is not None:
+        dist.barrier()
+    return load_transcoders(out)
+
+
+def _save_layer(tc: Transcoder, path: Path) -> None:
+    """One layer file with the keys of our format (DESIGN.md §8)."""
+    t = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "W_dec": tc.W_dec, "b_dec": tc.b_dec}
+    if tc.W_skip is not None:
+        t["W_skip"] = tc.W_skip
+    if tc.activation == "jumprelu":
+        t["threshold"] = tc.threshold
+    t = {k: v.detach().contiguous().cpu() for k, v in t.items()}
+    atomic_write(path, lambda tmp: save_file(t, tmp))
+
+
+def _git_version() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                           capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_set_config(out: Path, lm: LoadedModel, corpus: Corpus, config: TrainConfig, layers: list[int],
+                      result: FitResult, n_features: int) -> None:
+    existing = {}
+    if (out / "config.json").is_file():
+        existing = json.loads((out / "config.json").read_text()).get("metrics", {})
+    cfg = TranscoderSetConfig(
+        model_id=lm.model_id,
+        architecture=lm.adapter.name,
+        n_layers=len(layers),
+        d_in=lm.d_model,
+        n_features=n_features,
+        activation=config.activation,
+        k=config.k if config.activation == "topk" else None,
+        skip=config.skip,
+        training={
+            "layers": layers,
+            "corpus": str(corpus.path),
+            "corpus_recipe": corpus.manifest.get("recipe"),
+            "corpus_sources": corpus.manifest.get("sources"),
+            "tokens": result.tokens,
+            "steps": result.steps,
+            "config": config.to_dict(),
+            "lr": config.lr_for(n_features),
+            "code_version": _git_version(),
+        },
+        metrics=existing,
+    )
+    text = json.dumps(cfg.to_dict(), indent=1) + "\n"
+
+    def w(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    atomic_write(out / "config.json", w)
