@@ -1,0 +1,283 @@
+"""The provenance card of an attribution graph (DESIGN.md §8), torch-free.
+
+A card answers "what exactly produced this graph, how good were the parts, and which statements about
+it were tested causally?". It is built only from what was recorded — the graph's metadata (written by
+``attribute``, pruning, scoring, the CLI and validation runs) — and every field that nobody recorded is
+the string ``"not recorded"``, never a guess. The same card is stored as ``metadata["card"]`` (JSON,
+inside the graph file) and written as ``card.md`` beside it.
+
+Claims are tagged by evidence: *observational* (read off the graph of the frozen linear replacement
+model) or *causal* (measured by an intervention on the real model). Only validation records make
+causal claims.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .graph import AttributionGraph
+
+__all__ = ["NOT_RECORDED", "CARD_VERSION", "build_card", "card_markdown", "attach_card", "add_validation"]
+
+NOT_RECORDED = "not recorded"
+CARD_VERSION = 1
+
+
+def _get(d: Mapping[str, Any] | None, *keys: str, default: Any = NOT_RECORDED) -> Any:
+    """``d[k1][k2]…``, or ``default`` when any level is missing or None."""
+    cur: Any = d
+    for k in keys:
+        if not isinstance(cur, Mapping) or cur.get(k) is None:
+            return default
+        cur = cur[k]
+    return cur
+
+
+def _mean(values: Any) -> Any:
+    """Mean of a per-layer list (a scalar passes through); ``not recorded`` for anything else."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        return float(values)
+    if isinstance(values, Sequence) and not isinstance(values, str) and values:
+        nums = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        if nums:
+            return sum(nums) / len(nums)
+    return NOT_RECORDED
+
+
+def _transcoder_section(meta: Mapping[str, Any]) -> dict[str, Any]:
+    tc = meta.get("transcoders") or {}
+    training = meta.get("transcoder_training") or {}
+    source = meta.get("transcoder_source") or {}
+    is_random = bool(source.get("random")) or bool(training.get("random"))
+    return {
+        "source": source.get("description", NOT_RECORDED),
+        "random": is_random,
+        "model_id": tc.get("model_id", NOT_RECORDED),
+        "n_features": tc.get("n_features", NOT_RECORDED),
+        "skip": tc.get("skip", NOT_RECORDED),
+        "training_data": "none: random, untrained weights" if is_random else training.get("corpus", NOT_RECORDED),
+        "training_sources": NOT_RECORDED if is_random else (training.get("corpus_sources") or NOT_RECORDED),
+        "training_tokens": 0 if is_random else training.get("tokens", NOT_RECORDED),
+        "code_version": training.get("code_version", NOT_RECORDED),
+    }
+
+
+def _sparsity_section(meta: Mapping[str, Any]) -> dict[str, Any]:
+    tc = meta.get("transcoders") or {}
+    act = tc.get("activation", NOT_RECORDED)
+    out = {"activation": act}
+    if act == "topk":
+        out["k"] = tc.get("k", NOT_RECORDED)
+    elif act == "jumprelu":
+        out["threshold"] = "learned per feature (JumpReLU θ)"
+    elif act == "relu":
+        out["threshold"] = "0 (ReLU)"
+    return out
+
+
+def _quality_section(meta: Mapping[str, Any]) -> dict[str, Any]:
+    m = meta.get("transcoder_metrics") or {}
+    return {
+        "fvu_mean": _mean(m.get("fvu")),
+        "l0_mean": _mean(m.get("l0")),
+        "dead_fraction_mean": _mean(m.get("dead_fraction")),
+        "ce_clean": m.get("ce_clean", NOT_RECORDED),
+        "ce_all_mlps_replaced": m.get("ce_replaced", NOT_RECORDED),
+        "ce_zero_ablated": m.get("ce_zero", NOT_RECORDED),
+        "ce_recovered_percent": m.get("ce_recovered", NOT_RECORDED),
+        "kl_all_mlps_replaced": m.get("kl_replaced", NOT_RECORDED),
+        "evaluated_on": _get(m, "evaluation"),
+    }
+
+
+def _selection_section(meta: Mapping[str, Any]) -> dict[str, Any]:
+    att = meta.get("attribution") or {}
+    stats = meta.get("stats") or {}
+    pr = meta.get("pruning") or {}
+    budget = att.get("max_feature_nodes", NOT_RECORDED) if "max_feature_nodes" in att else NOT_RECORDED
+    return {
+        "logit_targets": {
+            "max_n_logits": att.get("max_n_logits", NOT_RECORDED),
+            "desired_logit_prob": att.get("desired_logit_prob", NOT_RECORDED),
+        },
+        "row_budget": "none (all active features)" if budget is None else budget,
+        "active_features": stats.get("active_features", NOT_RECORDED),
+        "feature_nodes": stats.get("feature_nodes", NOT_RECORDED),
+        "store_threshold": att.get("store_threshold", NOT_RECORDED),
+        "node_threshold": pr.get("node_threshold", NOT_RECORDED),
+        "edge_threshold": pr.get("edge_threshold", NOT_RECORDED),
+        "nodes_before_after_pruning": [pr["n_nodes_before"], pr["n_nodes_after"]] if "n_nodes_after" in pr else NOT_RECORDED,
+        "edges_before_after_pruning": [pr["n_edges_before"], pr["n_edges_after"]] if "n_edges_after" in pr else NOT_RECORDED,
+    }
+
+
+def _scores_section(meta: Mapping[str, Any]) -> dict[str, Any]:
+    s = meta.get("scores") or {}
+    return {
+        "full_graph": {
+            "replacement": _get(s, "full", "replacement"),
+            "completeness": _get(s, "full", "completeness"),
+        },
+        "pruned_graph": {
+            "replacement": _get(s, "pruned", "replacement"),
+            "completeness": _get(s, "pruned", "completeness"),
+        },
+    }
+
+
+def _error_share(meta: Mapping[str, Any]) -> Any:
+    """Share of the logits' influence that ends at error nodes: 1 − replacement score (DESIGN.md §5)."""
+    r = _get(meta, "scores", "full", "replacement")
+    return NOT_RECORDED if r == NOT_RECORDED else 1.0 - float(r)
+
+
+def _limitations(meta: Mapping[str, Any], transcoders: Mapping[str, Any]) -> list[str]:
+    share = _error_share(meta)
+    share_text = NOT_RECORDED if share == NOT_RECORDED else f"{100 * share:.1f}%"
+    out = [
+        "Attention patterns are frozen at their values on this prompt: the graph has no QK attribution "
+        "(it cannot say why attention attended where it did).",
+        "Every norm's denominator is frozen; edges are exact for the local replacement model of this one "
+        "prompt, not for other prompts.",
+        f"Error nodes (what the transcoders fail to reconstruct) carry {share_text} of the logits' influence "
+        "(1 − replacement score); what flows through them is unexplained.",
+        "Position 0 is treated as a constant (attention sink): its features and errors are not nodes.",
+    ]
+    if transcoders.get("random"):
+        out.insert(0, "RANDOM, UNTRAINED transcoders: features mean nothing; this graph only exercises the pipeline.")
+    return out
+
+
+def _claims(meta: Mapping[str, Any], validation: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    claims = [
+        {
+            "claim": "Edge weights and node influences describe how the frozen local replacement model computes "
+            "the target logits on this prompt.",
+            "evidence": "observational (graph)",
+        }
+    ]
+    if "pruning" in meta:
+        claims.append(
+            {
+                "claim": "The pruned graph keeps the nodes and edges carrying the stated shares of influence.",
+                "evidence": "observational (graph)",
+            }
+        )
+    for v in validation:
+        desc = str(v.get("description") or v.get("hypothesis") or v.get("kind") or "intervention")
+        outcome = v.get("outcome")
+        if outcome is None and "passed" in v:
+            outcome = "confirmed" if v["passed"] else "not confirmed"
+        claims.append(
+            {"claim": f"{desc} — {outcome or NOT_RECORDED}", "evidence": "causal (intervention on the real model)"}
+        )
+    return claims
+
+
+def build_card(graph: AttributionGraph) -> dict[str, Any]:
+    """The provenance card of ``graph``, from its metadata alone (see the module docstring).
+
+    Reads ``model``, ``hook_points``, ``transcoders``, ``transcoder_training``, ``transcoder_metrics``,
+    ``transcoder_source``, ``attribution``, ``stats``, ``pruning``, ``scores`` and ``validation``."""
+    meta = graph.metadata
+    model = meta.get("model") or {}
+    transcoders = _transcoder_section(meta)
+    validation = list(meta.get("validation") or [])
+    hooks = meta.get("hook_points") or {}
+    n_layers = model.get("n_layers", graph.layout.n_layers)
+    return {
+        "card_version": CARD_VERSION,
+        "prompt": graph.prompt or NOT_RECORDED,
+        "model": {
+            "id": model.get("id", NOT_RECORDED),
+            "revision": model.get("revision", NOT_RECORDED),
+            "architecture": model.get("architecture", NOT_RECORDED),
+            "n_layers": n_layers,
+            "d_model": model.get("d_model", NOT_RECORDED),
+        },
+        "hook_points": {
+            "layers": f"all {n_layers} MLP layers" if isinstance(n_layers, int) else NOT_RECORDED,
+            "input": hooks.get("in", NOT_RECORDED),
+            "output": hooks.get("out", NOT_RECORDED),
+        },
+        "transcoders": transcoders,
+        "sparsity": _sparsity_section(meta),
+        "reconstruction": _quality_section(meta),
+        "feature_selection": _selection_section(meta),
+        "scores": _scores_section(meta),
+        "error_node_share": _error_share(meta),
+        "validation": validation if validation else NOT_RECORDED,
+        "limitations": _limitations(meta, transcoders),
+        "claims": _claims(meta, validation),
+    }
+
+
+def attach_card(graph: AttributionGraph) -> dict[str, Any]:
+    """Build the card and store it in ``graph.metadata["card"]``; returns it."""
+    card = build_card(graph)
+    graph.metadata["card"] = card
+    return card
+
+
+def add_validation(graph: AttributionGraph, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Append one validation record (an intervention run: ``kind``, ``description``, ``predicted``,
+    ``measured``, ``passed``/``outcome``) to ``metadata["validation"]`` and refresh the card."""
+    graph.metadata.setdefault("validation", []).append(dict(record))
+    return attach_card(graph)
+
+
+# ---- markdown -----------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) or NOT_RECORDED
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v) if v else NOT_RECORDED
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: Mapping[str, Any]) -> list[str]:
+    out = ["| field | value |", "|---|---|"]
+    out += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in rows.items()]
+    return out
+
+
+def card_markdown(card: Mapping[str, Any]) -> str:
+    """The card as a markdown document (what ``card.md`` holds and the CLI prints)."""
+    lines = ["# Provenance card", ""]
+    if _get(card, "transcoders", "random", default=False):
+        lines += ["> **Random, untrained transcoders.** This graph tests the pipeline; it says nothing about the model.", ""]
+    lines += [f"Prompt: `{_fmt(card.get('prompt', NOT_RECORDED))}`", ""]
+    sections = [
+        ("Model", "model"),
+        ("Hook points", "hook_points"),
+        ("Transcoders", "transcoders"),
+        ("Sparsity", "sparsity"),
+        ("Reconstruction quality (held-out)", "reconstruction"),
+        ("Feature selection", "feature_selection"),
+    ]
+    for title, key in sections:
+        lines += [f"## {title}", "", *_table(card.get(key) or {}), ""]
+    sc = card.get("scores") or {}
+    lines += ["## Graph scores", "", "| graph | replacement | completeness |", "|---|---|---|"]
+    for name, key in (("full", "full_graph"), ("pruned", "pruned_graph")):
+        s = sc.get(key) or {}
+        lines.append(f"| {name} | {_fmt(s.get('replacement', NOT_RECORDED))} | {_fmt(s.get('completeness', NOT_RECORDED))} |")
+    lines += ["", f"Error-node share of influence: {_fmt(card.get('error_node_share', NOT_RECORDED))}", ""]
+    lines += ["## Validation performed", ""]
+    val = card.get("validation", NOT_RECORDED)
+    if isinstance(val, list) and val:
+        for v in val:
+            lines.append(f"- {_fmt(v)}")
+    else:
+        lines.append(f"- none {NOT_RECORDED}: no intervention was run on this graph")
+    lines += ["", "## Limitations", ""]
+    lines += [f"- {x}" for x in card.get("limitations") or []]
+    lines += ["", "## Claims and their evidence", "", "| claim | evidence |", "|---|---|"]
+    lines += [f"| {_fmt(c.get('claim'))} | {_fmt(c.get('evidence'))} |" for c in card.get("claims") or []]
+    return "\n".join(lines) + "\n"
