@@ -275,7 +275,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         for v in val:
             lines.append(f"- {_fmt(v)}")
     else:
-        lines.append(f"- none {NOT_RECORDED}: no intervention was run on this graph")
+        lines.append(f"- {NOT_RECORDED}: no intervention has been run on this graph (see `sparsetrace validate`)")
     lines += ["", "## Limitations", ""]
     lines += [f"- {x}" for x in card.get("limitations") or []]
     lines += ["", "## Claims and their evidence", "", "| claim | evidence |", "|---|---|"]

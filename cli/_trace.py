@@ -1,0 +1,176 @@
+"""``sparsetrace trace``: a prompt → one folder with the graph, the pruned graph, pictures, viewer,
+frontend JSON and provenance card. Option defaults come from AttributionConfig and PruneConfig."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from sparsetrace.errors import ConfigError
+from sparsetrace.graphs.prune import PruneConfig
+from sparsetrace.tracer.attribution import AttributionConfig
+
+from ._common import (
+    Output,
+    atomic_folder,
+    check_dot,
+    check_writable_parent,
+    default_of,
+    load_lm,
+    model_options,
+    model_revision,
+    output_options,
+    parse_token_ids,
+    prune_and_score,
+    resolve_transcoders,
+    transcoder_option,
+    write_graph_outputs,
+)
+
+A = AttributionConfig
+P = PruneConfig
+FRACTION = click.FloatRange(0, 1, min_open=True)
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (replaced atomically when the trace succeeds).")
+@click.option("--token-ids", default=None, metavar="1,2,3", help="Trace these token ids instead of a PROMPT.")
+@transcoder_option()
+@click.option("--target", "targets", multiple=True, metavar="TOKEN",
+              help="A single-token string to use as a logit target (repeatable; default: the top logits).")
+@click.option("--target-id", "target_ids", multiple=True, type=int, metavar="ID", help="A target token id (repeatable).")
+@click.option("--max-n-logits", type=click.IntRange(1, 1000), default=default_of(A, "max_n_logits"), show_default=True,
+              help="At most this many logit targets.")
+@click.option("--desired-logit-prob", type=FRACTION, default=default_of(A, "desired_logit_prob"), show_default=True,
+              help="Smallest top-probability prefix of logits reaching this cumulative probability.")
+@click.option("--batch-size", type=click.IntRange(1), default=default_of(A, "batch_size"), show_default=True,
+              help="Target rows per backward pass.")
+@click.option("--max-feature-nodes", type=click.IntRange(0), default=default_of(A, "max_feature_nodes"),
+              show_default="all", help="Row budget: compute rows for at most this many features (by influence).")
+@click.option("--store-threshold", type=click.FloatRange(0, 1, max_open=True), default=default_of(A, "store_threshold"),
+              show_default=True, help="Drop edges below this fraction of their row's largest |weight| (0: exact).")
+@click.option("--node-threshold", type=FRACTION, default=default_of(P, "node_threshold"), show_default=True,
+              help="Pruning: cumulative influence share of kept nodes.")
+@click.option("--edge-threshold", type=FRACTION, default=default_of(P, "edge_threshold"), show_default=True,
+              help="Pruning: cumulative score share of kept edges.")
+@click.option("--feature-stats", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Feature statistics cache (`sparsetrace features stats`) for node labels.")
+@click.option("--picture/--no-picture", default=True, show_default=True, help="Render graph.png and graph.svg (needs graphviz).")
+@model_options(dtypes=("float32", "float64"), dtype_default=default_of(A, "dtype"))
+@output_options
+def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_logits, desired_logit_prob, batch_size,
+          max_feature_nodes, store_threshold, node_threshold, edge_threshold, feature_stats, picture, model, device,
+          dtype, seed, as_json, quiet):
+    """Trace PROMPT into an attribution graph folder.
+
+    Writes graph.safetensors (full graph), graph.pruned.safetensors, graph.png and graph.svg (pruned),
+    graph.html (viewer), frontend.json (circuit-tracer / Neuronpedia format) and card.md (provenance),
+    and prints the top logits, node counts, scores and time.
+    """
+    t0 = time.perf_counter()
+    out = Output(as_json, quiet)
+    if (prompt is None) == (token_ids is None):
+        raise ConfigError("give exactly one of PROMPT or --token-ids")
+    if prompt is not None and not prompt.strip():
+        raise ConfigError("PROMPT is empty; give some text to trace")
+    ids = parse_token_ids(token_ids) if token_ids is not None else None
+    check_writable_parent(out_dir, "--out")
+    check_dot(picture)
+    cfg = AttributionConfig(
+        max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob, batch_size=batch_size,
+        max_feature_nodes=max_feature_nodes, dtype=dtype, device=device, store_threshold=store_threshold,
+    )
+    PruneConfig(node_threshold, edge_threshold)  # validate before the expensive part
+
+    import torch
+
+    from sparsetrace.tracer.attribution import attribute
+
+    torch.manual_seed(seed)
+    lm = load_lm(model, device, "float32", out)
+    ts, source = resolve_transcoders(transcoders, lm, model, seed)
+    stats = None
+    if feature_stats is not None:
+        from sparsetrace.tracer.features import load_feature_stats
+
+        stats = load_feature_stats(feature_stats)
+    spec = list(targets) + list(target_ids) or None
+    out.say(f"tracing with {source['description']}")
+    with out.progress() as bars:
+        graph = attribute(ids if ids is not None else prompt, lm, ts, targets=spec, config=cfg, progress=bars)
+    t_attr = time.perf_counter() - t0
+    rev = model_revision(lm, model)
+    if rev:
+        graph.metadata["model"]["revision"] = rev
+    graph.metadata["transcoder_source"] = source
+    out.say("pruning and scoring")
+    pruned, result = prune_and_score(graph, node_threshold, edge_threshold)
+    _label(lm, ts, graph, pruned, stats)
+    with atomic_folder(out_dir) as tmp:
+        written = write_graph_outputs(tmp, graph, pruned, picture, out)
+    total = time.perf_counter() - t0
+    data = _summary(graph, pruned, out_dir, written, t_attr, total)
+    out.result(data, lambda: _text(data))
+
+
+def _label(lm, ts, graph, pruned, stats) -> None:
+    """Automatic labels for the pruned graph's features, stored in both graphs' metadata."""
+    from sparsetrace.graphs import NodeKind
+    from sparsetrace.tracer.features import feature_labels
+
+    lay = pruned.layout
+    feat = lay.kind == NodeKind.FEATURE
+    keys = [(int(l), int(f)) for l, f in zip(lay.layer[feat], lay.feature[feat]) if f >= 0]
+    labels = feature_labels(lm, ts, keys, stats)
+    stored = {f"{l}.{f}": text for (l, f), text in labels.items()}
+    graph.metadata["feature_labels"] = stored
+    pruned.metadata["feature_labels"] = stored
+    graph.metadata["feature_labels_source"] = "feature statistics + logit lens" if stats is not None else "logit lens only"
+    pruned.metadata["feature_labels_source"] = graph.metadata["feature_labels_source"]
+
+
+def _counts(g) -> dict:
+    lay = g.layout
+    return {"nodes": g.n_nodes, "features": lay.n_features, "errors": lay.n_errors, "tokens": lay.n_tokens,
+            "logits": lay.n_logits, "edges": g.adjacency.nnz}
+
+
+def _summary(graph, pruned, out_dir: Path, written: list[str], t_attr: float, total: float) -> dict:
+    stats = graph.metadata.get("stats", {})
+    return {
+        "out": str(out_dir),
+        "files": written,
+        "prompt": graph.prompt,
+        "tokens": list(graph.token_strings),
+        "top_logits": [{"token": t, "probability": float(p)} for t, p in zip(graph.logit_label, graph.logit_probability)],
+        "graph": {**_counts(graph), "active_features": stats.get("active_features")},
+        "pruned": _counts(pruned),
+        "pruning": graph.metadata.get("pruning"),
+        "scores": graph.metadata.get("scores"),
+        "transcoders": graph.metadata["transcoder_source"]["description"],
+        "seconds": {"attribution": round(t_attr, 3), "total": round(total, 3)},
+    }
+
+
+def _text(d: dict) -> str:
+    g, p, s = d["graph"], d["pruned"], d["scores"] or {}
+    logits = ", ".join(f"{x['token']!r} {x['probability']:.3f}" for x in d["top_logits"])
+    full, prn = s.get("full", {}), s.get("pruned", {})
+    lines = [
+        f"prompt: {d['prompt']!r} ({len(d['tokens'])} tokens)",
+        f"transcoders: {d['transcoders']}",
+        f"top logits: {logits}",
+        f"graph: {g['nodes']} nodes ({g['features']} features of {g['active_features']} active, {g['errors']} errors, "
+        f"{g['tokens']} tokens, {g['logits']} logits), {g['edges']} edges",
+        f"pruned (node {d['pruning']['node_threshold']}, edge {d['pruning']['edge_threshold']}): "
+        f"{p['nodes']} nodes ({p['features']} features, {p['errors']} errors), {p['edges']} edges",
+        f"scores: replacement {full.get('replacement', float('nan')):.3f}, completeness {full.get('completeness', float('nan')):.3f} "
+        f"(pruned: {prn.get('replacement', float('nan')):.3f}, {prn.get('completeness', float('nan')):.3f})",
+        f"time: attribution {d['seconds']['attribution']:.1f} s, total {d['seconds']['total']:.1f} s",
+        f"wrote {d['out']}/: {', '.join(d['files'])}",
+    ]
+    return "\n".join(lines)
