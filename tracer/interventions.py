@@ -639,6 +639,15 @@ def _measure(rm: ReplacementModel, xs: list[Tensor], refs: list[FeatureRef], pla
     return torch.stack(pre, 1), torch.stack(act, 1)
 
 
+def _cache_kwarg(model, past) -> dict:
+    """transformers ≥ 5.2x names the KV cache argument ``cache`` (``past_key_values`` is deprecated)."""
+    if past is None:
+        return {}
+    import inspect
+
+    return {"cache": past} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": past}
+
+
 @torch.no_grad()
 def generate(
     prompt: str | Sequence[int] | Tensor,
@@ -687,8 +696,8 @@ def generate(
             if use_cache:
                 inp = seq if past is None else seq[:, -1:]
                 box["offset"] = seq.shape[1] - inp.shape[1]
-                out = rm.model(input_ids=inp, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = rm.model(input_ids=inp, **_cache_kwarg(rm.model, past), use_cache=True)
+                past = out.get("cache", None) if out.get("cache", None) is not None else out.get("past_key_values")
             else:
                 box["offset"] = 0
                 out = rm.model(input_ids=seq, use_cache=False)
