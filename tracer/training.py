@@ -220,3 +220,44 @@ def _write_set_config(out: Path, lm: LoadedModel, corpus: Corpus, config: TrainC
         Path(tmp).write_text(text)
 
     atomic_write(out / "config.json", w)
+
+
+# ---- command line (a stop-gap until `sparsetrace train`; every TrainConfig field is an option) ----
+def _add_config_options(ap, cls=TrainConfig) -> None:
+    """One ``--field`` option per TrainConfig field, typed from its annotation, default from the class."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        opt = "--" + f.name.replace("_", "-")
+        t = str(f.type)
+        if t == "bool":
+            ap.add_argument(opt, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default, metavar="BOOL")
+        elif t.startswith("tuple"):
+            ap.add_argument(opt, type=lambda s: tuple(int(v) for v in s.split(",")), default=f.default, metavar="I,J,…")
+        else:
+            base = {"int": int, "float": float, "str": str}[t.split(" ")[0]]
+            ap.add_argument(opt, type=base, default=f.default)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import dataclasses
+
+    from sparsetrace.transcoders.data import open_corpus
+
+    from .models import load_model
+
+    ap = argparse.ArgumentParser(prog="python -m sparsetrace.tracer.training", description=train_transcoders.__doc__)
+    ap.add_argument("--model", default=None, help="model path or id (default: the embedded SmolLM2)")
+    ap.add_argument("--corpus", required=True, help="a folder written by build_corpus")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", action="store_true")
+    _add_config_options(ap)
+    a = ap.parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    lm = load_model(a.model, device="cpu")
+    train_transcoders(lm, open_corpus(a.corpus), cfg, a.out, resume=a.resume)
+
+
+if __name__ == "__main__":
+    main()
