@@ -32,6 +32,7 @@ from .targets import LogitTarget, TargetSpec, select_targets
 __all__ = ["AttributionConfig", "attribute", "AttributionStats"]
 
 Progress = Callable[[str, int, int], None]
+_GATHER_ELEMS = 1 << 25  # at most this many elements in one gathered gradient block (128 MB fp32)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class _Candidates:
     layout: NodeLayout  # full layout with all candidates (and the logits)
     layer_start: np.ndarray  # [L+1] first candidate index of each layer
     writes: list[Tensor]  # per layer: [n_l, d] a_s · W_dec[f]
-    ranges: list[list[tuple[int, int, int]]]  # per layer: (pos, start, stop) in candidate indices
+    pos_t: list[Tensor]  # per layer: [n_l] positions of the layer's features
 
 
 def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
@@ -105,21 +106,15 @@ def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
     nz = torch.nonzero(act > 0)  # sorted by (layer, pos, feat)
     layer, pos, feat = (nz[:, i].cpu().numpy() for i in range(3))
     layout = NodeLayout.build(L, T, layer, pos, feat, n_logits)
-    writes, ranges = [], []
+    writes, pos_t = [], []
     starts = np.searchsorted(layer, np.arange(L + 1))
     for l in range(L):
         s, e = int(starts[l]), int(starts[l + 1])
         f = torch.as_tensor(feat[s:e], device=act.device)
         p = torch.as_tensor(pos[s:e], device=act.device)
         writes.append(act[l, p, f][:, None] * ts[l].W_dec[f])
-        pr = []
-        if e > s:
-            bounds = np.searchsorted(pos[s:e], np.arange(T + 1))
-            for c in range(T):
-                if bounds[c + 1] > bounds[c]:
-                    pr.append((c, s + int(bounds[c]), s + int(bounds[c + 1])))
-        ranges.append(pr)
-    return _Candidates(layer, pos, feat, layout, starts, writes, ranges)
+        pos_t.append(p)
+    return _Candidates(layer, pos, feat, layout, starts, writes, pos_t)
 
 
 def _contract(
@@ -133,9 +128,11 @@ def _contract(
     for l, g in enumerate(grads):
         if g is None:
             continue
-        w, off = cand.writes[l], int(cand.layer_start[l])
-        for c, s, e in cand.ranges[l]:
-            rows[:, s:e] = g[:, c, :] @ w[s - off : e - off].T
+        w, off, p = cand.writes[l], int(cand.layer_start[l]), cand.pos_t[l]
+        step = max(1, _GATHER_ELEMS // max(1, B * g.shape[-1]))  # bounds the [B, n, d] gather
+        for s in range(0, len(w), step):
+            e = min(s + step, len(w))
+            rows[:, off + s : off + e] = torch.einsum("bnd,nd->bn", g[:, p[s:e]], w[s:e])
         err_idx = torch.as_tensor(lay.error_index(l, np.arange(run.n_pos)), device=g.device)
         rows[:, err_idx] = torch.einsum("btd,td->bt", g, run.error[l])
     tok_idx = torch.as_tensor(lay.token_index(np.arange(run.n_pos)), device=g_emb.device)
@@ -144,7 +141,11 @@ def _contract(
 
 
 class _RowEngine:
-    """Backward passes over one kept frozen forward of B copies."""
+    """Backward passes over one kept frozen forward of B copies of the prompt.
+
+    The frozen model is linear, so the one forward serves every batch of rows. (Measured here: B copies
+    with a plain backward beat one copy with ``is_grads_batched`` (vmap) by ~1.5–2× on CPU.)
+    """
 
     def __init__(self, rm: ReplacementModel, run: CleanRun, batch: int) -> None:
         self.rm, self.run, self.B = rm, run, batch
@@ -156,12 +157,15 @@ class _RowEngine:
         self.passes = 0
 
     def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[list[Tensor | None], Tensor]:
-        """``reads[b] = (layer, pos, vector)``: batch element b reads ``vector`` at MLP input of ``layer``
+        """``reads[b] = (layer, pos, vector)``: copy b reads ``vector`` at the MLP input of ``layer``
         (``layer == L``: the final normed residual) at ``pos``. Returns per-layer write gradients and the
-        layer-0 input gradient, each [B, T, d]."""
+        layer-0 input gradient, each [len(reads), T, d]."""
         L = self.rm.n_layers
+        n = len(reads)
+        if not 0 < n <= self.B:
+            raise AttributionError(f"{n} reads for a batch of {self.B}")
         outs = self.out.x + [self.out.final]
-        gouts = [None] * (L + 1)
+        gouts: list[Tensor | None] = [None] * (L + 1)
         for b, (l, c, v) in enumerate(reads):
             if gouts[l] is None:
                 gouts[l] = torch.zeros_like(outs[l])
@@ -175,7 +179,8 @@ class _RowEngine:
             allow_unused=True,
         )
         self.passes += 1
-        return list(grads[:L]), grads[L]
+        grads = [None if g is None else g[:n] for g in grads]
+        return grads[:L], grads[L]
 
 
 def _influence_estimate(
@@ -267,8 +272,7 @@ def _attribute(
     budget = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
     B = cfg.batch_size
 
-    engine = _RowEngine(rm, run, min(B, K + budget) if K + budget > 0 else 1)
-    B = engine.B
+    engine = _RowEngine(rm, run, max(1, min(B, K + budget)))
     rows_r: list[np.ndarray] = []
     rows_c: list[np.ndarray] = []
     rows_v: list[np.ndarray] = []
@@ -287,7 +291,7 @@ def _attribute(
     def compute(target_idx: np.ndarray, reads: list[tuple[int, int, Tensor]]) -> None:
         with torch.enable_grad():
             grads, g_emb = engine.backward(reads)
-        store(target_idx, _contract(grads, g_emb, run, cand, n_src)[: len(reads)])
+        store(target_idx, _contract(grads, g_emb, run, cand, n_src))
 
     # logit rows first: they rank the features for a row budget
     logit_nodes = np.asarray(lay.logit_index(np.arange(K)), dtype=np.int64).reshape(-1)
