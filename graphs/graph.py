@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from sparsetrace._atomic import atomic_write
 from sparsetrace.errors import FormatError, GraphError
 
 __all__ = ["NodeKind", "NodeLayout", "Adjacency", "AttributionGraph", "GRAPH_FORMAT_VERSION"]
@@ -323,20 +323,7 @@ class Adjacency:
         )
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise FormatError(f"output folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+_atomic_write = atomic_write  # the shared helper, under the name graphs' modules import
 
 
 @dataclass(eq=False)
@@ -391,6 +378,32 @@ class AttributionGraph:
 
     def dense_adjacency(self) -> np.ndarray:
         return self.adjacency.to_dense()
+
+    # ---- the networkx world and notebooks (implemented in export / render / html) ----------------
+    def to_networkx(self, **kwargs: Any):
+        """A networkx DiGraph with typed node and edge attributes (see graphs.export.to_networkx)."""
+        from .export import to_networkx
+
+        return to_networkx(self, **kwargs)
+
+    @classmethod
+    def from_networkx(cls, G) -> "AttributionGraph":
+        """The inverse of :meth:`to_networkx`."""
+        from .export import from_networkx
+
+        return from_networkx(G)
+
+    def _repr_svg_(self) -> str:
+        """Notebook picture: the layered graphviz rendering (pruned first when the graph is large)."""
+        from .render import repr_svg
+
+        return repr_svg(self)
+
+    def _repr_html_(self) -> str:
+        """Notebook viewer: the interactive HTML viewer in an iframe (pruned first when large)."""
+        from .html import repr_html
+
+        return repr_html(self)
 
     def subgraph(self, keep: np.ndarray) -> "AttributionGraph":
         """The graph restricted to the nodes where ``keep`` is true (logit and token nodes are the

@@ -149,3 +149,39 @@ def test_subgraph_keeps_logits_and_remainders():
     keep[-1] = False
     with pytest.raises(GraphError, match="logit"):
         g.subgraph(keep)
+
+
+def test_graph_networkx_and_notebook_methods():
+    import shutil
+
+    g = _graph()
+    back = AttributionGraph.from_networkx(g.to_networkx())
+    np.testing.assert_allclose(back.dense_adjacency(), g.dense_adjacency(), rtol=1e-6)
+    assert back.layout == g.layout
+    html = g._repr_html_()
+    assert "<iframe" in html and "srcdoc" in html
+    if shutil.which("dot"):
+        svg = g._repr_svg_()
+        assert svg.lstrip().startswith("<?xml") or "<svg" in svg[:500]
+        assert svg.count("<g id=\"node") >= 6
+
+
+def test_atomic_write_mode_and_no_leftovers(tmp_path):
+    import os
+
+    from sparsetrace._atomic import atomic_write, atomic_write_text
+
+    p = atomic_write_text(tmp_path / "a.txt", "hi")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+    def boom(tmp):
+        open(tmp, "w").write("partial")
+        raise RuntimeError("fail")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "b.txt", boom)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a.txt"]
+    with pytest.raises(FormatError, match="does not exist"):
+        atomic_write_text(tmp_path / "missing" / "c.txt", "x")

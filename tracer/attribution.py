@@ -183,24 +183,82 @@ class _RowEngine:
         return grads[:L], grads[L]
 
 
-def _influence_estimate(
-    coo_rows: list[np.ndarray], coo_cols: list[np.ndarray], coo_vals: list[np.ndarray], n: int, w: np.ndarray, depth: int
-) -> np.ndarray:
-    """Influence on the logits of every node through the rows computed so far (exact on that partial
-    DAG: a path has at most ``depth`` edges)."""
-    r = np.concatenate(coo_rows)
-    c = np.concatenate(coo_cols)
-    v = np.abs(np.concatenate(coo_vals)).astype(np.float64)
-    rowsum = np.bincount(r, weights=v, minlength=n)
-    v = v / np.where(rowsum[r] > 0, rowsum[r], 1.0)
-    infl = np.zeros(n)
-    cur = w.astype(np.float64)
-    for _ in range(depth):
-        cur = np.bincount(c, weights=cur[r] * v, minlength=n)
-        if not cur.any():
-            break
-        infl += cur
-    return infl
+class _RowStore:
+    """Computed rows, kept sparse per batch (int32 columns) and assembled into CSR at the end.
+
+    With ``threshold > 0`` a row keeps the entries with |w| > threshold · max|row| and the dropped
+    absolute mass goes to the row's remainder (row normalisation, hence influence, is unchanged).
+    """
+
+    def __init__(self, n_nodes: int, threshold: float, dtype: np.dtype) -> None:
+        self.n, self.threshold, self.dtype = n_nodes, threshold, dtype
+        self.batches: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # targets, indptr, cols, vals
+        self.remainder = np.zeros(n_nodes)
+
+    def add(self, targets: np.ndarray, block: Tensor) -> None:
+        blk = block.detach().to("cpu", torch.float64 if self.dtype == np.float64 else torch.float32).numpy()
+        absb = np.abs(blk)
+        if self.threshold > 0:
+            keep = absb > self.threshold * absb.max(axis=1, keepdims=True)
+            self.remainder[targets] += np.where(keep, 0.0, absb).sum(axis=1)
+        else:
+            keep = blk != 0
+        r, c = np.nonzero(keep)  # row-major: columns sorted within each row
+        indptr = np.zeros(len(targets) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(r, minlength=len(targets)), out=indptr[1:])
+        self.batches.append((np.asarray(targets, dtype=np.int64), indptr, c.astype(np.int32), blk[r, c]))
+
+    def coo(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = [np.repeat(t, np.diff(ip)) for t, ip, _, _ in self.batches]
+        return (np.concatenate(rows), np.concatenate([b[2] for b in self.batches]),
+                np.concatenate([b[3] for b in self.batches]))
+
+    def influence(self, w: np.ndarray, depth: int) -> np.ndarray:
+        """Influence on the logits of every node through the rows stored so far (exact on that partial
+        DAG, whose paths have at most ``depth`` edges)."""
+        r, c, v = self.coo()
+        v = np.abs(v).astype(np.float64)
+        rowsum = np.bincount(r, weights=v, minlength=self.n) + self.remainder
+        v = v / np.where(rowsum[r] > 0, rowsum[r], 1.0)
+        infl = np.zeros(self.n)
+        cur = w.astype(np.float64)
+        for _ in range(depth):
+            cur = np.bincount(c, weights=cur[r] * v, minlength=self.n)
+            if not cur.any():
+                break
+            infl += cur
+        return infl
+
+    def assemble(self, keep: np.ndarray, col_map: np.ndarray) -> Adjacency:
+        """CSR over the kept nodes (renumbered in order); source column j becomes ``col_map[j]``
+        (duplicates summed: unselected features fold into their error node)."""
+        new_index = np.cumsum(keep) - 1
+        n_new = int(keep.sum())
+        cmap = new_index[col_map]
+        identity = bool(np.array_equal(col_map, np.arange(self.n)))
+        where = {}
+        for bi, (t, _, _, _) in enumerate(self.batches):
+            for j, tt in enumerate(t):
+                where[int(tt)] = (bi, j)
+        counts = np.zeros(n_new + 1, dtype=np.int64)
+        cols_out, vals_out = [], []
+        for old in np.flatnonzero(keep):
+            if int(old) not in where:
+                continue
+            bi, j = where[int(old)]
+            _, ip, cols, vals = self.batches[bi]
+            cc, vv = cmap[cols[ip[j] : ip[j + 1]]], vals[ip[j] : ip[j + 1]]
+            if not identity:
+                dense = np.bincount(cc, weights=vv, minlength=n_new)
+                cc = np.flatnonzero(dense)
+                vv = dense[cc]
+            counts[new_index[old] + 1] = len(cc)
+            cols_out.append(cc.astype(np.int64))
+            vals_out.append(vv.astype(self.dtype))
+        indptr = np.cumsum(counts)
+        cols = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int64)
+        vals = np.concatenate(vals_out) if vals_out else np.zeros(0, self.dtype)
+        return Adjacency(indptr, cols, vals, n_new, self.remainder[keep].astype(self.dtype))
 
 
 def attribute(
@@ -273,25 +331,13 @@ def _attribute(
     B = cfg.batch_size
 
     engine = _RowEngine(rm, run, max(1, min(B, K + budget)))
-    rows_r: list[np.ndarray] = []
-    rows_c: list[np.ndarray] = []
-    rows_v: list[np.ndarray] = []
-    remainder = np.zeros(lay.n_nodes)
-
-    def store(target_idx: np.ndarray, block: Tensor) -> None:
-        blk = block.double().cpu().numpy() if cfg.dtype == "float64" else block.float().cpu().numpy()
-        absb = np.abs(blk)
-        keep = absb > cfg.store_threshold * absb.max(axis=1, keepdims=True) if cfg.store_threshold > 0 else blk != 0
-        r, c = np.nonzero(keep)
-        rows_r.append(target_idx[r])
-        rows_c.append(c.astype(np.int64))
-        rows_v.append(blk[r, c])
-        remainder[target_idx] += (absb * ~keep).sum(axis=1)
+    np_dt = np.float64 if cfg.dtype == "float64" else np.float32
+    store = _RowStore(lay.n_nodes, cfg.store_threshold, np_dt)
 
     def compute(target_idx: np.ndarray, reads: list[tuple[int, int, Tensor]]) -> None:
         with torch.enable_grad():
             grads, g_emb = engine.backward(reads)
-        store(target_idx, _contract(grads, g_emb, run, cand, n_src))
+        store.add(target_idx, _contract(grads, g_emb, run, cand, n_src))
 
     # logit rows first: they rank the features for a row budget
     logit_nodes = np.asarray(lay.logit_index(np.arange(K)), dtype=np.int64).reshape(-1)
@@ -307,7 +353,7 @@ def _attribute(
     done = 0
     while done < budget:
         if cfg.max_feature_nodes is not None and since_rank >= 4:
-            infl = _influence_estimate(rows_r, rows_c, rows_v, lay.n_nodes, w, L + 2)[:n_feat]
+            infl = store.influence(w, L + 2)[:n_feat]
             infl[visited] = -np.inf
             order = np.argsort(-infl, kind="stable")
             since_rank, cursor = 0, 0
@@ -331,12 +377,8 @@ def _attribute(
     folded = np.arange(lay.n_nodes)
     unsel = np.flatnonzero(~visited)
     folded[unsel] = lay.error_index(cand.layer[unsel], cand.pos[unsel])
-    new_index = np.cumsum(keep_node) - 1
-    r = new_index[np.concatenate(rows_r)]
-    c = new_index[folded[np.concatenate(rows_c)]]
-    v = np.concatenate(rows_v)
     layout = lay.subset(keep_node)
-    adj = Adjacency.from_coo(r, c, v, layout.n_nodes, remainder[keep_node])
+    adj = store.assemble(keep_node, folded)
 
     # ---- κ: the frozen model with every source zeroed (it is affine, so value = Σ A + κ exactly) ----
     bias_full, value_full = _bias_and_values(rm, run, cand, tgts, visited)
@@ -355,7 +397,6 @@ def _attribute(
     activation[lay.errors] = err_norm[lay.layer[lay.errors], lay.pos[lay.errors]]
     activation[lay.logits] = value_full[lay.logits]
 
-    np_dt = np.float64 if cfg.dtype == "float64" else np.float32
     stats = AttributionStats(
         n_pos=T,
         active_features=n_feat,
@@ -366,7 +407,7 @@ def _attribute(
     )
     return AttributionGraph(
         layout=layout,
-        adjacency=Adjacency(adj.indptr, adj.indices, adj.data.astype(np_dt), adj.n, adj.remainder.astype(np_dt)),
+        adjacency=adj,
         activation=activation[keep_node].astype(np_dt),
         bias=bias_full[keep_node].astype(np_dt),
         value=value_full[keep_node].astype(np_dt),

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sparsetrace._atomic import atomic_write
 from sparsetrace.errors import ConfigError, FormatError
 
 from .model import Transcoder, TranscoderSet, TranscoderSetConfig
@@ -24,20 +24,6 @@ __all__ = ["save_transcoders", "load_transcoders", "atomic_write", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _REQUIRED = ("W_enc", "b_enc", "W_dec", "b_dec")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file in ``path``'s folder, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_json(path: Path, obj: Any) -> None:
