@@ -210,24 +210,31 @@ def default_set_dir() -> Path:
     return Path(pkg.__file__).resolve().parent.joinpath(*DEFAULT_SET_DIR)
 
 
+def shipped_set(model: str | None) -> Path:
+    """The shipped default set's folder, or a one-line error saying how to get one. Cheap: call it
+    before loading the model."""
+    if model is not None:
+        raise ConfigError(
+            f"--transcoders is required with --model {model!r}: the shipped set is for the default model only "
+            "(train one with `sparsetrace train`, or pass random:F:K to try the pipeline)"
+        )
+    folder = default_set_dir()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"no trained transcoder set is available for the default model (expected at {folder}); "
+            f"train one with `sparsetrace train --corpus CORPUS --out {folder}` or pass --transcoders DIR "
+            "(random:F:K runs the pipeline with untrained weights)"
+        )
+    return folder
+
+
 def resolve_transcoders(spec: str | None, lm, model: str | None, seed: int) -> tuple[Any, dict[str, Any]]:
     """The transcoder set named by ``--transcoders`` and a description of where it came from."""
     from sparsetrace.tracer.replacement import check_compatible
     from sparsetrace.transcoders import TranscoderSet, TranscoderSetConfig, load_transcoders
 
     if spec is None:
-        if model is not None:
-            raise ConfigError(
-                f"--transcoders is required with --model {model!r}: the shipped set is for the default model only "
-                "(train one with `sparsetrace train`, or pass random:F:K to try the pipeline)"
-            )
-        folder = default_set_dir()
-        if not (folder / "config.json").is_file():
-            raise ConfigError(
-                f"no trained transcoder set is available for the default model (expected at {folder}); "
-                f"train one with `sparsetrace train --corpus CORPUS --out {folder}` or pass --transcoders DIR "
-                "(random:F:K runs the pipeline with untrained weights)"
-            )
+        folder = shipped_set(model)
         ts = load_transcoders(folder)
         source = {"description": f"shipped default set ({folder})", "random": False, "path": str(folder)}
     elif spec.startswith("random:"):

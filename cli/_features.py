@@ -10,7 +10,7 @@ import click
 from sparsetrace.errors import ConfigError
 from sparsetrace.tracer.features import FeatureStatsConfig
 
-from ._common import Output, check_writable_parent, default_of, load_lm, model_options, output_options, resolve_transcoders, transcoder_option
+from ._common import shipped_set, Output, check_writable_parent, default_of, load_lm, model_options, output_options, resolve_transcoders, transcoder_option
 
 C = FeatureStatsConfig
 CORPUS_HELP = "A corpus built by `sparsetrace corpus`, a text file, or a folder of .txt/.md files."
@@ -57,6 +57,8 @@ def stats(corpus_path, cache, transcoders, n_sequences, ctx_len, batch, top_k, l
     out = Output(as_json, quiet)
     check_writable_parent(cache, "--out")
     cfg = FeatureStatsConfig(n_sequences=n_sequences, ctx_len=ctx_len, batch=batch, top_k=top_k, layers=_layers(layers))
+    if transcoders is None:
+        shipped_set(model)  # fail before the model loads
     lm = load_lm(model, device, dtype, out)
     ts, source = resolve_transcoders(transcoders, lm, model, seed)
     sample = open_sample(corpus_path, lm, ctx_len)

@@ -13,6 +13,7 @@ from sparsetrace.graphs.prune import PruneConfig
 from sparsetrace.tracer.attribution import AttributionConfig
 
 from ._common import (
+    shipped_set,
     Output,
     atomic_folder,
     check_dot,
@@ -91,6 +92,8 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
     from sparsetrace.tracer.attribution import attribute
 
     torch.manual_seed(seed)
+    if transcoders is None:
+        shipped_set(model)  # fail before the model loads
     lm = load_lm(model, device, "float32", out)
     ts, source = resolve_transcoders(transcoders, lm, model, seed)
     stats = None

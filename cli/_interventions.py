@@ -1,0 +1,160 @@
+"""Causal commands: ``intervene`` (steer or ablate features, errors, tokens; optionally generate),
+``validate`` (test a hypothesis read off a graph) and ``verify`` (check a saved graph against the model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sparsetrace.errors import ConfigError
+
+from ._common import (
+    shipped_set,
+    Output,
+    load_lm,
+    model_options,
+    output_options,
+    parse_token_ids,
+    resolve_transcoders,
+    transcoder_option,
+)
+
+MODES = ("constrained", "iterative", "unfrozen")
+
+
+def _ints(text: str, n: int, flag: str, form: str) -> list[int]:
+    parts = text.split(":")
+    try:
+        vals = [int(p) for p in parts]
+        if len(vals) != n:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}; allowed form: {form} with integers") from None
+    return vals
+
+
+def _value(text: str, flag: str, form: str) -> tuple[str, float]:
+    if "=" not in text:
+        raise ConfigError(f"{flag} {text!r}; allowed form: {form}")
+    key, val = text.rsplit("=", 1)
+    try:
+        return key, float(val)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: {val!r} is not a number; allowed form: {form}") from None
+
+
+def build_interventions(sets, scales, ablates, scale_errors, scale_tokens) -> list:
+    """Intervention records from the option strings (layer:position:feature, positions may be negative)."""
+    from sparsetrace.tracer.interventions import Intervention
+
+    out = []
+    for s in sets:
+        key, v = _value(s, "--set", "L:P:F=VALUE")
+        out.append(Intervention.set_feature(*_ints(key, 3, "--set", "L:P:F=VALUE"), v))
+    for s in scales:
+        key, v = _value(s, "--scale", "L:P:F=FACTOR")
+        out.append(Intervention.scale_feature(*_ints(key, 3, "--scale", "L:P:F=FACTOR"), v))
+    for s in ablates:
+        out.append(Intervention.zero_feature(*_ints(s, 3, "--ablate", "L:P:F")))
+    for s in scale_errors:
+        key, v = _value(s, "--scale-error", "L:P=FACTOR")
+        out.append(Intervention.scale_error(*_ints(key, 2, "--scale-error", "L:P=FACTOR"), v))
+    for s in scale_tokens:
+        key, v = _value(s, "--scale-token", "P=FACTOR")
+        out.append(Intervention.scale_token(*_ints(key, 1, "--scale-token", "P=FACTOR"), v))
+    return out
+
+
+def _check_features(ivs, ts) -> None:
+    for iv in ivs:
+        if iv.layer >= ts.n_layers:
+            raise ConfigError(f"layer {iv.layer} in an intervention; allowed: 0..{ts.n_layers - 1}")
+        if iv.feature is not None and iv.feature >= ts.n_features:
+            raise ConfigError(f"feature {iv.feature} in an intervention; allowed: 0..{ts.n_features - 1}")
+
+
+def _range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    a, b = _ints(text, 2, "--layers", "A:B")
+    return a, b
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@click.option("--token-ids", default=None, metavar="1,2,3", help="Token ids instead of a PROMPT.")
+@transcoder_option()
+@click.option("--set", "sets", multiple=True, metavar="L:P:F=V", help="Clamp feature F of layer L at position P to V.")
+@click.option("--scale", "scales", multiple=True, metavar="L:P:F=X", help="Clamp the feature at X × its clean activation.")
+@click.option("--ablate", "ablates", multiple=True, metavar="L:P:F", help="Clamp the feature at 0.")
+@click.option("--scale-error", "scale_errors", multiple=True, metavar="L:P=X", help="Scale the error node of layer L at P by X.")
+@click.option("--scale-token", "scale_tokens", multiple=True, metavar="P=X", help="Scale the token embedding at P by X.")
+@click.option("--mode", type=click.Choice(MODES), default="constrained", show_default=True,
+              help="constrained: frozen attention/norms, MLPs in --layers frozen (direct effects); iterative: frozen "
+              "attention, effects through the transcoders; unfrozen: the real model.")
+@click.option("--layers", "layer_range", default=None, metavar="A:B", help="constrained mode: the layer range [A, B) (default all).")
+@click.option("--target-id", "target_ids", multiple=True, type=int, help="Report this token's logit (repeatable; default: the clean top 5).")
+@click.option("--generate", "n_generate", type=click.IntRange(0), default=0, show_default=True,
+              help="Also generate this many tokens greedily with the interventions held on (real model).")
+@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@output_options
+def intervene(prompt, token_ids, transcoders, sets, scales, ablates, scale_errors, scale_tokens, mode, layer_range,
+              target_ids, n_generate, model, device, dtype, seed, as_json, quiet):
+    """Intervene on features, error nodes or token embeddings and report how the output moves (causal)."""
+    import torch
+
+    from sparsetrace.tracer.interventions import generate, intervene as run
+
+    out = Output(as_json, quiet)
+    if (prompt is None) == (token_ids is None):
+        raise ConfigError("give exactly one of PROMPT or --token-ids")
+    if prompt is not None and not prompt.strip():
+        raise ConfigError("PROMPT is empty; give some text")
+    inputs = parse_token_ids(token_ids) if token_ids is not None else prompt
+    torch.manual_seed(seed)
+    if transcoders is None:
+        shipped_set(model)  # fail before the model loads
+    lm = load_lm(model, device, dtype, out)
+    ts, source = resolve_transcoders(transcoders, lm, model, seed)
+    ivs = build_interventions(sets, scales, ablates, scale_errors, scale_tokens)
+    if not ivs:
+        raise ConfigError("no intervention given; use --set, --scale, --ablate, --scale-error or --scale-token")
+    _check_features(ivs, ts)
+    res = run(inputs, lm, ts, ivs, mode=mode, layers=_range(layer_range), target_tokens=list(target_ids) or None)
+    toks = list(res.target_tokens)
+    names = lm.token_strings(toks)
+    data = {
+        "mode": res.mode,
+        "layers": res.layers,
+        "transcoders": source["description"],
+        "interventions": [{"kind": iv.kind, "layer": iv.layer, "position": iv.position, "feature": iv.feature,
+                           "op": iv.op, "value": iv.value} for iv in ivs],
+        "targets": [
+            {"token": n, "id": t, "clean": float(c), "intervened": float(v), "delta": float(v - c),
+             "clean_probability": float(res.clean_probabilities[t]), "probability": float(res.probabilities[t])}
+            for n, t, c, v in zip(names, toks, res.clean_target_values, res.target_values)
+        ],
+        "top_after": [{"token": lm.token_strings([int(i)])[0], "probability": float(p)}
+                      for p, i in zip(*res.probabilities.topk(5))],
+        "evidence": "causal (intervention)",
+    }
+    if n_generate:
+        clean_gen = generate(inputs, lm, ts, [], max_new_tokens=n_generate)
+        steered = generate(inputs, lm, ts, ivs, max_new_tokens=n_generate)
+        data["generation"] = {"clean": clean_gen.text, "intervened": steered.text,
+                              "clean_ids": list(clean_gen.new_ids), "intervened_ids": list(steered.new_ids)}
+    out.result(data, lambda: _text(data))
+
+
+def _text(d: dict) -> str:
+    lines = [f"mode {d['mode']}" + (f" over layers [{d['layers'][0]}, {d['layers'][1]})" if d["layers"] else "")]
+    lines.append("target (demeaned logit): clean → intervened (Δ), probability clean → intervened")
+    for t in d["targets"]:
+        lines.append(f"  {t['token']!r:>14}: {t['clean']:+.3f} → {t['intervened']:+.3f} ({t['delta']:+.3f}), "
+                     f"p {t['clean_probability']:.3f} → {t['probability']:.3f}")
+    lines.append("top after: " + ", ".join(f"{x['token']!r} {x['probability']:.3f}" for x in d["top_after"]))
+    if "generation" in d:
+        lines.append(f"generated, clean:      {d['generation']['clean']!r}")
+        lines.append(f"generated, intervened: {d['generation']['intervened']!r}")
+    return "\n".join(lines)
