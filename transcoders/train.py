@@ -261,7 +261,7 @@ class Trainer:
         self.step_count = 0
         self.lr = config.lr_for(F)
         self.optimizer = torch.optim.Adam(
-            list(self.params.values()), lr=self.lr, betas=(config.beta1, config.beta2), eps=config.eps, foreach=True
+            list(self.params.values()), lr=self.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True
         )
 
     # ---- initialisation --------------------------------------------------------------------------
