@@ -232,3 +232,22 @@ def test_row_budget_folds_unselected_features_into_errors():
     for i in range(lay.n_features):
         j = full.layout.feature_index(int(lay.layer[i]), int(lay.pos[i]), int(lay.feature[i]))
         np.testing.assert_allclose(A[lay.logits, i], Af[full.layout.logits, j], atol=1e-12)
+
+
+def test_store_threshold_keeps_normalisation_and_bounds_influence():
+    """Thresholded storage: kept edges are exact, the dropped |mass| is the row remainder, and since
+    row normalisation is unchanged every node's influence can only drop (Â_thr ≤ Â entrywise)."""
+    from sparsetrace.graphs import node_influence
+
+    lm = tiny_lm("qwen3")
+    ts = random_transcoders(lm)
+    exact = attribute(PROMPT, lm, ts, config=AttributionConfig(dtype="float64"))
+    thr = attribute(PROMPT, lm, ts, config=AttributionConfig(dtype="float64", store_threshold=0.1))
+    A, At = exact.dense_adjacency(), thr.dense_adjacency()
+    kept = At != 0
+    assert 0 < kept.sum() < (A != 0).sum()
+    np.testing.assert_array_equal(At[kept], A[kept])
+    np.testing.assert_allclose(np.abs(At).sum(1) + thr.adjacency.remainder, np.abs(A).sum(1), atol=1e-12)
+    ie, it = node_influence(exact), node_influence(thr)
+    assert np.all(it <= ie + 1e-12)
+    assert it[: exact.layout.n_features].sum() > 0.3 * ie[: exact.layout.n_features].sum()
