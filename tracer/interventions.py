@@ -619,24 +619,30 @@ def _check_ref(r, rm: ReplacementModel, T: int) -> FeatureRef:
 
 
 def _measure(rm: ReplacementModel, xs: list[Tensor], refs: list[FeatureRef], plan: _Plan) -> tuple[Tensor, Tensor]:
-    """Pre-activations and activations [B, n] of ``refs`` from the live MLP inputs; clamped features
-    report their clamp value."""
+    """Pre-activations and activations [B, n] of ``refs`` from the live MLP inputs (one encoder pass per
+    distinct (layer, position)); clamped features report their clamp value."""
     B = plan.B
     if not refs:
         z = xs[0].new_zeros(B, 0)
         return z, z
-    pre, act = [], []
-    for r in refs:
-        tc = rm.transcoders[r.layer]
-        x = xs[r.layer][:, r.position]  # [B, d]
-        p = tc.pre_activation(x)  # [B, F]
-        a = tc.activate(p)[:, r.feature].clone()
-        for b, c, f, v in plan.feats.get(r.layer, []):
-            if c == r.position and f == r.feature:
-                a[b] = v
-        pre.append(p[:, r.feature])
-        act.append(a)
-    return torch.stack(pre, 1), torch.stack(act, 1)
+    pre = xs[0].new_zeros(B, len(refs))
+    act = xs[0].new_zeros(B, len(refs))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, r in enumerate(refs):
+        groups.setdefault((r.layer, r.position), []).append(j)
+    for (l, c), js in groups.items():
+        tc = rm.transcoders[l]
+        p = tc.pre_activation(xs[l][:, c])  # [B, F]
+        a = tc.activate(p)
+        f = torch.tensor([refs[j].feature for j in js], device=p.device)
+        pre[:, js] = p[:, f]
+        act[:, js] = a[:, f]
+        for b, cc, ff, v in plan.feats.get(l, []):
+            if cc == c:
+                for j in js:
+                    if refs[j].feature == ff:
+                        act[b, j] = v
+    return pre, act
 
 
 def _cache_kwarg(model, past) -> dict:
