@@ -317,6 +317,24 @@ def _publish_modes(folder: Path) -> None:
             os.chmod(p, 0o666 & ~umask)
 
 
+@contextlib.contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A temp folder inside ``folder``; on success its files are renamed into ``folder`` (each rename is
+    atomic), on error it is removed: no partial files either way."""
+    check_writable_parent(folder / "x", "output folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".staging.", suffix=".tmp"))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in sorted(tmp.iterdir()):
+            os.chmod(p, 0o666 & ~umask)
+            os.replace(p, folder / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def resolve_graph_path(path: str) -> Path:
     """A graph file, or a trace folder (then its graph.safetensors)."""
     p = Path(path)

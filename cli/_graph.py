@@ -28,6 +28,7 @@ from ._common import (
     labels_of,
     output_options,
     prune_and_score,
+    staged,
     slug_of,
     write_text_atomic,
 )
@@ -52,24 +53,6 @@ def _is_pruned(graph) -> bool:
     return bool(graph.metadata.get("pruned")) or len(graph.metadata.get("node_influence") or []) == graph.n_nodes
 
 
-@contextlib.contextmanager
-def _staged(folder: Path) -> Iterator[Path]:
-    """A temp folder inside ``folder``; on success its files are renamed into ``folder`` (each rename is
-    atomic), on error it is removed: no partial files either way."""
-    check_writable_parent(folder / "x", "output folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".staging.", suffix=".tmp"))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in sorted(tmp.iterdir()):
-            os.chmod(p, 0o666 & ~umask)
-            os.replace(p, folder / p.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @click.command()
 @GRAPH_ARG
 @click.option("--out", "-o", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -88,7 +71,7 @@ def prune(graph, out_path, node_threshold, edge_threshold, as_json, quiet):
     out_path = out_path or src.with_name("graph.pruned.safetensors")
     check_writable_parent(out_path, "--out")
     pruned, _ = prune_and_score(g, node_threshold, edge_threshold)
-    with _staged(out_path.parent) as tmp:
+    with staged(out_path.parent) as tmp:
         pruned.save(tmp / out_path.name)
         write_text_atomic(tmp / "card.md", card_markdown(pruned.metadata["card"]))
     data = {"out": str(out_path), "nodes": [g.n_nodes, pruned.n_nodes], "edges": [g.adjacency.nnz, pruned.adjacency.nnz],

@@ -158,3 +158,178 @@ def _text(d: dict) -> str:
         lines.append(f"generated, clean:      {d['generation']['clean']!r}")
         lines.append(f"generated, intervened: {d['generation']['intervened']!r}")
     return "\n".join(lines)
+
+
+# ---- validate / verify ------------------------------------------------------------------------------
+def _graph_and_parts(graph_path: Path, model, transcoders, device, dtype, seed, out):
+    """The graph, the model and the transcoders it was traced with (from its metadata unless given)."""
+    from sparsetrace.graphs import AttributionGraph
+
+    path = graph_path / "graph.safetensors" if graph_path.is_dir() else graph_path
+    graph = AttributionGraph.load(path)
+    src = graph.metadata.get("transcoder_source") or {}
+    if model is None:
+        model = src.get("model_arg")
+    if transcoders is None:
+        transcoders = src.get("spec") or src.get("path")
+        if transcoders is None:
+            raise ConfigError("the graph does not record its transcoder set; pass --transcoders")
+        if src.get("random"):
+            seed = src.get("seed", seed)
+    lm = load_lm(model, device, dtype, out)
+    ts, _ = resolve_transcoders(transcoders, lm, model, seed)
+    return graph, path, lm, ts
+
+
+def _record_validation(path: Path, records: list[dict], extra_files: dict[str, object]) -> list[str]:
+    """Append ``records`` to the validation of the graph at ``path`` and of its pruned sibling, refresh
+    card.md, write ``extra_files`` (name → writer(tmp_path)); all staged, then renamed into place."""
+    from sparsetrace.graphs import AttributionGraph
+    from sparsetrace.graphs.card import add_validation, card_markdown
+
+    from ._common import staged, write_text_atomic
+
+    folder = path.parent
+    siblings = [path]
+    pruned = folder / "graph.pruned.safetensors"
+    if path.name == "graph.safetensors" and pruned.is_file():
+        siblings.append(pruned)
+    with staged(folder) as tmp:
+        card = None
+        for p in siblings:
+            g = AttributionGraph.load(p)
+            for rec in records:
+                card = add_validation(g, rec)
+            g.save(tmp / p.name)
+        write_text_atomic(tmp / "card.md", card_markdown(card))
+        for name, write in extra_files.items():
+            write(tmp / name)
+    return [p.name for p in siblings] + ["card.md"] + list(extra_files)
+
+
+def _parse_nodes(text: str, graph) -> tuple:
+    """``F3.12@5,E2@4,T@1`` (readable ids; ``+`` joins a group) → node indices."""
+    index = {graph.layout.node_id(i): i for i in range(graph.n_nodes)}
+    out = []
+    for part in text.split(","):
+        ids = [p.strip() for p in part.split("+") if p.strip()]
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise ConfigError(
+                f"node {missing[0]!r} is not in the graph; allowed: ids like F<layer>.<feature>@<pos>, E<layer>@<pos>, T@<pos> "
+                "(see `sparsetrace export GRAPH -f csv`)"
+            )
+        out.append(index[ids[0]] if len(ids) == 1 else tuple(index[i] for i in ids))
+    return tuple(out)
+
+
+def _hypotheses(graph, ablates, scales, steers, target, auto):
+    from sparsetrace.graphs import NodeKind
+    from sparsetrace.tracer.validate import Hypothesis
+
+    hs = []
+    for text in ablates:
+        hs.append(Hypothesis(f"ablate {text}", _parse_nodes(text, graph), "ablate", 0.0, target))
+    for flag, action, items in (("--scale", "scale", scales), ("--steer", "steer", steers)):
+        for text in items:
+            if "=" not in text:
+                raise ConfigError(f"{flag} {text!r}; allowed form: NODES=VALUE, e.g. F3.12@5=0.5")
+            nodes, val = text.rsplit("=", 1)
+            try:
+                v = float(val)
+            except ValueError:
+                raise ConfigError(f"{flag} {text!r}: {val!r} is not a number") from None
+            hs.append(Hypothesis(f"{action} {nodes}×{v:g}" if action == "scale" else f"steer {nodes}={v:g}",
+                                 _parse_nodes(nodes, graph), action, v, target))
+    if not hs:
+        # default: ablate each of the `auto` most influential features, one at a time
+        from sparsetrace.graphs.prune import node_influence
+
+        infl = node_influence(graph)
+        feats = [i for i in infl.argsort()[::-1] if graph.layout.kind[i] == NodeKind.FEATURE][:auto]
+        if not feats:
+            raise ConfigError("the graph has no feature nodes to validate; give --ablate/--scale/--steer")
+        hs = [Hypothesis(f"ablate {graph.layout.node_id(int(i))}", (int(i),), "ablate", 0.0, target) for i in feats]
+    return hs
+
+
+@click.command()
+@click.argument("graph_path", metavar="GRAPH", type=click.Path(exists=True, path_type=Path))
+@transcoder_option()
+@click.option("--ablate", "ablates", multiple=True, metavar="NODES", help="Hypothesis: ablating these nodes (F3.12@5,E2@4; + groups) moves the target.")
+@click.option("--scale", "scales", multiple=True, metavar="NODES=X", help="Hypothesis: scaling these nodes by X.")
+@click.option("--steer", "steers", multiple=True, metavar="NODES=V", help="Hypothesis: setting these features to activation V.")
+@click.option("--target", type=click.IntRange(0), default=0, show_default=True, help="Primary target: logit index (0 = top logit).")
+@click.option("--auto", type=click.IntRange(1), default=3, show_default=True,
+              help="Without hypotheses: ablate each of this many most influential features.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(MODES), help="Modes to measure in (default: all).")
+@click.option("--noise-floor", type=click.FloatRange(0), default=None, help="Effects below this count as none (default: ValidationConfig).")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write validation.png beside the graph.")
+@click.option("--record/--no-record", default=True, show_default=True,
+              help="Record the outcome in the graph files and card.md (causal claims).")
+@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@output_options
+def validate(graph_path, transcoders, ablates, scales, steers, target, auto, modes, noise_floor, plot, record, model,
+             device, dtype, seed, as_json, quiet):
+    """Test hypotheses read off GRAPH by intervening on the real model: predicted vs measured effects.
+
+    GRAPH is a graph file or a trace folder (its full graph); the model and transcoders default to the
+    ones the graph was traced with. Results go to validation.json (and .png) and into the card.
+    """
+    import dataclasses
+
+    from sparsetrace.tracer.validate import ValidationConfig, validate as run
+
+    out = Output(as_json, quiet)
+    graph, path, lm, ts = _graph_and_parts(graph_path, model, transcoders, device, dtype, seed, out)
+    cfg = ValidationConfig()
+    changes = {}
+    if modes:
+        changes["modes"] = tuple(modes)
+    if noise_floor is not None:
+        changes["noise_floor"] = noise_floor
+    cfg = dataclasses.replace(cfg, **changes)
+    hyps = _hypotheses(graph, ablates, scales, steers, target, auto)
+    out.say(f"validating {len(hyps)} hypothes{'is' if len(hyps) == 1 else 'es'} in {', '.join(cfg.modes)}")
+    report = run(graph, lm, ts, hyps, cfg)
+    records = [
+        {"kind": r.hypothesis.action, "description": f"{r.hypothesis.name} → {r.target_label!r}",
+         "outcome": "; ".join(v.line() for v in r.verdicts), "passed": bool(r.supported_in())}
+        for r in report.results
+    ]
+    written = []
+    if record:
+        extra = {"validation.json": lambda p: p.write_text(report.to_json(), encoding="utf-8")}
+        if plot:
+            extra["validation.png"] = lambda p: report.save_plot(p)
+        written = _record_validation(path, records, extra)
+    data = {"graph": str(path), "results": records, "files": written, "report": report.to_dict()}
+    out.result(data, lambda: report.summary() + (f"\nrecorded in {path.parent}/: {', '.join(written)}" if written else ""))
+
+
+@click.command()
+@click.argument("graph_path", metavar="GRAPH", type=click.Path(exists=True, path_type=Path))
+@transcoder_option()
+@click.option("--n-samples", type=click.IntRange(1), default=64, show_default=True, help="Edges to re-check.")
+@click.option("--atol", type=click.FloatRange(0), default=None, help="Absolute tolerance (default by the graph's dtype).")
+@click.option("--rtol", type=click.FloatRange(0), default=None, help="Relative tolerance (default by the graph's dtype).")
+@click.option("--record/--no-record", default=True, show_default=True, help="Record the outcome in the graph files and card.md.")
+@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@output_options
+def verify(graph_path, transcoders, n_samples, atol, rtol, record, model, device, dtype, seed, as_json, quiet):
+    """Re-check a sample of GRAPH's edges on the real model: doubling a source under all-layer
+    constrained patching must move the target by exactly the edge weight. Exit 1 on a mismatch."""
+    from sparsetrace.tracer.validate import verify_graph
+
+    out = Output(as_json, quiet)
+    graph, path, lm, ts = _graph_and_parts(graph_path, model, transcoders, device, dtype, seed, out)
+    rep = verify_graph(graph, lm, ts, n_samples=n_samples, seed=seed, atol=atol, rtol=rtol)
+    written = []
+    if record:
+        rec = {"kind": "verify", "description": f"{rep.n_checked} edges re-checked by all-layer constrained patching",
+               "outcome": rep.summary(), "passed": rep.passed}
+        written = _record_validation(path, [rec], {})
+    data = {**rep.to_dict(), "files": written}
+    out.result(data, rep.summary)
+    if not rep.passed:
+        raise click.exceptions.Exit(1)

@@ -109,7 +109,7 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
     rev = model_revision(lm, model)
     if rev:
         graph.metadata["model"]["revision"] = rev
-    graph.metadata["transcoder_source"] = source
+    graph.metadata["transcoder_source"] = {**source, "spec": transcoders, "seed": seed, "model_arg": model}
     out.say("pruning and scoring")
     pruned, result = prune_and_score(graph, node_threshold, edge_threshold)
     _label(lm, ts, graph, pruned, stats)
