@@ -36,6 +36,8 @@ def main() -> None:
 
     Start with `sparsetrace trace "The capital of France is" --out out/france`.
 
-    Shell completion (bash): eval "$(_SPARSETRACE_COMPLETE=bash_source sparsetrace)"
-    (zsh: zsh_source, fish: fish_source).
+    \b
+    Shell completion, e.g. in ~/.bashrc:
+      eval "$(_SPARSETRACE_COMPLETE=bash_source sparsetrace)"
+    (zsh: zsh_source, fish: fish_source)
     """
