@@ -25,6 +25,7 @@ from sparsetrace.errors import AttributionError, ConfigError
 from sparsetrace.graphs import Adjacency, AttributionGraph, NodeLayout
 from sparsetrace.transcoders import TranscoderSet
 
+from ._linear import LinearBackward
 from .models import LoadedModel, resolve_device, resolve_dtype
 from .replacement import CleanRun, ReplacementModel
 from .targets import LogitTarget, TargetSpec, select_targets
@@ -55,6 +56,9 @@ class AttributionConfig:
     """cpu, cuda or cuda:N; None picks CUDA when available."""
     store_threshold: float = 0.0
     """Per row, drop edges with |w| ≤ store_threshold · max|row| into the row's remainder (0: exact)."""
+    backward: str = "linear"
+    """linear: the hand-written transposed frozen model (tracer/_linear.py); autograd: backward passes
+    through the HF model with hooks (the reference; same numbers, slower)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -69,6 +73,8 @@ class AttributionConfig:
             raise ConfigError(f"desired_logit_prob={self.desired_logit_prob}; allowed: (0, 1]")
         if not 1 <= self.max_n_logits <= 1000:
             raise ConfigError(f"max_n_logits={self.max_n_logits}; allowed: 1..1000")
+        if self.backward not in ("linear", "autograd"):
+            raise ConfigError(f"backward={self.backward!r}; allowed: linear, autograd")
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,7 @@ def _contract(
     return rows
 
 
-class _RowEngine:
+class _AutogradBackward:
     """Backward passes over one kept frozen forward of B copies of the prompt.
 
     The frozen model is linear, so the one forward serves every batch of rows. (Measured here: B copies
@@ -171,13 +177,14 @@ class _RowEngine:
                 gouts[l] = torch.zeros_like(outs[l])
             gouts[l][b, c] = v.detach()
         used = [i for i in range(L + 1) if gouts[i] is not None]
-        grads = torch.autograd.grad(
-            [outs[i] for i in used],
-            self.writes + [self.h0],
-            [gouts[i] for i in used],
-            retain_graph=True,
-            allow_unused=True,
-        )
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                [outs[i] for i in used],
+                self.writes + [self.h0],
+                [gouts[i] for i in used],
+                retain_graph=True,
+                allow_unused=True,
+            )
         self.passes += 1
         grads = [None if g is None else g[:n] for g in grads]
         return grads[:L], grads[L]
@@ -330,13 +337,15 @@ def _attribute(
     budget = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
     B = cfg.batch_size
 
-    engine = _RowEngine(rm, run, max(1, min(B, K + budget)))
+    if cfg.backward == "linear":
+        engine = LinearBackward(rm, run)
+    else:
+        engine = _AutogradBackward(rm, run, max(1, min(B, K + budget)))
     np_dt = np.float64 if cfg.dtype == "float64" else np.float32
     store = _RowStore(lay.n_nodes, cfg.store_threshold, np_dt)
 
     def compute(target_idx: np.ndarray, reads: list[tuple[int, int, Tensor]]) -> None:
-        with torch.enable_grad():
-            grads, g_emb = engine.backward(reads)
+        grads, g_emb = engine.backward(reads)
         store.add(target_idx, _contract(grads, g_emb, run, cand, n_src))
 
     # logit rows first: they rank the features for a row budget

@@ -177,8 +177,42 @@ class ArchitectureAdapter:
     embed_attr: str
     final_norm_attr: str
     qk: str
+    attn_norm: str = "input_layernorm"
+    """The norm before attention."""
+    mlp_norm: str = "post_attention_layernorm"
+    """The norm whose output is the MLP input x̃."""
+    post_attn_norm: str | None = None
+    """Gemma: the norm on the attention output before the residual add."""
     mlp_post_norm: str | None = None
     """Gemma: the norm applied to the MLP output before the residual add (frozen; outside the target)."""
+
+    def layer_norms(self, model: nn.Module, i: int) -> dict[str, nn.Module | None]:
+        """The four per-layer norm positions (None where the architecture has none)."""
+        layer = self.layers(model)[i]
+        get = lambda name: None if name is None else getattr(layer, name)  # noqa: E731
+        return {
+            "attn": get(self.attn_norm),
+            "mlp": get(self.mlp_norm),
+            "post_attn": get(self.post_attn_norm),
+            "post_mlp": get(self.mlp_post_norm),
+        }
+
+    def attention_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head dim)."""
+        c = model.config
+        nq = getattr(c, "num_attention_heads", None) or c.n_head
+        nkv = getattr(c, "num_key_value_heads", None) or nq
+        hd = getattr(c, "head_dim", None) or self.unembedding(model).shape[1] // nq
+        return nq, nkv, hd
+
+    def value_output_weights(self, model: nn.Module, i: int) -> tuple[Tensor, Tensor]:
+        """(W_V [n_kv·hd, d], W_O [d, n_q·hd]) in the nn.Linear convention (out = in @ Wᵀ)."""
+        att = self.attention(model, i)
+        if self.qk == "fused":  # GPT-2's Conv1D: out = in @ W, W [in, out]; c_attn out = [q | k | v]
+            w = att.c_attn.weight
+            d = w.shape[0]
+            return w[:, 2 * d :].T, att.c_proj.weight.T
+        return att.v_proj.weight, att.o_proj.weight
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return getattr(model, self.decoder_attr)
@@ -221,9 +255,11 @@ ADAPTERS = (
     ArchitectureAdapter("llama", ("llama", "mistral"), **_LLAMA_LIKE),
     ArchitectureAdapter("qwen2", ("qwen2",), **_LLAMA_LIKE),
     ArchitectureAdapter("qwen3", ("qwen3",), **_LLAMA_LIKE),
-    ArchitectureAdapter("gemma2", ("gemma2",), mlp_post_norm="post_feedforward_layernorm", **_LLAMA_LIKE),
-    ArchitectureAdapter("gemma3", ("gemma3_text",), mlp_post_norm="post_feedforward_layernorm", **_LLAMA_LIKE),
-    ArchitectureAdapter("gpt2", ("gpt2",), "transformer", "h", "wte", "ln_f", "fused"),
+    ArchitectureAdapter("gemma2", ("gemma2",), mlp_norm="pre_feedforward_layernorm",
+                        post_attn_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm", **_LLAMA_LIKE),
+    ArchitectureAdapter("gemma3", ("gemma3_text",), mlp_norm="pre_feedforward_layernorm",
+                        post_attn_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm", **_LLAMA_LIKE),
+    ArchitectureAdapter("gpt2", ("gpt2",), "transformer", "h", "wte", "ln_f", "fused", attn_norm="ln_1", mlp_norm="ln_2"),
 )
 SUPPORTED_ARCHITECTURES = tuple(a.name for a in ADAPTERS)
 

@@ -15,8 +15,9 @@ denominator frozen like every other norm.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +71,7 @@ class CleanRun:
     model_logits: Tensor
     norm_state: dict[int, tuple[Tensor, Tensor | None]]  # id(module) → (rsqrt factor, mean or None)
     qk_state: dict[int, Tensor]  # id(module) → clean output
+    patterns: Tensor  # [L, n_heads, T, T] attention probabilities (eager attention)
 
     @property
     def n_pos(self) -> int:
@@ -144,8 +146,8 @@ class ReplacementModel:
         specs += [(m, "forward", qk_hook) for i in range(L) for m in self.adapter.qk_modules(self.model, i)]
         # norm hooks first, so the final-norm reader sees the norm's (re-evaluated) output
         specs = [(m, "forward", norm_hook(k, e)) for m, k, e in self._norms] + specs
-        with hooks(specs):
-            out = self.model(input_ids=ids, use_cache=False)
+        with hooks(specs), eager_attention(self.model):
+            out = self.model(input_ids=ids, use_cache=False, output_attentions=True)
         x, y = torch.stack(xs), torch.stack(ys)  # [L, T, d]
         ts = self.transcoders
         pre = torch.stack([ts[i].pre_activation(x[i]) for i in range(L)])  # [L, T, F]
@@ -169,6 +171,7 @@ class ReplacementModel:
             model_logits=out.logits[0].detach(),
             norm_state=norms,
             qk_state=qk,
+            patterns=torch.cat([a.detach() for a in out.attentions]),
         )
 
     def clean_writes(self, run: CleanRun) -> list[Tensor]:
@@ -232,9 +235,24 @@ class ReplacementModel:
         # registered after the final norm's own freeze hook, so it sees the frozen output
         specs += [(self.adapter.final_norm(self.model), "forward", final_hook)]
         ids = run.input_ids.reshape(1, -1).expand(B, T)
-        with hooks(specs):
+        with hooks(specs), eager_attention(self.model):
             self._decode(ids)
         return FrozenOutput(x=xs, final=box["final"])
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run with HF's eager attention: it returns the probabilities (the frozen patterns), and the clean
+    run, the frozen model and the hand-written backward then all use the very same pattern values."""
+    old = model.config._attn_implementation
+    if old == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
 
 
 def _norm_state(x: Tensor, kind: str, eps: float) -> tuple[Tensor, Tensor | None]:

@@ -1,0 +1,140 @@
+"""A hand-written backward through the frozen model (DESIGN.md §4, "a smarter engine").
+
+With attention patterns and norm denominators frozen and the MLPs cut, the frozen model is linear and
+its transpose only involves: diagonal norm scales (LayerNorm: plus the centring projection), the value
+and output projections with the frozen pattern, and each transcoder's skip. Q/K and the MLPs carry no
+gradient, so none of that is computed. Two more savings over autograd:
+  * a batch whose reads sit at layers ≤ l_max starts there: layers above contribute nothing;
+  * a batch whose reads sit at positions ≤ c_max only needs positions ≤ c_max (causal attention).
+Parity with the autograd engine is tested on every architecture (tests/test_tracer_linear.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .models import NormKind, norm_kind
+from .replacement import CleanRun, ReplacementModel
+
+__all__ = ["LinearBackward"]
+
+
+@dataclass(eq=False)
+class _Norm:
+    """Frozen norm as a linear map: y = scale ⊙ x (LayerNorm: scale ⊙ centre(x)); scale [T, d]."""
+
+    scale: Tensor
+    centre: bool
+
+    def transpose(self, g: Tensor) -> Tensor:
+        """gᵀ·∂y/∂x for g [B, T', d] (T' ≤ T)."""
+        out = g * self.scale[: g.shape[1]]
+        return out - out.mean(-1, keepdim=True) if self.centre else out
+
+
+@dataclass(eq=False)
+class _Layer:
+    attn_norm: _Norm
+    mlp_norm: _Norm
+    post_attn: _Norm | None
+    post_mlp: _Norm | None
+    W_V: Tensor  # [n_kv·hd, d]
+    W_O: Tensor  # [d, n_q·hd]
+    W_skip: Tensor | None  # [d, d] (y = x̃ W_skipᵀ)
+    pattern: Tensor  # [n_q, T, T]
+
+
+class LinearBackward:
+    """Batched transposed frozen model for one prompt. ``backward(reads)`` returns the same gradients as
+    autograd through :meth:`ReplacementModel.frozen` (at every MLP write and at the layer-0 input)."""
+
+    def __init__(self, rm: ReplacementModel, run: CleanRun) -> None:
+        ad, model = rm.adapter, rm.model
+        self.n_layers = rm.n_layers
+        self.T = run.n_pos
+        self.n_q, self.n_kv, self.hd = ad.attention_shape(model)
+        self.layers = []
+        for i in range(self.n_layers):
+            norms = {k: (None if m is None else self._norm(m, run)) for k, m in ad.layer_norms(model, i).items()}
+            W_V, W_O = ad.value_output_weights(model, i)
+            tc = rm.transcoders[i]
+            self.layers.append(
+                _Layer(
+                    attn_norm=norms["attn"],
+                    mlp_norm=norms["mlp"],
+                    post_attn=norms["post_attn"],
+                    post_mlp=norms["post_mlp"],
+                    W_V=W_V.detach(),
+                    W_O=W_O.detach(),
+                    W_skip=None if tc.W_skip is None else tc.W_skip.detach(),
+                    pattern=run.patterns[i],
+                )
+            )
+        self.final_norm = self._norm(ad.final_norm(model), run)
+        self.passes = 0
+
+    def _norm(self, module, run: CleanRun) -> _Norm:
+        kind = norm_kind(module)
+        r = run.norm_state[id(module)][0].reshape(self.T, 1)  # [T, 1]
+        w = module.weight.detach()
+        w = (1.0 + w) if kind == NormKind.RMS_OFFSET else w
+        return _Norm(scale=(r * w).to(run.h0.dtype), centre=kind == NormKind.LAYER)
+
+    def _attention_transpose(self, layer: _Layer, g: Tensor) -> Tensor:
+        """gᵀ through out = concat_h(P_h · V_{kv(h)}) W_Oᵀ, V = x W_Vᵀ; g [B, T', d] → [B, T', d]."""
+        B, Tp, _ = g.shape
+        g_o = (g @ layer.W_O).view(B, Tp, self.n_q, self.hd).transpose(1, 2)  # (B, nq, T', hd)
+        P = layer.pattern[:, :Tp, :Tp]  # (nq, T', T')
+        g_v = P.transpose(-1, -2) @ g_o  # (B, nq, T', hd)
+        if self.n_kv != self.n_q:  # grouped-query attention: query heads share a value head
+            g_v = g_v.view(B, self.n_kv, self.n_q // self.n_kv, Tp, self.hd).sum(2)
+        g_v = g_v.transpose(1, 2).reshape(B, Tp, self.n_kv * self.hd)
+        return g_v @ layer.W_V
+
+    def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[list[Tensor | None], Tensor]:
+        """``reads[b] = (layer, pos, vector)``: row b reads ``vector`` at the MLP input x̃ of ``layer``
+        (``layer == n_layers``: the final normed residual) at ``pos``. Returns per-layer write gradients
+        (None above the highest read) and the layer-0 input gradient, each [B, T, d]."""
+        L, T = self.n_layers, self.T
+        B = len(reads)
+        self.passes += 1
+        dev_vec = reads[0][2]
+        d = dev_vec.shape[-1]
+        l_max = max(l for l, _, _ in reads)
+        Tp = max(c for _, c, _ in reads) + 1
+        dtype = self.final_norm.scale.dtype
+        inject: dict[int, Tensor] = {}
+        for b, (l, c, v) in enumerate(reads):
+            if l not in inject:
+                inject[l] = torch.zeros(B, Tp, d, dtype=dtype, device=dev_vec.device)
+            inject[l][b, c] = v.detach().to(dtype)
+        g = torch.zeros(B, Tp, d, dtype=dtype, device=dev_vec.device)
+        if L in inject:
+            g = g + self.final_norm.transpose(inject[L])
+        grads: list[Tensor | None] = [None] * L
+        # reads at layer l see x̃_l, which no write at a layer ≥ l reaches: start at the highest read
+        for l in range(min(l_max, L - 1), -1, -1):
+            lay = self.layers[l]
+            g_x = inject.get(l)
+            if l < l_max:
+                # residual after layer l: h' = h_mid + post_mlp(write + x̃ W_skipᵀ)
+                g_write = lay.post_mlp.transpose(g) if lay.post_mlp is not None else g
+                grads[l] = g_write
+                if lay.W_skip is not None:
+                    g_skip = g_write @ lay.W_skip
+                    g_x = g_skip if g_x is None else g_x + g_skip
+            g_mid = g if g_x is None else g + lay.mlp_norm.transpose(g_x)
+            # h_mid = h + post_attn(attention(attn_norm(h)))
+            g_att = lay.post_attn.transpose(g_mid) if lay.post_attn is not None else g_mid
+            g = g_mid + lay.attn_norm.transpose(self._attention_transpose(lay, g_att))
+        return [None if x is None else _pad(x, T) for x in grads], _pad(g, T)
+
+
+def _pad(x: Tensor, T: int) -> Tensor:
+    """[B, T', d] → [B, T, d] with zeros at positions ≥ T' (they get no gradient: causal attention)."""
+    if x.shape[1] == T:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], T - x.shape[1], x.shape[2])], dim=1)
