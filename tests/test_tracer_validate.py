@@ -156,3 +156,16 @@ def test_validation_errors():
     other = random_transcoders(lm, seed=5)
     with pytest.raises(GraphError, match="other transcoders"):
         verify_graph(g, lm, other)
+
+
+def test_error_nodes_of_row_budget_graphs_hold_unselected_features():
+    """With a row budget, an error node is ε plus the active features that are not nodes: ablating it
+    under all-layer constrained patching moves every target by exactly −A[t, e]."""
+    lm, ts, g = _setup("gemma2", "float64", 8)
+    e = g.layout.error_index(1, 4)
+    rep = validate(g, lm, ts, [Hypothesis("err", (e,), "ablate")], ValidationConfig(modes=("constrained",), noise_floor=0.0))
+    A = g.dense_adjacency()
+    for eff in rep.results[0].effects:
+        assert eff.measured["constrained"] == pytest.approx(eff.predicted_direct, abs=1e-9)
+    assert eff.predicted_direct == pytest.approx(-A[eff.node, e], abs=1e-12)
+    assert np.abs(A[g.layout.logits, e]).max() > 1e-3

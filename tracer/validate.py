@@ -336,8 +336,14 @@ def _check_graph(graph: AttributionGraph, lm: LoadedModel, ts: TranscoderSet):
     return run
 
 
-def _as_interventions(graph: AttributionGraph, members: Sequence[int], action: str, value: float) -> list[Intervention]:
+def _as_interventions(
+    graph: AttributionGraph, members: Sequence[int], action: str, value: float, run=None
+) -> list[Intervention]:
+    """The interventions of a hypothesis. In a row-budget graph an error node is everything at its
+    (layer, position) that the graph does not name: ε plus the active features that are not nodes
+    (attribution folded them in), so with the clean ``run`` given those features get the same action."""
     lay = graph.layout
+    fold = run is not None and graph.metadata.get("attribution", {}).get("max_feature_nodes") is not None
     out = []
     for i in members:
         if not 0 <= i < graph.n_nodes:
@@ -357,7 +363,16 @@ def _as_interventions(graph: AttributionGraph, members: Sequence[int], action: s
         if action == "steer":
             raise ConfigError(f"action='steer' on {lay.node_id(i)} ({kind.name.lower()}); allowed for errors/tokens: ablate, scale")
         x = 0.0 if action == "ablate" else value
-        out.append(Intervention.scale_error(l, c, x) if kind is NodeKind.ERROR else Intervention.scale_token(c, x))
+        if kind is NodeKind.TOKEN:
+            out.append(Intervention.scale_token(c, x))
+            continue
+        out.append(Intervention.scale_error(l, c, x))
+        if fold and c > 0:
+            fs = lay.features
+            named = set(lay.feature[fs][(lay.layer[fs] == l) & (lay.pos[fs] == c)].tolist())
+            for f in torch.nonzero(run.act[l, c] > 0).flatten().tolist():
+                if f not in named:
+                    out.append(Intervention.scale_feature(l, c, f, x))
     return out
 
 
@@ -448,10 +463,10 @@ def validate(
         feat_nodes.append([int(lay.features.start + j) for j in top if tot[j] > 0])
     union = sorted({i for fs in feat_nodes for i in fs})
     refs = [FeatureRef(int(lay.layer[i]), int(lay.pos[i]), int(lay.feature[i])) for i in union]
-    sets = [_as_interventions(graph, list(h.members()), h.action, h.value) for h in hypotheses]
     measured: dict[str, list] = {}
     with _graph_dtype(graph, lm, transcoders):
-        _check_graph(graph, lm, transcoders)
+        run = _check_graph(graph, lm, transcoders)
+        sets = [_as_interventions(graph, list(h.members()), h.action, h.value, run) for h in hypotheses]
         for mode in cfg.modes:
             measured[mode] = intervene_batch(
                 [int(t) for t in graph.token_ids], lm, transcoders, sets, mode=mode,
@@ -555,6 +570,8 @@ def verify_graph(
     lay, adj = graph.layout, graph.adjacency
     rows, cols = adj.rows(), adj.indices
     budget = graph.metadata.get("attribution", {}).get("max_feature_nodes") is not None
+    # a pruned row-budget graph: its error nodes hold the unselected features but not the pruned ones,
+    # which can no longer be told apart, so their edges are not checked
     fold_ambiguous = budget and "pruning" in graph.metadata
     token_of = np.full(graph.n_nodes, -1, dtype=np.int64)
     token_of[lay.logits] = graph.logit_token
@@ -575,16 +592,7 @@ def verify_graph(
     with _graph_dtype(graph, lm, transcoders):
         run = _check_graph(graph, lm, transcoders)
         sets = []
-        for s in sources:
-            ivs = _as_interventions(graph, [s], "scale", 2.0)
-            if budget and lay.kind[s] == NodeKind.ERROR:
-                l, c = int(lay.layer[s]), int(lay.pos[s])
-                nodes = set(lay.feature[lay.features][(lay.layer[lay.features] == l) & (lay.pos[lay.features] == c)].tolist())
-                if c > 0:
-                    for f in torch.nonzero(run.act[l, c] > 0).flatten().tolist():
-                        if f not in nodes:
-                            ivs.append(Intervention.scale_feature(l, c, f, 2.0))
-            sets.append(ivs)
+        sets = [_as_interventions(graph, [s], "scale", 2.0, run) for s in sources]
         res = intervene_batch(
             [int(t) for t in graph.token_ids], lm, transcoders, sets, mode="constrained",
             target_tokens=tokens, features=refs, batch_size=batch_size,
