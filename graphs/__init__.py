@@ -19,3 +19,4 @@ from .export import from_networkx as from_networkx
 from .export import to_circuit_tracer_json as to_circuit_tracer_json
 from .export import to_networkx as to_networkx
 from .html import write_html as write_html
+from .card import build_card as build_card

@@ -32,19 +32,24 @@ eval "$(_SPARSETRACE_COMPLETE=bash_source sparsetrace)"
 """
 
 
+def _context(cmd: click.Command, name: str, parent: click.Context | None) -> click.Context:
+    # make_context applies the command's context_settings (e.g. -h/--help) as a real run does
+    return cmd.make_context(name, [], parent=parent, resilient_parsing=True, terminal_width=WIDTH, max_content_width=WIDTH)
+
+
 def _walk(cmd: click.Command, ctx: click.Context, path: list[str]):
     yield path, cmd, ctx
     if isinstance(cmd, click.Group):
         for name in cmd.list_commands(ctx):
             sub = cmd.get_command(ctx, name)
-            sub_ctx = click.Context(sub, info_name=name, parent=ctx, terminal_width=WIDTH, max_content_width=WIDTH)
+            sub_ctx = _context(sub, name, ctx)
             yield from _walk(sub, sub_ctx, path + [name])
 
 
 def render() -> str:
     from sparsetrace.cli import main
 
-    root = click.Context(main, info_name="sparsetrace", terminal_width=WIDTH, max_content_width=WIDTH)
+    root = _context(main, "sparsetrace", None)
     parts = [HEADER]
     for path, cmd, ctx in _walk(main, root, []):
         title = " ".join(["sparsetrace", *path])
