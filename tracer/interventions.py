@@ -50,7 +50,7 @@ from sparsetrace.transcoders import TranscoderSet
 
 from ._hooks import hooks
 from .models import LoadedModel, norm_eps, norm_kind
-from .replacement import CleanRun, ReplacementModel, _frozen_norm, _norm_state
+from .replacement import CleanRun, ReplacementModel, _frozen_norm, _norm_state, eager_attention
 
 __all__ = [
     "Intervention",
@@ -408,7 +408,8 @@ def _frozen_forward(
     specs += [(m, "forward", norm_hook(k)) for m, k, _ in _norm_modules(rm)]
     specs += [(ad.final_norm(model), "forward", final_hook)]  # after the final norm's freeze hook
     ids = run.input_ids.reshape(1, -1).expand(B, T)
-    with torch.no_grad(), hooks(specs):
+    # the clean run records its Q/K and patterns under eager attention: use the very same kernels
+    with torch.no_grad(), hooks(specs), eager_attention(model):
         ad.decoder(model)(input_ids=ids, use_cache=False)
     return xs, box["final"]
 
@@ -487,7 +488,7 @@ def _unfrozen_forward(rm: ReplacementModel, clean: _Clean, plan: _Plan) -> tuple
     xs: list[Tensor | None] = [None] * rm.n_layers
     box: dict = {"offset": 0}
     ids = run.input_ids.reshape(1, -1).expand(plan.B, -1)
-    with torch.no_grad(), hooks(_unfrozen_specs(rm, plan, box, xs)):
+    with torch.no_grad(), hooks(_unfrozen_specs(rm, plan, box, xs)), eager_attention(rm.model):
         rm.adapter.decoder(rm.model)(input_ids=ids, use_cache=False)
     return xs, box["final"]
 
@@ -697,7 +698,7 @@ def generate(
     seq = ids.reshape(1, -1)
     new: list[int] = []
     past = None
-    with torch.no_grad(), hooks(_unfrozen_specs(rm, plan, box, xs)):
+    with torch.no_grad(), hooks(_unfrozen_specs(rm, plan, box, xs)), eager_attention(rm.model):
         for step in range(max_new_tokens):
             if use_cache:
                 inp = seq if past is None else seq[:, -1:]
