@@ -345,20 +345,9 @@ def resolve_graph_path(path: str) -> Path:
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` through a temp file beside ``path``, then rename (no partial file on error)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from sparsetrace._atomic import atomic_write_text
+
+    return atomic_write_text(path, text)
 
 
 # ---- graph helpers (torch-free) --------------------------------------------------------------------

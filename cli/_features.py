@@ -10,7 +10,17 @@ import click
 from sparsetrace.errors import ConfigError
 from sparsetrace.tracer.features import FeatureStatsConfig
 
-from ._common import shipped_set, Output, check_writable_parent, default_of, load_lm, model_options, output_options, resolve_transcoders, transcoder_option
+from ._common import (
+    Output,
+    check_writable_parent,
+    default_of,
+    load_lm,
+    model_options,
+    output_options,
+    resolve_transcoders,
+    shipped_set,
+    transcoder_option,
+)
 
 C = FeatureStatsConfig
 CORPUS_HELP = "A corpus built by `sparsetrace corpus`, a text file, or a folder of .txt/.md files."
@@ -135,6 +145,8 @@ def show(layer, feature, transcoders, stats_dir, corpus_path, n_sequences, ctx_l
     from sparsetrace.tracer.features import compute_feature_stats, inspect_feature, load_feature_stats, open_sample
 
     out = Output(as_json, quiet)
+    if transcoders is None:
+        shipped_set(model)  # fail before the model loads
     lm = load_lm(model, device, dtype, out)
     ts, _ = resolve_transcoders(transcoders, lm, model, seed)
     # check the ids before any corpus pass: a typo should not cost a pass

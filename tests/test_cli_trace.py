@@ -135,7 +135,9 @@ def test_trace_default_model_with_a_shipped_set(default_lm, tmp_path, monkeypatc
 
     folder = save_transcoders(random_transcoders(default_lm, n_features=64, k=2, seed=5), tmp_path / "set")
     monkeypatch.setattr(common, "default_set_dir", lambda: folder)
-    r = run("trace", "The capital of France is", "--out", tmp_path / "out", "--no-picture", "--json", "-q")
+    # a row budget and two logits keep this under ~10 s on 2 shared cores
+    r = run("trace", "The capital of France is", "--out", tmp_path / "out", "--no-picture", "--max-feature-nodes", "8",
+            "--max-n-logits", "2", "--json", "-q")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["top_logits"][0]["token"] == " Paris"

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from sparsetrace.errors import ConfigError, FormatError
 from sparsetrace.transcoders import TranscoderSet
-from sparsetrace.transcoders.io import atomic_write
+from sparsetrace._atomic import atomic_write
 
 from .models import LoadedModel, collect_mlp_io
 
