@@ -86,18 +86,22 @@ class LinearBackward:
     def _attention_transpose(self, layer: _Layer, g: Tensor) -> Tensor:
         """gᵀ through out = concat_h(P_h · V_{kv(h)}) W_Oᵀ, V = x W_Vᵀ; g [B, T', d] → [B, T', d]."""
         B, Tp, _ = g.shape
-        g_o = (g @ layer.W_O).view(B, Tp, self.n_q, self.hd).transpose(1, 2)  # (B, nq, T', hd)
+        nq, nkv, hd = self.n_q, self.n_kv, self.hd
+        # heads as the bmm batch and (B, hd) as columns: nq matmuls of (T'×T')·(T'×B·hd), far fewer and
+        # larger than B·nq tiny ones
+        g_o = (g @ layer.W_O).view(B, Tp, nq, hd).permute(2, 1, 0, 3).reshape(nq, Tp, B * hd)
         P = layer.pattern[:, :Tp, :Tp]  # (nq, T', T')
-        g_v = P.transpose(-1, -2) @ g_o  # (B, nq, T', hd)
-        if self.n_kv != self.n_q:  # grouped-query attention: query heads share a value head
-            g_v = g_v.view(B, self.n_kv, self.n_q // self.n_kv, Tp, self.hd).sum(2)
-        g_v = g_v.transpose(1, 2).reshape(B, Tp, self.n_kv * self.hd)
+        g_v = torch.bmm(P.transpose(1, 2), g_o).view(nq, Tp, B, hd)  # (nq, T', B, hd)
+        if nkv != nq:  # grouped-query attention: query heads share a value head
+            g_v = g_v.view(nkv, nq // nkv, Tp, B, hd).sum(1)
+        g_v = g_v.permute(2, 1, 0, 3).reshape(B, Tp, nkv * hd)
         return g_v @ layer.W_V
 
-    def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[list[Tensor | None], Tensor]:
+    def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[Tensor, Tensor]:
         """``reads[b] = (layer, pos, vector)``: row b reads ``vector`` at the MLP input x̃ of ``layer``
-        (``layer == n_layers``: the final normed residual) at ``pos``. Returns per-layer write gradients
-        (None above the highest read) and the layer-0 input gradient, each [B, T, d]."""
+        (``layer == n_layers``: the final normed residual) at ``pos``. Returns the write gradients
+        [L', B, T, d] of layers 0..L'−1 (no write at a layer ≥ L' = min(highest read layer, L) reaches a
+        read) and the layer-0 input gradient [B, T, d]."""
         L, T = self.n_layers, self.T
         B = len(reads)
         self.passes += 1
@@ -114,7 +118,8 @@ class LinearBackward:
         g = torch.zeros(B, Tp, d, dtype=dtype, device=dev_vec.device)
         if L in inject:
             g = g + self.final_norm.transpose(inject[L])
-        grads: list[Tensor | None] = [None] * L
+        Lp = min(l_max, L)
+        grads = torch.zeros(Lp, B, T, d, dtype=dtype, device=dev_vec.device)
         # reads at layer l see x̃_l, which no write at a layer ≥ l reaches: start at the highest read
         for l in range(min(l_max, L - 1), -1, -1):
             lay = self.layers[l]
@@ -122,7 +127,7 @@ class LinearBackward:
             if l < l_max:
                 # residual after layer l: h' = h_mid + post_mlp(write + x̃ W_skipᵀ)
                 g_write = lay.post_mlp.transpose(g) if lay.post_mlp is not None else g
-                grads[l] = g_write
+                grads[l, :, :Tp] = g_write
                 if lay.W_skip is not None:
                     g_skip = g_write @ lay.W_skip
                     g_x = g_skip if g_x is None else g_x + g_skip
@@ -130,7 +135,7 @@ class LinearBackward:
             # h_mid = h + post_attn(attention(attn_norm(h)))
             g_att = lay.post_attn.transpose(g_mid) if lay.post_attn is not None else g_mid
             g = g_mid + lay.attn_norm.transpose(self._attention_transpose(lay, g_att))
-        return [None if x is None else _pad(x, T) for x in grads], _pad(g, T)
+        return grads, _pad(g, T)
 
 
 def _pad(x: Tensor, T: int) -> Tensor:

@@ -91,10 +91,13 @@ class AttributionStats:
 
 @dataclass(eq=False)
 class _Candidates:
-    """All active features (candidates for nodes) and the per-layer source writes.
+    """All active features (candidates for nodes) and their writes, grouped for the contraction.
 
     Candidate index space: features (sorted by layer, pos, id) | errors L×T | tokens T — the same
-    order as a full NodeLayout without logits.
+    order as a full NodeLayout without logits. Feature writes a_s·W_dec[f] are stored per (layer,
+    position) group, zero-padded to the largest group: ``w_pad`` [L·T, d, k_max], so that one batched
+    matmul per backward pass contracts every feature source; ``slot`` [n_feat] is each feature's flat
+    index into the [L·T·k_max] result.
     """
 
     layer: np.ndarray
@@ -102,45 +105,62 @@ class _Candidates:
     feat: np.ndarray
     layout: NodeLayout  # full layout with all candidates (and the logits)
     layer_start: np.ndarray  # [L+1] first candidate index of each layer
-    writes: list[Tensor]  # per layer: [n_l, d] a_s · W_dec[f]
-    pos_t: list[Tensor]  # per layer: [n_l] positions of the layer's features
+    w_pad: Tensor  # [L·T, d, k_max]
+    slot: Tensor  # [n_feat] int64
+
+    def writes(self, idx: np.ndarray) -> Tensor:
+        """Writes [len(idx), d] of candidate features ``idx``."""
+        T = self.layout.n_pos
+        g = torch.as_tensor(self.layer[idx] * T + self.pos[idx], device=self.w_pad.device)
+        k = self.slot[torch.as_tensor(idx, device=self.w_pad.device)] % self.w_pad.shape[-1]
+        return self.w_pad[g, :, k]
 
 
 def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
     act = run.act  # [L, T, F]
     L, T, _ = act.shape
+    d = ts.d_in
     nz = torch.nonzero(act > 0)  # sorted by (layer, pos, feat)
     layer, pos, feat = (nz[:, i].cpu().numpy() for i in range(3))
     layout = NodeLayout.build(L, T, layer, pos, feat, n_logits)
-    writes, pos_t = [], []
+    group = layer * T + pos
+    counts = np.bincount(group, minlength=L * T)
+    k_max = max(1, int(counts.max()) if len(counts) else 1)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    within = np.arange(len(group)) - first[group]
+    slot = torch.as_tensor(group * k_max + within, device=act.device)
+    w_pad = act.new_zeros(L * T, d, k_max)
     starts = np.searchsorted(layer, np.arange(L + 1))
     for l in range(L):
         s, e = int(starts[l]), int(starts[l + 1])
+        if e == s:
+            continue
         f = torch.as_tensor(feat[s:e], device=act.device)
         p = torch.as_tensor(pos[s:e], device=act.device)
-        writes.append(act[l, p, f][:, None] * ts[l].W_dec[f])
-        pos_t.append(p)
-    return _Candidates(layer, pos, feat, layout, starts, writes, pos_t)
+        w = act[l, p, f][:, None] * ts[l].W_dec[f].detach()  # [n_l, d]
+        gi = torch.as_tensor(group[s:e], device=act.device)
+        ki = torch.as_tensor(within[s:e], device=act.device)
+        w_pad[gi, :, ki] = w
+    return _Candidates(layer, pos, feat, layout, starts, w_pad, slot)
 
 
-def _contract(
-    grads: Sequence[Tensor], g_emb: Tensor, run: CleanRun, cand: _Candidates, n_src: int
-) -> Tensor:
-    """Rows [B, n_src] over candidate sources from gradients at MLP writes ``grads[l]`` [B, T, d] and at
-    the layer-0 input ``g_emb`` [B, T, d]."""
-    B = g_emb.shape[0]
+def _contract(grads: Tensor, g_emb: Tensor, run: CleanRun, cand: _Candidates, n_src: int) -> Tensor:
+    """Rows [B, n_src] over candidate sources from gradients at the MLP writes ``grads`` [L', B, T, d]
+    (layers ≥ L' have none) and at the layer-0 input ``g_emb`` [B, T, d]."""
+    Lp, B, T, d = grads.shape
     lay = cand.layout
     rows = g_emb.new_zeros(B, n_src)
-    for l, g in enumerate(grads):
-        if g is None:
-            continue
-        w, off, p = cand.writes[l], int(cand.layer_start[l]), cand.pos_t[l]
-        step = max(1, _GATHER_ELEMS // max(1, B * g.shape[-1]))  # bounds the [B, n, d] gather
-        for s in range(0, len(w), step):
-            e = min(s + step, len(w))
-            rows[:, off + s : off + e] = torch.einsum("bnd,nd->bn", g[:, p[s:e]], w[s:e])
-        err_idx = torch.as_tensor(lay.error_index(l, np.arange(run.n_pos)), device=g.device)
-        rows[:, err_idx] = torch.einsum("btd,td->bt", g, run.error[l])
+    n_feat = lay.n_features
+    if n_feat and Lp:
+        G = grads.permute(0, 2, 1, 3).reshape(Lp * T, B, d)  # (L'·T, B, d)
+        out = torch.bmm(G, cand.w_pad[: Lp * T])  # (L'·T, B, k_max)
+        flat = out.permute(1, 0, 2).reshape(B, -1)  # (B, L'·T·k_max)
+        n_here = int(cand.layer_start[Lp])  # features at layers < L'
+        rows[:, :n_here] = flat[:, cand.slot[:n_here]]
+    if Lp:
+        err = torch.einsum("lbtd,ltd->blt", grads, run.error[:Lp])  # (B, L', T)
+        err_idx = torch.as_tensor(lay.error_index(*np.divmod(np.arange(Lp * T), T)), device=rows.device)
+        rows[:, err_idx] = err.reshape(B, Lp * T)
     tok_idx = torch.as_tensor(lay.token_index(np.arange(run.n_pos)), device=g_emb.device)
     rows[:, tok_idx] = torch.einsum("btd,td->bt", g_emb, run.h0)
     return rows
@@ -162,10 +182,10 @@ class _AutogradBackward:
             self.out = rm.frozen(run, self.h0, self.writes)
         self.passes = 0
 
-    def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[list[Tensor | None], Tensor]:
+    def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[Tensor, Tensor]:
         """``reads[b] = (layer, pos, vector)``: copy b reads ``vector`` at the MLP input of ``layer``
-        (``layer == L``: the final normed residual) at ``pos``. Returns per-layer write gradients and the
-        layer-0 input gradient, each [len(reads), T, d]."""
+        (``layer == L``: the final normed residual) at ``pos``. Returns the write gradients [L, n, T, d]
+        and the layer-0 input gradient [n, T, d] (n = len(reads))."""
         L = self.rm.n_layers
         n = len(reads)
         if not 0 < n <= self.B:
@@ -186,8 +206,8 @@ class _AutogradBackward:
                 allow_unused=True,
             )
         self.passes += 1
-        grads = [None if g is None else g[:n] for g in grads]
-        return grads[:L], grads[L]
+        layer_grads = torch.stack([torch.zeros_like(self.h0[:n]) if g is None else g[:n] for g in grads[:L]])
+        return layer_grads, grads[L][:n]
 
 
 class _RowStore:
@@ -401,7 +421,7 @@ def _attribute(
         for l in range(L):
             m = unsel[cand.layer[unsel] == l]
             if len(m):
-                err_vec[l].index_add_(0, torch.as_tensor(cand.pos[m], device=err_vec.device), _feature_writes(cand, m, l))
+                err_vec[l].index_add_(0, torch.as_tensor(cand.pos[m], device=err_vec.device), cand.writes(m))
     err_norm = err_vec.norm(dim=-1).double().cpu().numpy()  # [L, T]
     activation[lay.errors] = err_norm[lay.layer[lay.errors], lay.pos[lay.errors]]
     activation[lay.logits] = value_full[lay.logits]
@@ -437,11 +457,6 @@ def _attribute(
             "position_0": "constant (attention sink): its features and errors are not nodes, they are in κ",
         },
     )
-
-
-def _feature_writes(cand: _Candidates, idx: np.ndarray, layer: int) -> Tensor:
-    start = int(cand.layer_start[layer])
-    return cand.writes[layer][torch.as_tensor(idx - start, device=cand.writes[layer].device)]
 
 
 def _bias_and_values(
