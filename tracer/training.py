@@ -149,6 +149,8 @@ def train_transcoders(
             return t
 
     log_file = out / LOG_FILE
+    if resume and rank == 0:
+        _truncate_log(log_file, out / "checkpoint" / "latest.json")
 
     def log(rec: dict[str, Any]) -> None:
         with open(log_file, "a") as f:
@@ -165,6 +167,16 @@ def train_transcoders(
     if dist is not None:
         dist.barrier()
     return load_transcoders(out)
+
+
+def _truncate_log(log_file: Path, latest: Path) -> None:
+    """Drop log records past the checkpoint being resumed: they will be logged again, identically."""
+    if not log_file.is_file() or not latest.is_file():
+        return
+    step = json.loads(latest.read_text())["step"]
+    keep = [line for line in log_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    text = "".join(line + "\n" for line in keep)
+    atomic_write(log_file, lambda tmp: Path(tmp).write_text(text))
 
 
 def _save_layer(tc: Transcoder, path: Path) -> None:

@@ -30,25 +30,7 @@ __all__ = [
     "topk_encode_dense",
     "sparse_decode",
     "dense_decode",
-    "EncodeOutput",
 ]
-
-class EncodeOutput(tuple):
-    """``(vals [L,N,k], idx [L,N,k])``: the k largest pre-activations and their latent ids (not ReLU'd)."""
-
-    __slots__ = ()
-
-    def __new__(cls, vals: Tensor, idx: Tensor) -> "EncodeOutput":
-        return super().__new__(cls, (vals, idx))
-
-    @property
-    def vals(self) -> Tensor:
-        return self[0]
-
-    @property
-    def idx(self) -> Tensor:
-        return self[1]
-
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     # torch warns once per process that CSR support is "beta"; the ops used here are covered by the
