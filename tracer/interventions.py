@@ -50,7 +50,7 @@ from sparsetrace.transcoders import TranscoderSet
 
 from ._hooks import hooks
 from .models import LoadedModel, norm_eps, norm_kind
-from .replacement import CleanRun, ReplacementModel, _frozen_norm, _norm_state, eager_attention
+from .replacement import CleanRun, ReplacementModel, eager_attention, frozen_norm, norm_state
 
 __all__ = [
     "Intervention",
@@ -367,51 +367,10 @@ def _frozen_forward(
     h0 = run.h0.expand(B, T, d).clone()
     for b, c, s in plan.toks:
         h0[b, c] = h0[b, c] * s
-    xs: list[Tensor | None] = [None] * L
-    box: dict[str, Tensor] = {}
     fns = [_frozen_mlp(rm, clean, plan, l, lo <= l < hi) for l in range(L)]
-
-    def h0_hook(module, args, kwargs):
-        if args:
-            return (h0,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": h0}
-
-    def mlp_hook(l):
-        def hook(module, args, output):
-            xs[l] = args[0]
-            return fns[l](args[0])
-
-        return hook
-
-    fused = rm.adapter.qk == "fused"
-
-    def qk_hook(module, args, output):
-        cl = run.qk_state[id(module)].expand(B, *output.shape[1:])
-        if fused:  # GPT-2's c_attn output is [q | k | v]: freeze q and k, keep v live
-            n = output.shape[-1] // 3
-            return torch.cat([cl[..., : 2 * n], output[..., 2 * n :]], dim=-1)
-        return cl
-
-    def norm_hook(kind):
-        def hook(module, args, output):
-            return _frozen_norm(module, args[0], kind, run.norm_state[id(module)])
-
-        return hook
-
-    def final_hook(module, args, output):
-        box["final"] = output
-
-    model, ad = rm.model, rm.adapter
-    specs = [(ad.layers(model)[0], "pre", h0_hook)]
-    specs += [(ad.mlp(model, l), "forward", mlp_hook(l)) for l in range(L)]
-    specs += [(m, "forward", qk_hook) for l in range(L) for m in ad.qk_modules(model, l)]
-    specs += [(m, "forward", norm_hook(k)) for m, k, _ in _norm_modules(rm)]
-    specs += [(ad.final_norm(model), "forward", final_hook)]  # after the final norm's freeze hook
-    ids = run.input_ids.reshape(1, -1).expand(B, T)
-    # the clean run records its Q/K and patterns under eager attention: use the very same kernels
-    with torch.no_grad(), hooks(specs), eager_attention(model):
-        ad.decoder(model)(input_ids=ids, use_cache=False)
-    return xs, box["final"]
+    with torch.no_grad():
+        out = rm.frozen(run, h0, mlp=fns)
+    return out.x, out.final
 
 
 def _unfrozen_specs(rm: ReplacementModel, plan: _Plan, box: dict, xs: list) -> list:
@@ -422,7 +381,7 @@ def _unfrozen_specs(rm: ReplacementModel, plan: _Plan, box: dict, xs: list) -> l
 
     def live_norm(kind, eps):
         def hook(module, args, output):
-            return _frozen_norm(module, args[0], kind, _norm_state(args[0], kind, eps))
+            return frozen_norm(module, args[0], kind, norm_state(args[0], kind, eps))
 
         return hook
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from sparsetrace.transcoders import TranscoderSet
 from ._hooks import hooks
 from .models import LoadedModel, NormKind, norm_eps, norm_kind
 
-__all__ = ["ReplacementModel", "CleanRun", "FrozenOutput", "check_compatible"]
+__all__ = ["ReplacementModel", "CleanRun", "FrozenOutput", "check_compatible", "eager_attention", "frozen_norm", "norm_state"]
 
 
 def check_compatible(lm: LoadedModel, ts: TranscoderSet) -> None:
@@ -130,8 +130,8 @@ class ReplacementModel:
             # model's dtype, and in float64 it avoids HF's internal float32 casts, so that the clean run
             # and the frozen model agree to fp64 precision.
             def hook(module, args, output):
-                state = norms[id(module)] = _norm_state(args[0], kind, eps)
-                return _frozen_norm(module, args[0], kind, state)
+                state = norms[id(module)] = norm_state(args[0], kind, eps)
+                return frozen_norm(module, args[0], kind, state)
 
             return hook
 
@@ -184,19 +184,31 @@ class ReplacementModel:
         return out
 
     # ---- the frozen forward -------------------------------------------------------------------
-    def frozen(self, run: CleanRun, h0: Tensor, writes: list[Tensor]) -> FrozenOutput:
+    def frozen(
+        self,
+        run: CleanRun,
+        h0: Tensor,
+        writes: list[Tensor] | None = None,
+        mlp: list[Callable[[Tensor], Tensor]] | None = None,
+    ) -> FrozenOutput:
         """Frozen forward from residual input ``h0`` [B, T, d] and MLP writes ``writes[l]`` [B, T, d].
 
         Differentiable w.r.t. ``h0`` and ``writes`` (and exactly affine in them). Patterns are those of
-        ``run``; norm denominators are those of ``run``.
+        ``run``; norm denominators are those of ``run``. ``mlp[l]`` (instead of ``writes``) gives layer
+        l's MLP output as a function of its input x̃ [B, T, d] — e.g. re-encoding through the transcoder
+        for iterative patching.
         """
+        if (writes is None) == (mlp is None):
+            raise ConfigError("give exactly one of writes= and mlp=")
+        if mlp is None:
+            ts = self.transcoders
+            mlp = [lambda x, w=w, tc=tc: w + tc.skip(x) for w, tc in zip(writes, ts)]
         B, T = h0.shape[0], h0.shape[1]
         if T != run.n_pos:
             raise ConfigError(f"frozen forward over {T} positions, the clean run has {run.n_pos}")
         L = self.n_layers
         xs: list[Tensor | None] = [None] * L
         box: dict[str, Tensor] = {}
-        ts = self.transcoders
 
         def h0_hook(module, args, kwargs):
             if args:
@@ -206,7 +218,7 @@ class ReplacementModel:
         def mlp_hook(i):
             def hook(module, args, output):
                 xs[i] = args[0]
-                return writes[i] + ts[i].skip(args[0])
+                return mlp[i](args[0])
 
             return hook
 
@@ -221,7 +233,7 @@ class ReplacementModel:
 
         def norm_hook(kind):
             def hook(module, args, output):
-                return _frozen_norm(module, args[0], kind, run.norm_state[id(module)])
+                return frozen_norm(module, args[0], kind, run.norm_state[id(module)])
 
             return hook
 
@@ -255,7 +267,7 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
         model.set_attn_implementation(old)
 
 
-def _norm_state(x: Tensor, kind: str, eps: float) -> tuple[Tensor, Tensor | None]:
+def norm_state(x: Tensor, kind: str, eps: float) -> tuple[Tensor, Tensor | None]:
     """The frozen part of a norm on input x [..., d]: rsqrt factor [..., 1] (and the mean for LayerNorm)."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     if kind == NormKind.LAYER:
@@ -264,7 +276,7 @@ def _norm_state(x: Tensor, kind: str, eps: float) -> tuple[Tensor, Tensor | None
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach(), None
 
 
-def _frozen_norm(module: nn.Module, x: Tensor, kind: str, state: tuple[Tensor, Tensor | None]) -> Tensor:
+def frozen_norm(module: nn.Module, x: Tensor, kind: str, state: tuple[Tensor, Tensor | None]) -> Tensor:
     """The norm with its denominator replaced by the clean one: linear in x (LayerNorm keeps its live,
     linear mean-centring)."""
     r = state[0]
