@@ -163,3 +163,34 @@ def test_metric_definitions():
     ce = metrics.cross_entropy(logits, ids)
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11).double(), ids[:, 1:].reshape(-1), reduction="none")
     assert_close(ce.reshape(-1), ref)
+
+
+def test_jumprelu_straight_through_gradients():
+    from sparsetrace.transcoders.train import _JumpReLU, _Step
+
+    pre = torch.tensor([[0.30, 0.5004, 0.4997, 0.9]], dtype=torch.float64, requires_grad=True)
+    theta = torch.full((4,), 0.5, dtype=torch.float64, requires_grad=True)
+    eps = 1e-3
+    out = _JumpReLU.apply(pre, theta, eps)
+    assert out.tolist() == [[0.0, 0.5004, 0.0, 0.9]]
+    out.sum().backward()
+    # ∂a/∂pre = H(pre − θ); ∂a/∂θ = −θ/ε · 1[|pre − θ| < ε/2]
+    assert pre.grad.tolist() == [[0.0, 1.0, 0.0, 1.0]]
+    assert theta.grad.tolist() == [0.0, -500.0, -500.0, 0.0]
+    theta.grad = None
+    _Step.apply(pre, theta, eps).sum().backward()
+    assert theta.grad.tolist() == [0.0, -1000.0, -1000.0, 0.0]
+
+
+def test_jumprelu_threshold_is_trained_and_saved():
+    x, y = _data(N=512)
+    cfg = TrainConfig(n_features=32, activation="jumprelu", batch_tokens=256, n_tokens=2560, shuffle_buffer_tokens=512,
+                      warmup_steps=1, jumprelu_bandwidth=0.5, progress=False)
+    tr = Trainer(cfg, 2, 16)
+    tr.initialize(x, y)
+    before = tr.params["log_threshold"].detach().clone()
+    for _ in range(3):
+        tr.step(x[:, :256], y[:, :256])
+    assert not torch.equal(before, tr.params["log_threshold"])
+    for l, tc in enumerate(tr.to_transcoders()):
+        assert_close(tc.threshold, tr.params["log_threshold"][l].exp().detach())

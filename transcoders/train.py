@@ -300,8 +300,9 @@ class Trainer:
         return x / self.rms_x.view(-1, 1, 1), y / self.rms_y.view(-1, 1, 1)
 
     # ---- the forward ------------------------------------------------------------------------------
-    def forward(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple | None]:
-        """Normalised x̃ [L,N,d] → (ŷ [L,N,d], l0 [L], penalty (scalar), AuxK context or None)."""
+    def forward(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple | None, Tensor]:
+        """Normalised x̃ [L,N,d] → (ŷ [L,N,d], l0 [L], penalty (scalar), AuxK context or None,
+        fired [L,F] bool). Pure: the dead-latent counters are updated by :meth:`step`."""
         cfg, p = self.config, self.params
         aux = None
         if cfg.activation == "topk":
@@ -341,16 +342,15 @@ class Trainer:
         yhat = yhat + p["b_dec"].unsqueeze(1)
         if "W_skip" in p:
             yhat = yhat + torch.bmm(xn, p["W_skip"].transpose(1, 2))
-        with torch.no_grad():
-            self.since_fired += xn.shape[1]
-            self.since_fired.masked_fill_(fired, 0)
-        return yhat, l0, penalty, aux
+        return yhat, l0, penalty, aux, fired
 
     def step(self, x: Tensor, y: Tensor) -> StepStats:
         """One Adam step on raw activations ``x [L,N,d_in], y [L,N,d_out]``."""
         cfg = self.config
         xn, yn = self._normalise(x, y)
-        yhat, l0, penalty, aux = self.forward(xn)
+        yhat, l0, penalty, aux, fired = self.forward(xn)
+        self.since_fired += xn.shape[1]
+        self.since_fired.masked_fill_(fired, 0)
         err = yn - yhat
         total_var = (yn - yn.mean(1, keepdim=True)).pow(2).sum(dim=(1, 2))  # (L,)
         fvu = err.pow(2).sum(dim=(1, 2)) / total_var
