@@ -173,3 +173,16 @@ def test_every_config_field_is_a_command_line_option_with_the_same_default():
     a = ap.parse_args(["--k", "16", "--layers", "0,2", "--skip", "false", "--lr", "0.001"])
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
     assert (cfg.k, cfg.layers, cfg.skip, cfg.lr) == (16, (0, 2), False, 0.001)
+
+
+def test_checkpoint_transcoders_for_a_run_in_progress(reference_run):
+    from sparsetrace.tracer.training import checkpoint_transcoders
+
+    ts = checkpoint_transcoders(reference_run, model_id="tiny-llama")
+    latest = json.loads((reference_run / "checkpoint" / "latest.json").read_text())
+    assert ts.config.training["tokens"] == latest["tokens"] < N_TOKENS
+    assert (ts.n_layers, ts.d_in, ts.n_features, ts.config.k) == (2, 32, 64, 4)
+    final = load_transcoders(reference_run)
+    assert not torch.equal(ts[0].W_dec, final[0].W_dec)  # an earlier state than the end of the run
+    x = torch.randn(3, 32)
+    assert ts[0](x).shape == (3, 32) and torch.isfinite(ts[0](x)).all()

@@ -28,7 +28,7 @@ from sparsetrace.transcoders.train import FitResult, TrainConfig, Trainer, fit
 
 from .models import LoadedModel, collect_mlp_io
 
-__all__ = ["ModelActivationSource", "train_transcoders", "outlier_mask", "LOG_FILE"]
+__all__ = ["ModelActivationSource", "train_transcoders", "checkpoint_transcoders", "outlier_mask", "LOG_FILE"]
 
 LOG_FILE = "train_log.jsonl"
 
@@ -167,6 +167,34 @@ def train_transcoders(
     if dist is not None:
         dist.barrier()
     return load_transcoders(out)
+
+
+def checkpoint_transcoders(out_dir: str | os.PathLike, model_id: str = "unknown", architecture: str = "llama") -> TranscoderSet:
+    """The transcoders of the latest checkpoint under ``out_dir`` (e.g. to evaluate a run in progress).
+
+    Single-process checkpoints only (a layer-parallel run's layers are spread over rank files)."""
+    from sparsetrace.transcoders.io import read_safetensors
+
+    folder = Path(out_dir) / "checkpoint"
+    if not (folder / "latest.json").is_file():
+        raise ConfigError(f"{str(out_dir)!r} has no checkpoint (no checkpoint/latest.json)")
+    sub = folder / json.loads((folder / "latest.json").read_text())["checkpoint"]
+    meta = json.loads((sub / "rank0.json").read_text())
+    if meta["world_size"] != 1:
+        raise ConfigError(f"checkpoint {str(sub)!r} is from {meta['world_size']} ranks; only 1 is supported here")
+    cfg = TrainConfig.from_dict(meta["config"])
+    t = read_safetensors(sub / "rank0.safetensors")
+    t.pop("rng_state")
+    L, F, d = t["param.W_enc"].shape
+    trainer = Trainer(cfg, L, d, t["param.W_dec"].shape[2])
+    trainer.load_state_tensors(t)
+    set_cfg = TranscoderSetConfig(
+        model_id=model_id, architecture=architecture, n_layers=L, d_in=d, n_features=F, activation=cfg.activation,
+        k=cfg.k if cfg.activation == "topk" else None, skip=cfg.skip,
+        training={"layers": list(cfg.layers) if cfg.layers else list(range(L)), "tokens": meta["tokens"],
+                  "steps": meta["step"], "config": cfg.to_dict(), "checkpoint": str(sub)},
+    )
+    return TranscoderSet(set_cfg, trainer.to_transcoders())
 
 
 def _truncate_log(log_file: Path, latest: Path) -> None:
