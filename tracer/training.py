@@ -151,6 +151,8 @@ def train_transcoders(
     log_file = out / LOG_FILE
     if resume and rank == 0:
         _truncate_log(log_file, out / "checkpoint" / "latest.json")
+    elif rank == 0 and log_file.exists():
+        log_file.unlink()  # a fresh run (no checkpoint to resume) starts a fresh log
 
     def log(rec: dict[str, Any]) -> None:
         with open(log_file, "a") as f:
