@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from sparsetrace._atomic import atomic_write_text
 from sparsetrace.errors import ConfigError, SparsetraceError
 
 DEFAULT_SET_DIR = ("default", "smollm2-135m")
@@ -343,14 +344,19 @@ def resolve_graph_path(path: str) -> Path:
     return p
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` through a temp file beside ``path``, then rename (no partial file on error)."""
-    from sparsetrace._atomic import atomic_write_text
-
-    return atomic_write_text(path, text)
+write_text_atomic = atomic_write_text  # the shared helper (umask modes, no partial file)
 
 
-# ---- graph helpers (torch-free) --------------------------------------------------------------------
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """``--layers 0,3,5`` → (0, 3, 5); None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}; allowed: comma-separated layer ids, e.g. 0,3,5") from None
+
+
 def labels_of(graph) -> dict[tuple[int, int], str]:
     """Feature labels stored in ``metadata["feature_labels"]`` (``{"layer.feature": text}``)."""
     out = {}

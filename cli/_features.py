@@ -11,6 +11,7 @@ from sparsetrace.errors import ConfigError
 from sparsetrace.tracer.features import FeatureStatsConfig
 
 from ._common import (
+    parse_layers,
     Output,
     check_writable_parent,
     default_of,
@@ -42,15 +43,6 @@ def _stats_options(fn):
     return fn
 
 
-def _layers(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--layers {text!r}; allowed: comma-separated layer ids, e.g. 0,3,5") from None
-
-
 @features.command("stats")
 @click.option("--corpus", "corpus_path", required=True, type=click.Path(exists=True, path_type=Path), help=CORPUS_HELP)
 @click.option("--out", "-o", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -66,7 +58,7 @@ def stats(corpus_path, cache, transcoders, n_sequences, ctx_len, batch, top_k, l
 
     out = Output(as_json, quiet)
     check_writable_parent(cache, "--out")
-    cfg = FeatureStatsConfig(n_sequences=n_sequences, ctx_len=ctx_len, batch=batch, top_k=top_k, layers=_layers(layers))
+    cfg = FeatureStatsConfig(n_sequences=n_sequences, ctx_len=ctx_len, batch=batch, top_k=top_k, layers=parse_layers(layers))
     if transcoders is None:
         shipped_set(model)  # fail before the model loads
     lm = load_lm(model, device, dtype, out)

@@ -14,6 +14,7 @@ from sparsetrace.tracer.evaluate import evaluate_transcoders
 from sparsetrace.transcoders.train import TrainConfig
 
 from ._common import (
+    parse_layers,
     Bars,
     Output,
     check_writable_parent,
@@ -95,15 +96,6 @@ def corpus(out_dir, debian, packages, stdlib, texts, max_tokens_per_source, max_
     ))
 
 
-def _layers(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--layers {text!r}; allowed: comma-separated layer ids, e.g. 0,1,2") from None
-
-
 @click.command()
 @click.option("--corpus", "corpus_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A corpus built by `sparsetrace corpus`.")
@@ -141,7 +133,7 @@ def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip
         n_features=n_features, expansion_factor=expansion_factor, activation=activation, k=k, skip=skip,
         n_tokens=n_tokens, batch_tokens=batch_tokens, lr=lr, ctx_len=ctx_len, model_batch=model_batch,
         shuffle_buffer_tokens=shuffle_buffer_tokens, checkpoint_every_tokens=checkpoint_every_tokens,
-        layers=_layers(layers), seed=seed, progress=not quiet,
+        layers=parse_layers(layers), seed=seed, progress=not quiet,
     )
     c = _open_corpus(corpus_dir)
     torch.manual_seed(seed)

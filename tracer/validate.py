@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import tempfile
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -44,6 +43,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from sparsetrace._atomic import atomic_write
 from sparsetrace.errors import ConfigError, FormatError, GraphError
 from sparsetrace.graphs import AttributionGraph, NodeKind
 from sparsetrace.transcoders import TranscoderSet
@@ -224,13 +224,13 @@ class ValidationReport:
     def save_json(self, path: str | os.PathLike) -> Path:
         """Atomic write of :meth:`to_json`."""
         text = self.to_json()
-        return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def save_plot(self, path: str | os.PathLike) -> Path:
         """A PNG: per hypothesis, a bar chart of the primary target (predictions vs each mode's measured
         change) and a scatter of predicted vs measured over all its targets. Atomic write."""
         fig = _plot(self)
-        return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
     def summary(self) -> str:
         return "\n".join(r.summary for r in self.results)
@@ -283,21 +283,6 @@ class VerifyReport:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> Path:
-    if not path.parent.is_dir():
-        raise FormatError(f"output folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 @contextlib.contextmanager
 def _graph_dtype(graph: AttributionGraph, lm: LoadedModel, ts: TranscoderSet) -> Iterator[None]:
     """Run in the dtype the graph was attributed in (its metadata), as ``attribute`` did; restore after."""
