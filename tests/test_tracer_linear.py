@@ -48,3 +48,17 @@ def test_linear_and_autograd_graphs_agree(arch):
     A = a.dense_adjacency()
     np.testing.assert_allclose(b.dense_adjacency(), A, atol=1e-12 * np.abs(A).max(), rtol=0)
     np.testing.assert_allclose(b.bias, a.bias, atol=1e-12, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_cuda_graph_equals_cpu_graph(arch):
+    """The CUDA path gives the CPU graph (skipped without a GPU)."""
+    lm = tiny_lm(arch)
+    ts = random_transcoders(lm)
+    cpu = attribute(PROMPT, lm, ts, config=AttributionConfig(dtype="float64", device="cpu"))
+    gpu = attribute(PROMPT, lm, ts, config=AttributionConfig(dtype="float64", device="cuda"))
+    assert gpu.layout == cpu.layout
+    A = cpu.dense_adjacency()
+    np.testing.assert_allclose(gpu.dense_adjacency(), A, atol=1e-10 * np.abs(A).max(), rtol=0)
+    assert next(lm.model.parameters()).device.type == "cpu"  # the model is handed back where it was
