@@ -77,27 +77,29 @@ class ModelActivationSource:
         self.position = int(position)
 
     def read(self, n_tokens: int) -> tuple[Tensor, Tensor]:
-        xs, ys, n = [], [], 0
+        L, d = len(self.keep_pos), self.lm.d_model
+        # Filled in place: collecting chunks and concatenating would hold the buffer twice at its peak.
+        X = torch.empty(L, n_tokens, d)
+        Y = torch.empty(L, n_tokens, d)
+        n = 0
         while n < n_tokens:
             ids = self.corpus.sequences(self.split, self.position, self.model_batch, self.ctx_len, self.bos)
             if len(ids) == 0:
                 break
             self.position += len(ids)
-            x, y = collect_mlp_io(self.lm, torch.from_numpy(ids), self.collect)  # (L, B, T, d) each
+            x, y = collect_mlp_io(self.lm, torch.from_numpy(ids), self.collect)  # (L_all, B, T, d) each
             # Position 0 is the attention sink (DESIGN.md §3): never trained on.
-            x = x[:, :, 1:].reshape(x.shape[0], -1, x.shape[-1]).float()  # (L, B·(T−1), d)
+            x = x[:, :, 1:].reshape(x.shape[0], -1, x.shape[-1]).float()  # (L_all, B·(T−1), d)
             y = y[:, :, 1:].reshape(y.shape[0], -1, y.shape[-1]).float()
             keep = outlier_mask(x, y, self.outlier_factor)
             x, y = x[self.keep_pos][:, keep], y[self.keep_pos][:, keep]
-            xs.append(x.cpu())
-            ys.append(y.cpu())
-            n += x.shape[1]
-        if not xs:
-            d = self.lm.d_model
-            return torch.zeros(len(self.keep_pos), 0, d), torch.zeros(len(self.keep_pos), 0, d)
-        # Tokens past n_tokens are dropped, not carried over: buffers then start at sequence boundaries,
-        # which is what makes a checkpoint (taken between buffers) resumable bit for bit.
-        return torch.cat(xs, 1)[:, :n_tokens], torch.cat(ys, 1)[:, :n_tokens]
+            # Tokens past n_tokens are dropped, not carried over: buffers then start at sequence
+            # boundaries, which is what makes a checkpoint (taken between buffers) resumable bit for bit.
+            take = min(x.shape[1], n_tokens - n)
+            X[:, n : n + take] = x[:, :take].cpu()
+            Y[:, n : n + take] = y[:, :take].cpu()
+            n += take
+        return X[:, :n], Y[:, :n]
 
 
 def _dist() -> tuple[int, int, Any]:

@@ -272,11 +272,14 @@ class Trainer:
         Each layer's random encoder comes from its own generator seeded by (seed, layer id), so a layer
         trains identically whichever other layers share the trainer (layer-parallel runs)."""
         cfg, p = self.config, self.params
+        # Statistics are accumulated in fp64 over chunks of tokens: a 16k-token buffer of 30 layers is
+        # 1.1 GB per tensor in fp32, and whole-buffer fp64 copies would quadruple that.
+        M = x.shape[1]
         if cfg.normalize:
-            self.rms_x = x.pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12)
-            self.rms_y = y.pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12)
-        xn, yn = self._normalise(x, y)
-        mx, my = xn.mean(1), yn.mean(1)  # (L, d)
+            self.rms_x = (_chunked_sum(x, lambda c: c.pow(2).sum(dim=(1, 2))) / (M * x.shape[2])).sqrt().float().clamp_min(1e-12)
+            self.rms_y = (_chunked_sum(y, lambda c: c.pow(2).sum(dim=(1, 2))) / (M * y.shape[2])).sqrt().float().clamp_min(1e-12)
+        mx = (_chunked_sum(x, lambda c: c.sum(1)) / M / self.rms_x.double()[:, None]).float()  # (L, d) normalised units
+        my = (_chunked_sum(y, lambda c: c.sum(1)) / M / self.rms_y.double()[:, None]).float()
         L, F, d = p["W_enc"].shape
         # Rows of norm ≈ 1: with unit-RMS inputs the pre-activations start at O(1).
         for l, lid in enumerate(self.layer_ids):
@@ -287,7 +290,7 @@ class Trainer:
         b_dec = my.clone()
         if "W_skip" in p:
             if cfg.skip_init == "lstsq":
-                p["W_skip"].copy_(_ridge_fit(xn - mx[:, None], yn - my[:, None]))
+                p["W_skip"].copy_(self._ridge_fit(x, y, mx, my))
                 # Keep ŷ's mean equal to ȳ at init: b_dec = ȳ − W_skip x̄.
                 b_dec -= torch.einsum("loi,li->lo", p["W_skip"], mx)
             else:
@@ -298,6 +301,23 @@ class Trainer:
 
     def _normalise(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return x / self.rms_x.view(-1, 1, 1), y / self.rms_y.view(-1, 1, 1)
+
+    def _ridge_fit(self, x: Tensor, y: Tensor, mx: Tensor, my: Tensor, ridge: float = 1e-3) -> Tensor:
+        """Per layer, W minimising ‖ỹ − x̃ Wᵀ‖² + ridge·M·‖W‖² on centred normalised data → [L, o, i].
+
+        XᵀX and XᵀY are accumulated over token chunks in fp64."""
+        sx = self.rms_x.double().view(-1, 1, 1)
+        sy = self.rms_y.double().view(-1, 1, 1)
+        mx64, my64 = mx.double().unsqueeze(1), my.double().unsqueeze(1)
+        xtx = xty = 0
+        for s in range(0, x.shape[1], _STAT_CHUNK):
+            xc = x[:, s : s + _STAT_CHUNK].double() / sx - mx64  # (L, m, i)
+            yc = y[:, s : s + _STAT_CHUNK].double() / sy - my64  # (L, m, o)
+            xtx = xtx + xc.transpose(1, 2) @ xc
+            xty = xty + xc.transpose(1, 2) @ yc
+        eye = torch.eye(x.shape[-1], dtype=torch.float64)
+        w = torch.linalg.solve(xtx + ridge * x.shape[1] * eye, xty)  # (L, i, o)
+        return w.transpose(1, 2).float()
 
     # ---- the forward ------------------------------------------------------------------------------
     def forward(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple | None, Tensor]:
@@ -428,14 +448,12 @@ def _fired_rows(idx: Tensor, acts: Tensor, n_features: int) -> Tensor:
     return flat[acts > 0]
 
 
-def _ridge_fit(x: Tensor, y: Tensor, ridge: float = 1e-3) -> Tensor:
-    """Per layer, W minimising ‖y − x Wᵀ‖² + ridge·M·‖W‖² (x [L,M,i], y [L,M,o] centred) → [L,o,i], in fp64."""
-    x64, y64 = x.double(), y.double()
-    xtx = x64.transpose(1, 2) @ x64  # (L, i, i)
-    xty = x64.transpose(1, 2) @ y64  # (L, i, o)
-    eye = torch.eye(x.shape[-1], dtype=torch.float64)
-    w = torch.linalg.solve(xtx + ridge * x.shape[1] * eye, xty)  # (L, i, o)
-    return w.transpose(1, 2).float()
+_STAT_CHUNK = 2048
+
+
+def _chunked_sum(t: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+    """Σ over token chunks of f(chunk in fp64); t [L, M, d]."""
+    return sum(f(t[:, s : s + _STAT_CHUNK].double()) for s in range(0, t.shape[1], _STAT_CHUNK))
 
 
 # ---- the loop ------------------------------------------------------------------------------------
