@@ -5,3 +5,5 @@ from .attribution import AttributionConfig as AttributionConfig
 from .attribution import attribute as attribute
 from .interventions import intervene as intervene
 from .features import inspect_feature as inspect_feature
+from .training import train_transcoders as train_transcoders
+from .evaluate import evaluate_transcoders as evaluate_transcoders
