@@ -190,7 +190,8 @@ def child_ct(args: argparse.Namespace) -> None:
     node_mask, edge_mask = pr[0], pr[1]
     feats = g.active_features[g.selected_features].numpy().astype(np.int64)  # [F, 3] (layer, pos, feature)
     tag = f"ct_{args.tokens}"
-    np.save(work / f"{tag}_A.npy", g.adjacency_matrix.numpy().astype(np.float32))
+    if args.max_feature_nodes is None:
+        np.save(work / f"{tag}_A.npy", g.adjacency_matrix.numpy().astype(np.float32, copy=False))
     np.save(work / f"{tag}_features.npy", feats)
     logit_tokens = [int(t.vocab_idx) for t in g.logit_targets]
     print(
@@ -247,7 +248,8 @@ def child_ours(args: argparse.Namespace) -> None:
     f = lay.features
     feats = np.stack([lay.layer[f], lay.pos[f], lay.feature[f]], axis=1).astype(np.int64)
     tag = f"ours_{args.tokens}"
-    np.save(work / f"{tag}_A.npy", g.dense_adjacency().astype(np.float32))
+    if args.save_dense:
+        np.save(work / f"{tag}_A.npy", g.dense_adjacency().astype(np.float32, copy=False))
     np.save(work / f"{tag}_features.npy", feats)
     st = g.metadata["stats"]
     print(
@@ -296,27 +298,35 @@ def compare(work: Path, n: int, ct: dict, ours: dict) -> dict:
     if ct["logit_tokens"] != ours["logit_tokens"]:
         out["same_logits"] = False
         return out
-    A, B = np.load(work / f"ct_{n}_A.npy").astype(np.float64), np.load(work / f"ours_{n}_A.npy").astype(np.float64)
+    # memory-mapped, compared in row blocks (at 32 tokens each matrix is ~5 GB of float32)
+    A, B = np.load(work / f"ct_{n}_A.npy", mmap_mode="r"), np.load(work / f"ours_{n}_A.npy", mmap_mode="r")
     if A.shape != B.shape:
         out["shape"] = [list(A.shape), list(B.shape)]
         return out
     F, T = fc.shape[0], n
     L = int(A.shape[0] - F - T - len(ct["logit_tokens"])) // T
-    tok0 = F + L * T  # column of the position-0 token node
-    scale = np.abs(A).max()
-    D = np.abs(A - B)
+    tok0 = F + L * T  # column of the position-0 (BOS) token node
     keep = np.ones(A.shape[1], dtype=bool)
     keep[tok0] = False
+    scale = dmax = dmax_nobos = bos_ct = bos_ours = 0.0
+    nnz_ct = nnz_ours = 0
+    for r in range(0, A.shape[0], 2048):
+        a, b = np.asarray(A[r : r + 2048], dtype=np.float64), np.asarray(B[r : r + 2048], dtype=np.float64)
+        d = np.abs(a - b)
+        scale = max(scale, float(np.abs(a).max()))
+        dmax, dmax_nobos = max(dmax, float(d.max())), max(dmax_nobos, float(d[:, keep].max()))
+        bos_ct, bos_ours = max(bos_ct, float(np.abs(a[:, tok0]).max())), max(bos_ours, float(np.abs(b[:, tok0]).max()))
+        nnz_ct, nnz_ours = nnz_ct + int((a != 0).sum()), nnz_ours + int((b != 0).sum())
     out.update(
         n_layers=L,
-        max_abs_A=float(scale),
-        max_abs_diff=float(D.max()),
-        max_rel_diff=float(D.max() / scale),
-        max_rel_diff_without_bos_token=float(D[:, keep].max() / scale),
-        bos_token_column_max_abs_ct=float(np.abs(A[:, tok0]).max()),
-        bos_token_column_max_abs_ours=float(np.abs(B[:, tok0]).max()),
-        nnz_ct=int((A != 0).sum()),
-        nnz_ours=int((B != 0).sum()),
+        max_abs_A=scale,
+        max_abs_diff=dmax,
+        max_rel_diff=dmax / scale,
+        max_rel_diff_without_bos_token=dmax_nobos / scale,
+        bos_token_column_max_abs_ct=bos_ct,
+        bos_token_column_max_abs_ours=bos_ours,
+        nnz_ct=nnz_ct,
+        nnz_ours=nnz_ours,
     )
     out["agree_1e-4"] = out["max_rel_diff"] <= 1e-4
     return out
@@ -347,6 +357,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only (validation runs)")
     ap.add_argument("--child", choices=["prepare", "ct", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--targets", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--save-dense", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         if args.child != "prepare":
@@ -375,7 +386,7 @@ def main() -> None:
         ct, ct_err = _run([args.ct_python, str(Path(__file__).resolve()), "--child", "ct"] + common + extra, args.ct_timeout, env)
         targets = json.dumps(ct["logit_tokens"]) if ct else None
         print(f"[{n} tokens] sparsetrace …", flush=True)
-        ours, ours_err = _run(me + ["--child", "ours"] + common + extra + (["--targets", targets] if targets else []), None, env)
+        ours, ours_err = _run(me + ["--child", "ours"] + common + extra + (["--targets", targets, "--save-dense"] if targets else []), None, env)
         case = {"tokens": n, "max_feature_nodes": budget, "circuit_tracer": ct or {"error": ct_err},
                 "sparsetrace": ours or {"error": ours_err}}
         if ct and ours and budget is None:
@@ -417,18 +428,36 @@ def _ct_versions(py: str, env: dict) -> dict:
         return {"error": str(exc)}
 
 
-def _print_case(c: dict) -> None:
-    print(f"\n== {c['tokens']} tokens" + (f", max_feature_nodes={c['max_feature_nodes']}" if c["max_feature_nodes"] else ""))
-    print(f"{'tool':<16}{'features':>10}{'attr s':>10}{'peak RSS MB':>13}{'prune s':>10}")
-    for name, key in (("circuit-tracer", "circuit_tracer"), ("sparsetrace", "sparsetrace")):
+def markdown_rows(c: dict) -> list[str]:
+    """One table row per tool for a case (also used for docs/performance.md)."""
+    rows = []
+    a = c.get("agreement", {})
+    agree = f"{a['max_rel_diff']:.1e}" if "max_rel_diff" in a else "—"
+    for name, key in (("circuit-tracer 0.5.0", "circuit_tracer"), ("sparsetrace", "sparsetrace")):
         r = c[key]
+        head = f"| {c['tokens']} | {c['max_feature_nodes'] or 'all'} | {name} |"
         if "error" in r:
-            print(f"{name:<16} not run: {r['error'].splitlines()[0]}")
+            rows.append(head + f" not run: {r['error'].splitlines()[0]} | | | | | |")
             continue
-        print(f"{name:<16}{r['active_features']:>10}{r['seconds']:>10}{r['peak_rss_mb']:>13}{r['prune_seconds']:>10}")
+        rows.append(
+            head + f" {r['active_features']} | {r['seconds']:.1f} | {r['peak_rss_after_attribution_mb'] / 1024:.2f} |"
+            f" {r['peak_rss_mb'] / 1024:.2f} | {r['prune_seconds']:.3f} ({r['nodes_kept']} nodes, {r['edges_kept']} edges) |"
+            f" {agree} |"
+        )
+    return rows
+
+
+MD_HEADER = [
+    "| tokens | feature rows | tool | active features | attribution s | peak RSS after attribution GB |"
+    " peak RSS incl. pruning GB | prune s (kept) | max rel. diff of A |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def _print_case(c: dict) -> None:
+    print("\n".join(MD_HEADER + markdown_rows(c)))
     if "agreement" in c:
-        a = c["agreement"]
-        print("agreement:", json.dumps(a))
+        print("agreement:", json.dumps(c["agreement"]))
 
 
 if __name__ == "__main__":
