@@ -48,11 +48,15 @@ RESULTS = HERE / "results" / "vs_circuit_tracer.json"
 N_FEATURES, TARGET_L0, SEED = 2304, 36, 0
 NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98
 
-# Prompt text (the same as benchmarks/attribution.py); a prompt of n tokens is BOS + the first n−1.
+# Prompt text (benchmarks/attribution.py's, continued to > 128 tokens); a prompt of n tokens is BOS + the first n−1.
 TEXT = (
     "The history of the city begins with a small settlement on the river, where traders met to exchange "
     "salt, grain and cloth. Over the centuries the town grew into a regional capital with a cathedral, "
-    "a university and a busy port that connected it to the rest of the continent and beyond."
+    "a university and a busy port that connected it to the rest of the continent and beyond. In the "
+    "nineteenth century the railway arrived, the old walls were torn down, and new factories along the "
+    "canal drew workers from the surrounding villages. The population doubled in thirty years, and the "
+    "council built schools, a hospital, public baths and a covered market that still opens every morning "
+    "except Sunday, when the square fills instead with musicians and families walking by the water."
 )
 # Calibration text for the JumpReLU thresholds (not the prompt).
 CALIBRATION = [
@@ -441,7 +445,7 @@ def markdown_rows(c: dict) -> list[str]:
             continue
         rows.append(
             head + f" {r['active_features']} | {r['seconds']:.1f} | {r['peak_rss_after_attribution_mb'] / 1024:.2f} |"
-            f" {r['peak_rss_mb'] / 1024:.2f} | {r['prune_seconds']:.3f} ({r['nodes_kept']} nodes, {r['edges_kept']} edges) |"
+            f" {r['peak_rss_mb'] / 1024:.2f} | {r['prune_seconds']:.3g} ({r['nodes_kept']} nodes, {r['edges_kept']} edges) |"
             f" {agree} |"
         )
     return rows
@@ -449,7 +453,7 @@ def markdown_rows(c: dict) -> list[str]:
 
 MD_HEADER = [
     "| tokens | feature rows | tool | active features | attribution s | peak RSS after attribution GB |"
-    " peak RSS incl. pruning GB | prune s (kept) | max rel. diff of A |",
+    " process peak RSS GB | prune s (kept) | max rel. diff of A |",
     "|---|---|---|---|---|---|---|---|---|",
 ]
 
