@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .export import node_table
 from .graph import AttributionGraph
-from .render import EDGE_COLORS, KIND_STYLE, layered_layout
+from .render import EDGE_COLORS, KIND_STYLE, layered_layout, picture_subgraph
 from .supernodes import is_supernode
 
 __all__ = ["to_html", "write_html", "repr_html", "TOP_K"]
@@ -76,6 +76,7 @@ def to_html(
 ) -> str:
     """The viewer page for ``graph`` (prune it first: every node and edge is drawn)."""
     title = title or (graph.prompt[:80] or "attribution graph")
+    graph = picture_subgraph(graph, max_nodes=300, max_edges=3000)  # a page that stays responsive
     data = json.dumps(_payload(graph, labels, title), allow_nan=False)
     # "</" inside a <script> block would end it early: JSON allows the escaped form
     data = data.replace("</", "<\\/")

@@ -181,6 +181,43 @@ def build_dot(
     return g
 
 
+def picture_subgraph(graph: AttributionGraph, max_nodes: int = 150, max_edges: int = 1000) -> AttributionGraph:
+    """What a picture can show: the ``max_nodes`` most influential feature/error nodes (tokens and logits
+    always stay) and the ``max_edges`` strongest edges among them; the rest goes into each row's
+    remainder. A pruned graph of an early or weak transcoder set can keep a thousand nodes and 10⁵ edges,
+    which graphviz cannot lay out in reasonable time and nobody can read. Returns ``graph`` itself when
+    it is within both limits."""
+    from .graph import Adjacency, NodeKind
+    from .prune import node_influence
+
+    if max_nodes < 1 or max_edges < 1:
+        raise ConfigError(f"max_nodes={max_nodes}, max_edges={max_edges}; both must be ≥ 1")
+    lay = graph.layout
+    inner = np.isin(lay.kind, [NodeKind.FEATURE, NodeKind.ERROR])
+    if inner.sum() <= max_nodes and graph.adjacency.nnz <= max_edges:
+        return graph
+    keep = ~inner
+    if inner.sum() > max_nodes:
+        infl = node_influence(graph)
+        cand = np.flatnonzero(inner)
+        keep[cand[np.argsort(-infl[cand], kind="stable")[:max_nodes]]] = True
+    else:
+        keep |= inner
+    sub = graph.subgraph(keep)
+    adj = sub.adjacency
+    if adj.nnz > max_edges:
+        top = np.argsort(-np.abs(adj.data), kind="stable")[:max_edges]
+        drop = np.ones(adj.nnz, bool)
+        drop[top] = False
+        rows = adj.rows()
+        rem = adj.remainder + np.bincount(rows[drop], weights=np.abs(adj.data[drop]), minlength=adj.n).astype(adj.remainder.dtype)
+        adj = Adjacency.from_coo(rows[~drop], adj.indices[~drop], adj.data[~drop], adj.n, rem)
+        sub.adjacency = adj
+    sub.metadata["picture"] = {"max_nodes": max_nodes, "max_edges": max_edges, "of_nodes": graph.n_nodes,
+                               "of_edges": int(graph.adjacency.nnz)}
+    return sub
+
+
 def _check_dot() -> None:
     if shutil.which("dot") is None:
         raise RenderError(DOT_MISSING)
@@ -217,7 +254,13 @@ def render(
         raise ConfigError(f"path must end in one of {', '.join(FORMATS)}, got {str(path)!r}")
     if dpi <= 0:
         raise ConfigError(f"dpi must be positive, got {dpi!r}")
+    if not supernodes:  # supernode boxes index nodes of the graph as given
+        graph = picture_subgraph(graph)
+        shown = graph.metadata.get("picture")
+        if shown and title:
+            title = f"{title} — top {graph.n_nodes} of {shown['of_nodes']} nodes, {graph.adjacency.nnz} of {shown['of_edges']} edges"
     g = build_dot(graph, labels, supernodes, title, legend)
+    g.attr("graph", size="30,20")  # inches: bounds the bitmap (30 in × dpi) whatever the graph
     if suffix == ".png":
         g.attr("graph", dpi=str(dpi))
     data = _pipe(g, suffix[1:])
@@ -232,6 +275,8 @@ def render(
 
 def to_svg(graph: AttributionGraph, labels: Mapping[tuple[int, int], str] | None = None, **kwargs) -> str:
     """The SVG text of :func:`render`'s picture."""
+    if not kwargs.get("supernodes"):
+        graph = picture_subgraph(graph)
     return _pipe(build_dot(graph, labels, **kwargs), "svg").decode("utf-8")
 
 

@@ -185,3 +185,27 @@ def test_atomic_write_mode_and_no_leftovers(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["a.txt"]
     with pytest.raises(FormatError, match="does not exist"):
         atomic_write_text(tmp_path / "missing" / "c.txt", "x")
+
+
+def test_picture_subgraph_keeps_most_influential_nodes_and_strongest_edges():
+    from sparsetrace.graphs.prune import node_influence
+    from sparsetrace.graphs.render import picture_subgraph
+
+    g = _graph()
+    assert picture_subgraph(g, max_nodes=100, max_edges=10_000) is g  # within limits: unchanged
+    infl = node_influence(g)
+    sub = picture_subgraph(g, max_nodes=5, max_edges=12)
+    inner = np.isin(g.layout.kind, [NodeKind.FEATURE, NodeKind.ERROR])
+    cand = np.flatnonzero(inner)
+    kept = cand[np.argsort(-infl[cand], kind="stable")[:5]]
+    assert sub.layout.n_features + sub.layout.n_errors == 5
+    assert sub.layout.n_tokens == g.layout.n_tokens and sub.layout.n_logits == g.layout.n_logits
+    np.testing.assert_array_equal(np.sort(g.layout.feature[kept][g.layout.kind[kept] == NodeKind.FEATURE]),
+                                  np.sort(sub.layout.feature[: sub.layout.n_features]))
+    assert sub.adjacency.nnz == 12
+    full = g.subgraph(np.isin(np.arange(g.n_nodes), kept) | ~inner)
+    strongest = np.sort(np.abs(full.adjacency.data))[-12:]
+    np.testing.assert_allclose(np.sort(np.abs(sub.adjacency.data)), strongest)
+    # nothing is lost from the row normalisation: kept |w| + remainder = the subgraph's
+    np.testing.assert_allclose(np.abs(sub.dense_adjacency()).sum(1) + sub.adjacency.remainder,
+                               np.abs(full.dense_adjacency()).sum(1) + full.adjacency.remainder, rtol=1e-6)
