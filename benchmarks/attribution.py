@@ -23,7 +23,9 @@ HERE = Path(__file__).resolve().parent
 TEXT = (
     "The history of the city begins with a small settlement on the river, where traders met to exchange "
     "salt, grain and cloth. Over the centuries the town grew into a regional capital with a cathedral, "
-    "a university and a busy port that connected it to the rest of the continent and beyond."
+    "a university and a busy port that connected it to the rest of the continent and beyond. In the "
+    "nineteenth century the railway arrived, the old walls were torn down, and new districts of workshops, "
+    "schools and markets spread along the valley while the population doubled in a single generation."
 )
 
 
