@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sparsetrace.errors import ConfigError, FormatError
 
-from .io import atomic_write, read_safetensors
+from .io import _write_json, atomic_write, read_safetensors
 from .kernels import dense_decode, sparse_decode, topk_encode, topk_encode_dense
 from .model import ACTIVATIONS, Transcoder
 
@@ -646,12 +646,3 @@ class Checkpointer:
             import torch.distributed as dist
 
             dist.barrier()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-
-    atomic_write(path, w)
