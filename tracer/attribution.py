@@ -33,7 +33,6 @@ from .targets import LogitTarget, TargetSpec, select_targets
 __all__ = ["AttributionConfig", "attribute", "AttributionStats"]
 
 Progress = Callable[[str, int, int], None]
-_GATHER_ELEMS = 1 << 25  # at most this many elements in one gathered gradient block (128 MB fp32)
 
 
 @dataclass(frozen=True)
@@ -410,7 +409,7 @@ def _attribute(
     adj = store.assemble(keep_node, folded)
 
     # ---- κ: the frozen model with every source zeroed (it is affine, so value = Σ A + κ exactly) ----
-    bias_full, value_full = _bias_and_values(rm, run, cand, tgts, visited)
+    bias_full, value_full = _bias_and_values(rm, run, cand, tgts)
     activation = np.zeros(lay.n_nodes)
     ix = [torch.as_tensor(a, device=run.act.device) for a in (cand.layer, cand.pos, cand.feat)]
     a = run.act[ix[0], ix[1], ix[2]]
@@ -460,7 +459,7 @@ def _attribute(
 
 
 def _bias_and_values(
-    rm: ReplacementModel, run: CleanRun, cand: _Candidates, tgts: list[LogitTarget], visited: np.ndarray
+    rm: ReplacementModel, run: CleanRun, cand: _Candidates, tgts: list[LogitTarget]
 ) -> tuple[np.ndarray, np.ndarray]:
     """κ and the target values for every candidate node (features and logits; 0 elsewhere)."""
     lay = cand.layout
@@ -474,9 +473,8 @@ def _bias_and_values(
     out = rm.frozen(run, h0, writes)
     bias = np.zeros(lay.n_nodes)
     value = np.zeros(lay.n_nodes)
-    n_feat = lay.n_features
     for l in range(L):
-        sel = np.flatnonzero(cand.layer == l)
+        sel = np.arange(cand.layer_start[l], cand.layer_start[l + 1])  # features are sorted by layer
         if not len(sel):
             continue
         f = torch.as_tensor(cand.feat[sel], device=run.x.device)
@@ -488,5 +486,4 @@ def _bias_and_values(
     ln = lay.logits
     bias[ln] = (vec @ out.final[0, T - 1]).double().cpu().numpy()
     value[ln] = (vec @ run.final[T - 1]).double().cpu().numpy()
-    assert n_feat == len(cand.layer)
     return bias, value
