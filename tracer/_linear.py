@@ -12,6 +12,7 @@ Parity with the autograd engine is tested on every architecture (tests/test_trac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -102,7 +103,20 @@ class LinearBackward:
         (``layer == n_layers``: the final normed residual) at ``pos``. Returns the write gradients
         [L', B, T, d] of layers 0..L'−1 (no write at a layer ≥ L' = min(highest read layer, L) reaches a
         read) and the layer-0 input gradient [B, T, d]."""
-        L, T = self.n_layers, self.T
+        B, T, d = len(reads), self.T, reads[0][2].shape[-1]
+        Lp = min(max(l for l, _, _ in reads), self.n_layers)
+        grads = torch.zeros(Lp, B, T, d, dtype=self.final_norm.scale.dtype, device=reads[0][2].device)
+
+        def put(l: int, g: Tensor) -> None:
+            grads[l, :, : g.shape[1]] = g
+
+        return grads, self.backward_into(reads, put)
+
+    def backward_into(self, reads: list[tuple[int, int, Tensor]], sink: Callable[[int, Tensor], None]) -> Tensor:
+        """:meth:`backward` without holding every layer: ``sink(l, g)`` gets layer l's write gradient
+        g [B, T', d] (T' = highest read position + 1; later positions have none) as the pass reaches
+        it, top layer first. Returns the layer-0 input gradient [B, T, d]."""
+        L = self.n_layers
         B = len(reads)
         self.passes += 1
         dev_vec = reads[0][2]
@@ -118,8 +132,6 @@ class LinearBackward:
         g = torch.zeros(B, Tp, d, dtype=dtype, device=dev_vec.device)
         if L in inject:
             g = g + self.final_norm.transpose(inject[L])
-        Lp = min(l_max, L)
-        grads = torch.zeros(Lp, B, T, d, dtype=dtype, device=dev_vec.device)
         # reads at layer l see x̃_l, which no write at a layer ≥ l reaches: start at the highest read
         for l in range(min(l_max, L - 1), -1, -1):
             lay = self.layers[l]
@@ -127,7 +139,7 @@ class LinearBackward:
             if l < l_max:
                 # residual after layer l: h' = h_mid + post_mlp(write + x̃ W_skipᵀ)
                 g_write = lay.post_mlp.transpose(g) if lay.post_mlp is not None else g
-                grads[l, :, :Tp] = g_write
+                sink(l, g_write)
                 if lay.W_skip is not None:
                     g_skip = g_write @ lay.W_skip
                     g_x = g_skip if g_x is None else g_x + g_skip
@@ -135,7 +147,7 @@ class LinearBackward:
             # h_mid = h + post_attn(attention(attn_norm(h)))
             g_att = lay.post_attn.transpose(g_mid) if lay.post_attn is not None else g_mid
             g = g_mid + lay.attn_norm.transpose(self._attention_transpose(lay, g_att))
-        return grads, _pad(g, T)
+        return _pad(g, self.T)
 
 
 def _pad(x: Tensor, T: int) -> Tensor:

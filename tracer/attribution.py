@@ -12,7 +12,6 @@ The source side is a set of (layer, position, vector) writes per node, so a cros
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -26,6 +25,7 @@ from sparsetrace.graphs import Adjacency, AttributionGraph, NodeLayout
 from sparsetrace.transcoders import TranscoderSet
 
 from ._linear import LinearBackward
+from ._store import RowStore
 from .models import LoadedModel, resolve_device, resolve_dtype
 from .replacement import CleanRun, ReplacementModel
 from .targets import LogitTarget, TargetSpec, select_targets
@@ -94,9 +94,10 @@ class _Candidates:
 
     Candidate index space: features (sorted by layer, pos, id) | errors L×T | tokens T — the same
     order as a full NodeLayout without logits. Feature writes a_s·W_dec[f] are stored per (layer,
-    position) group, zero-padded to the largest group: ``w_pad`` [L·T, d, k_max], so that one batched
-    matmul per backward pass contracts every feature source; ``slot`` [n_feat] is each feature's flat
-    index into the [L·T·k_max] result.
+    position) group, zero-padded to the largest group, with the group's error vector ε[l, c] as one
+    more column: ``w_pad`` [L·T, d, k_max + 1], so that one batched matmul per layer contracts every
+    feature and error source. ``local`` [n_feat] is a feature's flat index into a layer's
+    [T·(k_max + 1)] result; ``group`` [n_feat] is layer·T + pos (sorted).
     """
 
     layer: np.ndarray
@@ -104,15 +105,20 @@ class _Candidates:
     feat: np.ndarray
     layout: NodeLayout  # full layout with all candidates (and the logits)
     layer_start: np.ndarray  # [L+1] first candidate index of each layer
-    w_pad: Tensor  # [L·T, d, k_max]
-    slot: Tensor  # [n_feat] int64
+    group: np.ndarray  # [n_feat] layer·T + pos
+    w_pad: Tensor  # [L·T, d, k_max + 1]
+    local: Tensor  # [n_feat] int64
+    within: Tensor  # [n_feat] int64, column of a feature in its group
+
+    @property
+    def k_max(self) -> int:
+        return self.w_pad.shape[-1] - 1
 
     def writes(self, idx: np.ndarray) -> Tensor:
         """Writes [len(idx), d] of candidate features ``idx``."""
-        T = self.layout.n_pos
-        g = torch.as_tensor(self.layer[idx] * T + self.pos[idx], device=self.w_pad.device)
-        k = self.slot[torch.as_tensor(idx, device=self.w_pad.device)] % self.w_pad.shape[-1]
-        return self.w_pad[g, :, k]
+        dev = self.w_pad.device
+        g = torch.as_tensor(self.group[idx], device=dev)
+        return self.w_pad[g, :, self.within[torch.as_tensor(idx, device=dev)]]
 
 
 def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
@@ -127,8 +133,9 @@ def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
     k_max = max(1, int(counts.max()) if len(counts) else 1)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     within = np.arange(len(group)) - first[group]
-    slot = torch.as_tensor(group * k_max + within, device=act.device)
-    w_pad = act.new_zeros(L * T, d, k_max)
+    local = torch.as_tensor(pos * (k_max + 1) + within, device=act.device)
+    w_pad = act.new_zeros(L * T, d, k_max + 1)
+    w_pad[:, :, k_max] = run.error.reshape(L * T, d)
     starts = np.searchsorted(layer, np.arange(L + 1))
     for l in range(L):
         s, e = int(starts[l]), int(starts[l + 1])
@@ -140,29 +147,37 @@ def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
         gi = torch.as_tensor(group[s:e], device=act.device)
         ki = torch.as_tensor(within[s:e], device=act.device)
         w_pad[gi, :, ki] = w
-    return _Candidates(layer, pos, feat, layout, starts, w_pad, slot)
+    within_t = torch.as_tensor(within, device=act.device)
+    return _Candidates(layer, pos, feat, layout, starts, group, w_pad, local, within_t)
 
 
-def _contract(grads: Tensor, g_emb: Tensor, run: CleanRun, cand: _Candidates, n_src: int) -> Tensor:
-    """Rows [B, n_src] over candidate sources from gradients at the MLP writes ``grads`` [L', B, T, d]
-    (layers ≥ L' have none) and at the layer-0 input ``g_emb`` [B, T, d]."""
-    Lp, B, T, d = grads.shape
-    lay = cand.layout
-    rows = g_emb.new_zeros(B, n_src)
-    n_feat = lay.n_features
-    if n_feat and Lp:
-        G = grads.permute(0, 2, 1, 3).reshape(Lp * T, B, d)  # (L'·T, B, d)
-        out = torch.bmm(G, cand.w_pad[: Lp * T])  # (L'·T, B, k_max)
-        flat = out.permute(1, 0, 2).reshape(B, -1)  # (B, L'·T·k_max)
-        n_here = int(cand.layer_start[Lp])  # features at layers < L'
-        rows[:, :n_here] = flat[:, cand.slot[:n_here]]
-    if Lp:
-        err = torch.einsum("lbtd,ltd->blt", grads, run.error[:Lp])  # (B, L', T)
-        err_idx = torch.as_tensor(lay.error_index(*np.divmod(np.arange(Lp * T), T)), device=rows.device)
-        rows[:, err_idx] = err.reshape(B, Lp * T)
-    tok_idx = torch.as_tensor(lay.token_index(np.arange(run.n_pos)), device=g_emb.device)
-    rows[:, tok_idx] = torch.einsum("btd,td->bt", g_emb, run.h0)
-    return rows
+class _Contraction:
+    """Rows [B, n_src] over candidate sources, filled layer by layer from the gradient at each MLP write
+    (:meth:`layer`, ``g`` [B, T', d]: positions ≥ T' have none) and at the layer-0 input
+    (:meth:`embedding`). Only the positions < T' of a layer are contracted."""
+
+    def __init__(self, run: CleanRun, cand: _Candidates, B: int, n_src: int) -> None:
+        self.run, self.cand = run, cand
+        self.rows = run.h0.new_zeros(B, n_src)
+        lay = cand.layout
+        self._err = torch.as_tensor(lay.error_index(*np.divmod(np.arange(lay.n_layers * lay.n_pos), lay.n_pos)),
+                                    device=self.rows.device)
+
+    def layer(self, l: int, g: Tensor) -> None:
+        cand, T = self.cand, self.cand.layout.n_pos
+        B, Tp, _ = g.shape
+        out = torch.bmm(g.transpose(0, 1), cand.w_pad[l * T : l * T + Tp])  # (T', B, k_max + 1)
+        self.rows[:, self._err[l * T : l * T + Tp]] = out[:, :, -1].T
+        s = int(cand.layer_start[l])
+        e = int(np.searchsorted(cand.group, l * T + Tp))  # features of layer l at positions < T'
+        if e > s:
+            flat = out.permute(1, 0, 2).reshape(B, Tp * (cand.k_max + 1))  # (B, T'·(k_max+1))
+            self.rows[:, s:e] = flat[:, cand.local[s:e]]
+
+    def embedding(self, g_emb: Tensor) -> Tensor:
+        tok_idx = torch.as_tensor(self.cand.layout.token_index(np.arange(self.run.n_pos)), device=g_emb.device)
+        self.rows[:, tok_idx] = torch.einsum("btd,td->bt", g_emb, self.run.h0)
+        return self.rows
 
 
 class _AutogradBackward:
@@ -208,83 +223,13 @@ class _AutogradBackward:
         layer_grads = torch.stack([torch.zeros_like(self.h0[:n]) if g is None else g[:n] for g in grads[:L]])
         return layer_grads, grads[L][:n]
 
-
-class _RowStore:
-    """Computed rows, kept sparse per batch (int32 columns) and assembled into CSR at the end.
-
-    With ``threshold > 0`` a row keeps the entries with |w| > threshold · max|row| and the dropped
-    absolute mass goes to the row's remainder (row normalisation, hence influence, is unchanged).
-    """
-
-    def __init__(self, n_nodes: int, threshold: float, dtype: np.dtype) -> None:
-        self.n, self.threshold, self.dtype = n_nodes, threshold, dtype
-        self.batches: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # targets, indptr, cols, vals
-        self.remainder = np.zeros(n_nodes)
-
-    def add(self, targets: np.ndarray, block: Tensor) -> None:
-        blk = block.detach().to("cpu", torch.float64 if self.dtype == np.float64 else torch.float32).numpy()
-        absb = np.abs(blk)
-        if self.threshold > 0:
-            keep = absb > self.threshold * absb.max(axis=1, keepdims=True)
-            self.remainder[targets] += np.where(keep, 0.0, absb).sum(axis=1)
-        else:
-            keep = blk != 0
-        r, c = np.nonzero(keep)  # row-major: columns sorted within each row
-        indptr = np.zeros(len(targets) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(r, minlength=len(targets)), out=indptr[1:])
-        self.batches.append((np.asarray(targets, dtype=np.int64), indptr, c.astype(np.int32), blk[r, c]))
-
-    def coo(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows = [np.repeat(t, np.diff(ip)) for t, ip, _, _ in self.batches]
-        return (np.concatenate(rows), np.concatenate([b[2] for b in self.batches]),
-                np.concatenate([b[3] for b in self.batches]))
-
-    def influence(self, w: np.ndarray, depth: int) -> np.ndarray:
-        """Influence on the logits of every node through the rows stored so far (exact on that partial
-        DAG, whose paths have at most ``depth`` edges)."""
-        r, c, v = self.coo()
-        v = np.abs(v).astype(np.float64)
-        rowsum = np.bincount(r, weights=v, minlength=self.n) + self.remainder
-        v = v / np.where(rowsum[r] > 0, rowsum[r], 1.0)
-        infl = np.zeros(self.n)
-        cur = w.astype(np.float64)
-        for _ in range(depth):
-            cur = np.bincount(c, weights=cur[r] * v, minlength=self.n)
-            if not cur.any():
-                break
-            infl += cur
-        return infl
-
-    def assemble(self, keep: np.ndarray, col_map: np.ndarray) -> Adjacency:
-        """CSR over the kept nodes (renumbered in order); source column j becomes ``col_map[j]``
-        (duplicates summed: unselected features fold into their error node)."""
-        new_index = np.cumsum(keep) - 1
-        n_new = int(keep.sum())
-        cmap = new_index[col_map]
-        identity = bool(np.array_equal(col_map, np.arange(self.n)))
-        where = {}
-        for bi, (t, _, _, _) in enumerate(self.batches):
-            for j, tt in enumerate(t):
-                where[int(tt)] = (bi, j)
-        counts = np.zeros(n_new + 1, dtype=np.int64)
-        cols_out, vals_out = [], []
-        for old in np.flatnonzero(keep):
-            if int(old) not in where:
-                continue
-            bi, j = where[int(old)]
-            _, ip, cols, vals = self.batches[bi]
-            cc, vv = cmap[cols[ip[j] : ip[j + 1]]], vals[ip[j] : ip[j + 1]]
-            if not identity:
-                dense = np.bincount(cc, weights=vv, minlength=n_new)
-                cc = np.flatnonzero(dense)
-                vv = dense[cc]
-            counts[new_index[old] + 1] = len(cc)
-            cols_out.append(cc.astype(np.int64))
-            vals_out.append(vv.astype(self.dtype))
-        indptr = np.cumsum(counts)
-        cols = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int64)
-        vals = np.concatenate(vals_out) if vals_out else np.zeros(0, self.dtype)
-        return Adjacency(indptr, cols, vals, n_new, self.remainder[keep].astype(self.dtype))
+    def backward_into(self, reads: list[tuple[int, int, Tensor]], sink: Callable[[int, Tensor], None]) -> Tensor:
+        """:meth:`backward`, handing each layer's write gradient to ``sink(layer, g)``; returns the
+        layer-0 input gradient."""
+        grads, g_emb = self.backward(reads)
+        for l in range(grads.shape[0]):
+            sink(l, grads[l])
+        return g_emb
 
 
 def attribute(
@@ -361,11 +306,12 @@ def _attribute(
     else:
         engine = _AutogradBackward(rm, run, max(1, min(B, K + budget)))
     np_dt = np.float64 if cfg.dtype == "float64" else np.float32
-    store = _RowStore(lay.n_nodes, cfg.store_threshold, np_dt)
+    store = RowStore(lay.n_nodes, cfg.store_threshold, np_dt, np.r_[cand.layer, np.full(lay.n_nodes - n_feat, L)])
 
     def compute(target_idx: np.ndarray, reads: list[tuple[int, int, Tensor]]) -> None:
-        grads, g_emb = engine.backward(reads)
-        store.add(target_idx, _contract(grads, g_emb, run, cand, n_src))
+        con = _Contraction(run, cand, len(reads), n_src)
+        g_emb = engine.backward_into(reads, con.layer)
+        store.add(target_idx, con.embedding(g_emb))
 
     # logit rows first: they rank the features for a row budget
     logit_nodes = np.asarray(lay.logit_index(np.arange(K)), dtype=np.int64).reshape(-1)
@@ -376,28 +322,26 @@ def _attribute(
     visited = np.zeros(n_feat, dtype=bool)
     w = np.zeros(lay.n_nodes)
     w[lay.logits] = [t.probability for t in tgts]
-    order = np.arange(n_feat)
-    since_rank = math.inf
     done = 0
     while done < budget:
-        if cfg.max_feature_nodes is not None and since_rank >= 4:
-            infl = store.influence(w, L + 2)[:n_feat]
+        if cfg.max_feature_nodes is None:
+            window = np.arange(n_feat)
+        else:  # re-rank every 4 batches (circuit-tracer's rhythm) by influence through the rows so far
+            infl = store.influence(w)[:n_feat]
             infl[visited] = -np.inf
-            order = np.argsort(-infl, kind="stable")
-            since_rank, cursor = 0, 0
-        elif since_rank == math.inf:
-            cursor, since_rank = 0, 0
-        take = order[cursor : cursor + min(B, budget - done)]
-        take = take[~visited[take]]
-        cursor += len(take)
-        visited[take] = True
-        reads = [
-            (int(cand.layer[i]), int(cand.pos[i]), ts[int(cand.layer[i])].W_enc[int(cand.feat[i])]) for i in take
-        ]
-        compute(take.astype(np.int64), reads)
-        done += len(take)
-        since_rank += 1
-        say("rows", K + done, K + budget)
+            window = np.argsort(-infl, kind="stable")[: min(4 * B, budget - done)]
+            # a window's rows go in (layer, position) order, so each batch starts at its own highest
+            # layer and position (_linear.py); the set of rows is the ranking's, only their order changes
+            window = np.sort(window)
+        for s in range(0, len(window), B):
+            take = window[s : s + B]
+            visited[take] = True
+            reads = [
+                (int(cand.layer[i]), int(cand.pos[i]), ts[int(cand.layer[i])].W_enc[int(cand.feat[i])]) for i in take
+            ]
+            compute(take.astype(np.int64), reads)
+            done += len(take)
+            say("rows", K + done, K + budget)
 
     # ---- assemble: selected features are nodes; the rest fold into their (layer, pos) error node ----
     keep_node = np.ones(lay.n_nodes, dtype=bool)
