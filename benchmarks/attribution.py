@@ -1,10 +1,24 @@
-"""Attribution cost on the embedded default model (SmolLM2-135M-Instruct), CPU.
+"""Attribution cost on the embedded default model (SmolLM2-135M-Instruct), CPU: short and long prompts,
+and the floor (issue 2; issue 8, items 3 and 4).
 
-For each prompt length: active features, rows computed, backward passes, seconds, peak RSS. Each case
-runs in its own subprocess so that peak RSS is per case. Prints a table and writes JSON.
+A case is ``TOKENS[:BUDGET[:BATCH[:THRESHOLD]]]``: prompt length, row budget (``max_feature_nodes``;
+0 = every active feature), rows per backward pass, and the per-row storage threshold (edges with
+|w| ≤ THRESHOLD·max|row| go to the row's remainder; 0 = exact). Each case runs in its own subprocess, so
+peak RSS is per case. Per case: active features, rows, backward passes, stored edges, seconds, peak RSS,
+the dropped share of each row's absolute mass (mean / max), and the floor:
 
-    .venv/bin/python benchmarks/attribution.py                 # 16 and 64 tokens
-    .venv/bin/python benchmarks/attribution.py --tokens 16 --transcoders random
+* ``executed GFLOP``: the matmul FLOPs the engine ran (backward passes, as counted by the engine and
+  checked against torch's profiler in tests/test_tracer_linear.py, plus the contraction);
+* ``minimal GFLOP``: what the rows need at least — each row alone from its own layer and position
+  (layers below it, positions up to it, causal half of each attention pattern), plus the contraction;
+* ``GFLOP/s``: an fp32 matmul of the engine's typical shape, measured in the same process just before;
+* ``× floor``: seconds / (minimal GFLOP / GFLOP/s).
+
+Prompts are the first TOKENS tokens of the GPL-3 text that every Debian machine carries
+(/usr/share/common-licenses/GPL-3); the short cases use the same text.
+
+    .venv/bin/python benchmarks/attribution.py                                   # 16:0 64:4096
+    .venv/bin/python benchmarks/attribution.py --cases 512:1024:32:1e-3 512:8192:32:1e-3 2048:1024:16:1e-3
 """
 
 from __future__ import annotations
@@ -20,102 +34,152 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TEXT = (
-    "The history of the city begins with a small settlement on the river, where traders met to exchange "
-    "salt, grain and cloth. Over the centuries the town grew into a regional capital with a cathedral, "
-    "a university and a busy port that connected it to the rest of the continent and beyond. In the "
-    "nineteenth century the railway arrived, the old walls were torn down, and new districts of workshops, "
-    "schools and markets spread along the valley while the population doubled in a single generation."
-)
+TEXT_FILE = Path("/usr/share/common-licenses/GPL-3")
+
+
+def _matmul_gflops(threads: int, seconds: float = 2.0) -> float:
+    """fp32 GFLOP/s of (4096 × 576) @ (576 × 576), the engine's most common product (B·T' × d times d × d)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(4096, 576), torch.randn(576, 576)
+    for _ in range(5):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 4096 * 576 * 576 * n / (time.perf_counter() - t0) / 1e9
+
+
+def _minimal_backward_flops(lm, layer, pos) -> int:
+    """Σ over rows (target at MLP input of ``layer`` — n_layers for logits — and position ``pos``) of the
+    matmul FLOPs of a backward started at that row alone: attention V/O at layers ≤ its layer (causal
+    half), skip at layers below it."""
+    import numpy as np
+
+    nq, nkv, hd = lm.adapter.attention_shape(lm.model)
+    d, L = lm.d_model, lm.n_layers
+    layer, tp = np.asarray(layer, dtype=np.int64), np.asarray(pos, dtype=np.int64) + 1
+    n_att = np.minimum(layer + 1, L)  # layers whose attention is on the path
+    n_skip = np.minimum(layer, L)
+    per_pos = 2 * (d * nq * hd + nkv * hd * d)
+    att = n_att * (tp * per_pos + 2 * nq * hd * tp * (tp + 1) // 2)
+    return int((att + n_skip * tp * 2 * d * d).sum())
 
 
 def child(args: argparse.Namespace) -> None:
+    import numpy as np
     import torch
 
     from sparsetrace.tracer.attribution import AttributionConfig, attribute
     from sparsetrace.tracer.models import load_model
 
+    rate = _matmul_gflops(args.threads)
     torch.set_num_threads(args.threads)
     lm = load_model(None, device=args.device)
     ts, ts_label = _transcoders(lm, args.transcoders)
-    ids = lm.tokenize(TEXT)[: args.tokens]
+    ids = lm.tokenize(TEXT_FILE.read_text())[: args.tokens]
     assert len(ids) == args.tokens, f"benchmark text has only {len(ids)} tokens"
-    cfg = AttributionConfig(
-        batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, device=args.device
-    )
+    cfg = AttributionConfig(batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes or None,
+                            device=args.device, store_threshold=args.threshold)
     t0 = time.perf_counter()
     g = attribute(ids, lm, ts, config=cfg)
     secs = time.perf_counter() - t0
     st = g.metadata["stats"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB → MB on Linux
-    print(
-        json.dumps(
-            {
-                "tokens": args.tokens,
-                "transcoders": ts_label,
-                "max_feature_nodes": args.max_feature_nodes,
-                "batch_size": args.batch_size,
-                "active_features": st["active_features"],
-                "feature_nodes": st["feature_nodes"],
-                "rows_computed": st["rows_computed"],
-                "backward_passes": st["backward_passes"],
-                "edges_stored": int(g.adjacency.nnz),
-                "seconds": round(secs, 2),
-                "peak_rss_mb": round(rss, 1),
-            }
-        )
-    )
+    lay, adj = g.layout, g.adjacency
+    rows = np.r_[np.arange(lay.n_features), np.arange(lay.logits.start, lay.logits.stop)]
+    r_layer = np.where(np.arange(len(rows)) < lay.n_features, lay.layer[rows], lm.n_layers)
+    r_pos = np.where(np.arange(len(rows)) < lay.n_features, lay.pos[rows], lay.n_pos - 1)
+    minimal = _minimal_backward_flops(lm, r_layer, r_pos) / 1e9 + st["contraction_gflop"]
+    executed = st["backward_gflop"] + st["contraction_gflop"]
+    absmass = np.add.reduceat(np.abs(adj.data.astype(np.float64)), adj.indptr[:-1][np.diff(adj.indptr) > 0])
+    total = np.zeros(adj.n)
+    total[np.diff(adj.indptr) > 0] = absmass
+    total += adj.remainder
+    dropped = adj.remainder[rows] / np.where(total[rows] > 0, total[rows], 1)
+    print(json.dumps({
+        "tokens": args.tokens, "transcoders": ts_label, "max_feature_nodes": args.max_feature_nodes or None,
+        "batch_size": args.batch_size, "store_threshold": args.threshold, "threads": args.threads,
+        "active_features": st["active_features"], "feature_nodes": st["feature_nodes"],
+        "rows_computed": st["rows_computed"], "backward_passes": st["backward_passes"],
+        "edges_stored": int(adj.nnz), "seconds": round(secs, 2), "peak_rss_mb": round(rss, 1),
+        "dropped_mass_mean": float(dropped.mean()), "dropped_mass_max": float(dropped.max()),
+        "executed_gflop": round(executed, 1), "minimal_gflop": round(minimal, 1),
+        "matmul_gflops": round(rate, 1), "x_floor": round(secs / (minimal / rate), 2),
+        "x_executed": round(secs / (executed / rate), 2),
+    }))
 
 
 def _transcoders(lm, spec: str):
     from sparsetrace.transcoders import TranscoderSet, TranscoderSetConfig, load_transcoders
 
     if spec == "random":
-        cfg = TranscoderSetConfig(lm.model_id, lm.adapter.name, lm.n_layers, lm.d_model, 4608, "topk", 32)
-        return TranscoderSet.random(cfg, seed=0), "random TopK F=4608 k=32"
+        cfg = TranscoderSetConfig(lm.model_id, lm.adapter.name, lm.n_layers, lm.d_model, 2304, "topk", 32)
+        return TranscoderSet.random(cfg, seed=0), "random TopK F=2304 k=32"
     return load_transcoders(spec), spec
+
+
+def _parse_case(text: str) -> tuple[int, int, int, float]:
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 4:
+        raise SystemExit(f"case {text!r}: expected TOKENS[:BUDGET[:BATCH[:THRESHOLD]]]")
+    defaults = ["0", "0", "64", "0"]
+    parts += defaults[len(parts):]
+    return int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3])
+
+
+COLS = ["tokens", "max_feature_nodes", "batch_size", "store_threshold", "active_features", "feature_nodes",
+        "rows_computed", "backward_passes", "edges_stored", "seconds", "peak_rss_mb", "dropped_mass_max",
+        "executed_gflop", "minimal_gflop", "matmul_gflops", "x_floor"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="*", default=[16, 64])
+    ap.add_argument("--cases", nargs="*", default=["16:0", "64:4096"])
     ap.add_argument("--transcoders", default=None, help="a set folder, or 'random' (default: the shipped set if present)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--budget-above", type=int, default=32, help="use --max-feature-nodes for prompts longer than this")
-    ap.add_argument("--max-feature-nodes", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(HERE / "results" / "attribution.json"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--max-feature-nodes", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
+    ap.add_argument("--threshold", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.transcoders is None:
         shipped = HERE.parent / "transcoders" / "default" / "smollm2-135m"
         args.transcoders = str(shipped) if (shipped / "config.json").is_file() else "random"
     if args.child:
-        args.tokens = args.tokens[0]
-        args.max_feature_nodes = None if args.max_feature_nodes <= 0 else args.max_feature_nodes
         return child(args)
+    if not TEXT_FILE.is_file():
+        raise SystemExit(f"{TEXT_FILE} not found (Debian's base-files ships it)")
 
     results = []
-    for n in args.tokens:
-        budget = args.max_feature_nodes if n > args.budget_above else 0
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    for case in args.cases:
+        n, budget, batch, thr = _parse_case(case)
         cmd = [sys.executable, __file__, "--child", "--tokens", str(n), "--transcoders", args.transcoders,
-               "--batch-size", str(args.batch_size), "--max-feature-nodes", str(budget),
+               "--batch-size", str(batch), "--max-feature-nodes", str(budget), "--threshold", str(thr),
                "--threads", str(args.threads), "--device", args.device]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        print(f"case {case} …", flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(f"case {n} tokens failed")
+            raise SystemExit(f"case {case} failed")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    cols = ["tokens", "max_feature_nodes", "active_features", "feature_nodes", "rows_computed",
-            "backward_passes", "edges_stored", "seconds", "peak_rss_mb"]
-    print(f"transcoders: {results[0]['transcoders']}; device {args.device}, {args.threads} threads, fp32, batch {args.batch_size}")
-    print(" | ".join(f"{c:>15}" for c in cols))
+        print(json.dumps(results[-1]), flush=True)
+    print(f"transcoders: {results[0]['transcoders']}; device {args.device}, {args.threads} threads, fp32")
+    print("| " + " | ".join(COLS) + " |")
+    print("|" + "---|" * len(COLS))
     for r in results:
-        print(" | ".join(f"{str(r[c]):>15}" for c in cols))
+        print("| " + " | ".join(str(r[c]) for c in COLS) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-               "date": time.strftime("%Y-%m-%d"), "results": results}
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": " ".join([".venv/bin/python", "benchmarks/attribution.py"] + sys.argv[1:]),
+               "results": results}
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
     os.replace(tmp, args.out)

@@ -133,3 +133,28 @@ def prune_to_fixed_point(indptr, indices, node_mask, edge_mask, protected, needs
                     node_mask[v] = False
                     changed = True
     return sweeps
+
+
+@njit(cache=True)
+def induced_entries(indptr, indices, node_mask):
+    """The stored entries (t, s) with both t and s in ``node_mask``: ``(sub_indptr [n+1], entry [E'])``,
+    ``entry`` indexing the original arrays row by row (rows outside the mask are empty), so that the
+    passes after node pruning touch only the node-pruned graph."""
+    n = indptr.shape[0] - 1
+    sub_indptr = np.zeros(n + 1, dtype=np.int64)
+    for t in range(n):
+        c = 0
+        if node_mask[t]:
+            for e in range(indptr[t], indptr[t + 1]):
+                if node_mask[indices[e]]:
+                    c += 1
+        sub_indptr[t + 1] = sub_indptr[t] + c
+    entry = np.empty(sub_indptr[n], dtype=np.int64)
+    k = 0
+    for t in range(n):
+        if node_mask[t]:
+            for e in range(indptr[t], indptr[t + 1]):
+                if node_mask[indices[e]]:
+                    entry[k] = e
+                    k += 1
+    return sub_indptr, entry

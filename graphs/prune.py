@@ -95,10 +95,12 @@ class PruneResult:
 
 # ---- array-level wrappers around the kernels ------------------------------------------------------
 def _csr(adj: Adjacency) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # the kernels read float32 or float64 data (they accumulate in float64): no copy of a float32 graph
+    data = adj.data if adj.data.dtype in (np.float32, np.float64) else adj.data.astype(np.float64)
     return (
         np.ascontiguousarray(adj.indptr, dtype=np.int64),
         np.ascontiguousarray(adj.indices, dtype=np.int64),
-        np.ascontiguousarray(adj.data, dtype=np.float64),
+        np.ascontiguousarray(data),
         np.ascontiguousarray(adj.remainder, dtype=np.float64),
     )
 
@@ -193,18 +195,24 @@ def prune(
     node_mask = protected.copy()
     node_mask[prunable] = _keep(infl[prunable], cfg.node_threshold)
 
-    # 2. edge pruning on the node-pruned graph
-    denom2 = _kernels.row_denominators(indptr, indices, data, rem, node_mask)
-    infl2 = _kernels.influence_sweep(indptr, indices, data, denom2, w, order, node_mask)
-    score = _kernels.edge_scores(indptr, indices, data, denom2, infl2, w, node_mask)
-    edge_mask = _keep(score, cfg.edge_threshold)
+    # 2. edge pruning on the node-pruned graph (its entries only: the other edges' scores are 0)
+    sub_indptr, entry = _kernels.induced_entries(indptr, indices, node_mask)
+    sub_indices, sub_data = indices[entry], data[entry]
+    denom2 = _kernels.row_denominators(sub_indptr, sub_indices, sub_data, rem, node_mask)
+    infl2 = _kernels.influence_sweep(sub_indptr, sub_indices, sub_data, denom2, w, order, node_mask)
+    sub_score = _kernels.edge_scores(sub_indptr, sub_indices, sub_data, denom2, infl2, w, node_mask)
+    sub_keep = _keep(sub_score, cfg.edge_threshold)
 
     # 3. fixed point: nodes need a kept out-edge; features also a kept in-edge
     final_nodes = node_mask.copy()
     needs_input = np.ascontiguousarray(layout.kind == NodeKind.FEATURE)
     sweeps = _kernels.prune_to_fixed_point(
-        indptr, indices, final_nodes, edge_mask, np.ascontiguousarray(protected), needs_input
+        sub_indptr, sub_indices, final_nodes, sub_keep, np.ascontiguousarray(protected), needs_input
     )
+    score = np.zeros(len(indices))
+    score[entry] = sub_score
+    edge_mask = np.zeros(len(indices), dtype=np.bool_)
+    edge_mask[entry] = sub_keep
     return PruneResult(
         node_mask=final_nodes,
         edge_mask=edge_mask,

@@ -62,3 +62,23 @@ def test_cuda_graph_equals_cpu_graph(arch):
     A = cpu.dense_adjacency()
     np.testing.assert_allclose(gpu.dense_adjacency(), A, atol=1e-10 * np.abs(A).max(), rtol=0)
     assert next(lm.model.parameters()).device.type == "cpu"  # the model is handed back where it was
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_linear_backward_flop_count_matches_the_profiler(arch):
+    """The engine's FLOP count (benchmarks' floor, issue 8 item 4) equals what torch's profiler counts
+    for the matmuls it actually ran."""
+    from torch.profiler import profile
+
+    lm = tiny_lm(arch)
+    ts = random_transcoders(lm)
+    rm = ReplacementModel(lm, ts)
+    run = rm.run(torch.tensor(PROMPT))
+    d = lm.d_model
+    reads = [(2, 3, torch.randn(d)), (1, 5, torch.randn(d)), (lm.n_layers, len(PROMPT) - 1, torch.randn(d))]
+    for batch in (reads[:2], reads):
+        eng = LinearBackward(rm, run)
+        with profile(with_flops=True) as prof:
+            eng.backward_into(batch, lambda l, g: None)
+        counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
+        assert eng.flops == counted > 0

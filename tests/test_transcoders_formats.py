@@ -98,3 +98,16 @@ def test_sparsify_errors(tmp_path):
     (tmp_path / "layers.1.mlp" / "cfg.json").rename(tmp_path / "layers.1.mlp" / "x.json")
     with pytest.raises(FormatError, match=r"cover layers \[0, 2\]"):
         import_sparsify(tmp_path)
+
+
+def test_sparsify_single_coder_import(tmp_path):
+    """One hookpoint folder (e.g. a coder of layer 15 trained alone) loads as one Transcoder."""
+    from sparsetrace.transcoders.formats import import_sparsify_coder
+
+    ts = _set()
+    _write_sparsify(tmp_path, ts)
+    tc = import_sparsify_coder(tmp_path / "layers.2.mlp")
+    x = torch.randn(5, 8)
+    assert_close(tc(x), ts[2](x).detach())
+    with pytest.raises(FormatError, match="no cfg.json"):
+        import_sparsify_coder(tmp_path)

@@ -76,6 +76,8 @@ class LinearBackward:
             )
         self.final_norm = self._norm(ad.final_norm(model), run)
         self.passes = 0
+        self.flops = 0
+        """Multiply-add FLOPs (2 per MAC) of the matmuls run so far (elementwise norm scales not counted)."""
 
     def _norm(self, module, run: CleanRun) -> _Norm:
         kind = norm_kind(module)
@@ -147,7 +149,13 @@ class LinearBackward:
             # h_mid = h + post_attn(attention(attn_norm(h)))
             g_att = lay.post_attn.transpose(g_mid) if lay.post_attn is not None else g_mid
             g = g_mid + lay.attn_norm.transpose(self._attention_transpose(lay, g_att))
+            self.flops += self._layer_flops(B, Tp, skip=l < l_max and lay.W_skip is not None)
         return _pad(g, self.T)
+
+    def _layer_flops(self, B: int, Tp: int, skip: bool) -> int:
+        d, q, v = self.final_norm.scale.shape[-1], self.n_q * self.hd, self.n_kv * self.hd
+        # W_O, frozen pattern (full T'×T' blocks), W_V, skip
+        return 2 * B * Tp * (d * q + self.n_q * Tp * self.hd + v * d + (d * d if skip else 0))
 
 
 def _pad(x: Tensor, T: int) -> Tensor:

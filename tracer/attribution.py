@@ -86,6 +86,10 @@ class AttributionStats:
     rows_computed: int
     backward_passes: int
     seconds: float
+    backward_gflop: float | None = None
+    """Matmul FLOPs of the hand-written backward passes (None with backward="autograd")."""
+    contraction_gflop: float = 0.0
+    """Matmul FLOPs of contracting the gradients with the sources' writes."""
 
 
 @dataclass(eq=False)
@@ -159,13 +163,15 @@ class _Contraction:
     def __init__(self, run: CleanRun, cand: _Candidates, B: int, n_src: int) -> None:
         self.run, self.cand = run, cand
         self.rows = run.h0.new_zeros(B, n_src)
+        self.flops = 0
         lay = cand.layout
         self._err = torch.as_tensor(lay.error_index(*np.divmod(np.arange(lay.n_layers * lay.n_pos), lay.n_pos)),
                                     device=self.rows.device)
 
     def layer(self, l: int, g: Tensor) -> None:
         cand, T = self.cand, self.cand.layout.n_pos
-        B, Tp, _ = g.shape
+        B, Tp, d = g.shape
+        self.flops += 2 * Tp * B * d * (cand.k_max + 1)
         out = torch.bmm(g.transpose(0, 1), cand.w_pad[l * T : l * T + Tp])  # (T', B, k_max + 1)
         self.rows[:, self._err[l * T : l * T + Tp]] = out[:, :, -1].T
         s = int(cand.layer_start[l])
@@ -177,6 +183,7 @@ class _Contraction:
     def embedding(self, g_emb: Tensor) -> Tensor:
         tok_idx = torch.as_tensor(self.cand.layout.token_index(np.arange(self.run.n_pos)), device=g_emb.device)
         self.rows[:, tok_idx] = torch.einsum("btd,td->bt", g_emb, self.run.h0)
+        self.flops += 2 * g_emb.numel()
         return self.rows
 
 
@@ -308,10 +315,14 @@ def _attribute(
     np_dt = np.float64 if cfg.dtype == "float64" else np.float32
     store = RowStore(lay.n_nodes, cfg.store_threshold, np_dt, np.r_[cand.layer, np.full(lay.n_nodes - n_feat, L)])
 
+    contraction_flops = 0
+
     def compute(target_idx: np.ndarray, reads: list[tuple[int, int, Tensor]]) -> None:
+        nonlocal contraction_flops
         con = _Contraction(run, cand, len(reads), n_src)
         g_emb = engine.backward_into(reads, con.layer)
         store.add(target_idx, con.embedding(g_emb))
+        contraction_flops += con.flops
 
     # logit rows first: they rank the features for a row budget
     logit_nodes = np.asarray(lay.logit_index(np.arange(K)), dtype=np.int64).reshape(-1)
@@ -376,6 +387,8 @@ def _attribute(
         rows_computed=K + done,
         backward_passes=engine.passes,
         seconds=time.perf_counter() - t0,
+        backward_gflop=engine.flops / 1e9 if hasattr(engine, "flops") else None,
+        contraction_gflop=contraction_flops / 1e9,
     )
     return AttributionGraph(
         layout=layout,

@@ -30,7 +30,7 @@ from sparsetrace.errors import ConfigError, FormatError
 from .io import atomic_write, read_safetensors
 from .model import Transcoder, TranscoderSet, TranscoderSetConfig
 
-__all__ = ["import_circuit_tracer", "export_circuit_tracer", "import_sparsify"]
+__all__ = ["import_circuit_tracer", "export_circuit_tracer", "import_sparsify", "import_sparsify_coder"]
 
 # Where our hooks sit, in circuit-tracer's (TransformerLens) names: the MLP's normed input and its output.
 CT_INPUT_HOOK = "mlp.hook_in"
@@ -108,6 +108,100 @@ def import_circuit_tracer(
         else:
             act, k = cfg.get("activation", "relu"), None
         tcs.append(_build(t, act, k, f"{path.name}"))
+    first = tcs[0]
+    set_cfg = TranscoderSetConfig(
+        model_id=model_id or str(cfg.get("model_name", "unknown")),
+        architecture=architecture,
+        n_layers=len(tcs),
+        d_in=first.d_in,
+        n_features=first.n_features,
+        activation=first.activation,
+        k=first.k,
+        skip=first.has_skip,
+        training={"imported_from": "circuit-tracer", "source": str(folder),
+                  "feature_input_hook": cfg.get("feature_input_hook"), "feature_output_hook": cfg.get("feature_output_hook")},
+    )
+    return TranscoderSet(set_cfg, tcs)
+
+
+def export_circuit_tracer(ts: TranscoderSet, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``ts`` in circuit-tracer's layout (loadable by its ``load_transcoder_set``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, tc in enumerate(ts):
+        t: dict[str, torch.Tensor] = {"W_enc": tc.W_enc, "W_dec": tc.W_dec, "b_enc": tc.b_enc, "b_dec": tc.b_dec}
+        if tc.W_skip is not None:
+            t["W_skip"] = tc.W_skip
+        if tc.activation == "jumprelu":
+            t["activation_function.threshold"] = tc.threshold
+        t = {k: v.detach().to("cpu", dtype).contiguous() for k, v in t.items()}
+        if tc.activation == "topk":
+            t["k"] = torch.tensor(tc.k)
+        name = f"layer_{i}.safetensors"
+        atomic_write(folder / name, lambda tmp, t=t: save_file(t, tmp))
+        names.append(name)
+    cfg: dict[str, Any] = {
+        "model_name": ts.config.model_id,
+        "model_kind": "transcoder_set",
+        "feature_input_hook": CT_INPUT_HOOK,
+        "feature_output_hook": CT_OUTPUT_HOOK,
+        "activation": ts.config.activation,
+        "transcoders": names,
+    }
+    if ts.config.activation == "topk":
+        cfg["k"] = ts.config.k
+    text = _yaml().safe_dump(cfg, sort_keys=False)
+    atomic_write(folder / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+def _layer_of(hookpoint: str) -> int:
+    nums = re.findall(r"\d+", hookpoint)
+    if not nums:
+        raise FormatError(f"sparsify hookpoint {hookpoint!r} names no layer number")
+    return int(nums[0])
+
+
+def import_sparsify_coder(folder: str | os.PathLike) -> Transcoder:
+    """Load one sparsify coder (a ``<hookpoint>`` folder with ``cfg.json`` and ``sae.safetensors``)."""
+    p = Path(folder)
+    if not (p / "cfg.json").is_file():
+        raise FormatError(f"{str(p)!r} has no cfg.json: not a sparsify coder folder")
+    cfg = json.loads((p / "cfg.json").read_text())
+    act = cfg.get("activation", "topk")
+    if act != "topk":
+        raise FormatError(f"{str(p / 'cfg.json')!r}: activation={act!r}; only 'topk' sparsify coders can be imported")
+    t = read_safetensors(p / "sae.safetensors")
+    if "encoder.weight" not in t:
+        raise FormatError(f"{str(p / 'sae.safetensors')!r}: missing 'encoder.weight' (has {sorted(t)})")
+    W_enc, b_enc = t.pop("encoder.weight"), t.pop("encoder.bias")
+    if not cfg.get("transcode", False):
+        # An SAE encodes x − b_dec: W(x − b_dec) + b = Wx + (b − W b_dec).
+        b_enc = b_enc - W_enc @ t["b_dec"]
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if "W_skip" in t:
+        tensors["W_skip"] = t["W_skip"]
+    k = cfg.get("k")
+    if not isinstance(k, int) or k <= 0:
+        raise FormatError(f"{str(p / 'cfg.json')!r}: k={k!r}; expected a positive integer")
+    return _build(tensors, "topk", k, p.name)
+
+
+def import_sparsify(
+    folder: str | os.PathLike, *, model_id: str = "unknown", architecture: str = "llama"
+) -> TranscoderSet:
+    """Load a sparsify set: ``folder/<hookpoint>/{cfg.json, sae.safetensors}``, layers ordered by the
+    number in the hookpoint name (they must be 0..n−1; the set's ``training['hookpoints']`` keeps the names)."""
+    folder = Path(folder)
+    subs = [p for p in folder.iterdir() if (p / "cfg.json").is_file()] if folder.is_dir() else []
+    if not subs:
+        raise FormatError(f"{str(folder)!r} has no <hookpoint>/cfg.json: not a sparsify set")
+    subs.sort(key=lambda p: _layer_of(p.name))
+    layers = [_layer_of(p.name) for p in subs]
+    if layers != list(range(len(subs))):
+        raise FormatError(f"sparsify hookpoints cover layers {layers}; a set needs layers 0..{len(subs) - 1}")
+    tcs = [import_sparsify_coder(p) for p in subs]
     first = tcs[0]
     set_cfg = TranscoderSetConfig(
         model_id=model_id or str(cfg.get("model_name", "unknown")),
