@@ -82,3 +82,32 @@ def test_linear_backward_flop_count_matches_the_profiler(arch):
             eng.backward_into(batch, lambda l, g: None)
         counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
         assert eng.flops == counted > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_blocked_causal_pattern_product_equals_dense(arch, monkeypatch):
+    """Long prompts skip the zero upper blocks of Pᵀ; with tiny blocks the blocked path runs here and
+    must give autograd's gradients, and the FLOP count must still match the profiler's."""
+    import sparsetrace.tracer._linear as lin
+    from torch.profiler import profile
+
+    monkeypatch.setattr(lin, "CAUSAL_BLOCK", 2)
+    lm = tiny_lm(arch)
+    ts = random_transcoders(lm)
+    lm.to(dtype=torch.float64)
+    ts.to(dtype=torch.float64)
+    rm = ReplacementModel(lm, ts)
+    run = rm.run(torch.tensor(PROMPT))
+    gen = torch.Generator().manual_seed(1)
+    d = lm.d_model
+    reads = [(lm.n_layers, len(PROMPT) - 1, torch.randn(d, dtype=torch.float64, generator=gen)),
+             (1, 4, torch.randn(d, dtype=torch.float64, generator=gen))]
+    ga, ea = _AutogradBackward(rm, run, len(reads)).backward(reads)
+    eng = LinearBackward(rm, run)
+    with profile(with_flops=True) as prof:
+        gb, eb = eng.backward(reads)
+    scale = ea.abs().max().item()
+    torch.testing.assert_close(gb, ga, atol=1e-12 * scale, rtol=0)
+    torch.testing.assert_close(eb, ea, atol=1e-12 * scale, rtol=0)
+    counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
+    assert eng.flops == counted

@@ -45,7 +45,7 @@ class _Layer:
     W_V: Tensor  # [n_kv·hd, d]
     W_O: Tensor  # [d, n_q·hd]
     W_skip: Tensor | None  # [d, d] (y = x̃ W_skipᵀ)
-    pattern: Tensor  # [n_q, T, T]
+    pattern_t: Tensor  # [n_q, T, T] the frozen pattern transposed (contiguous): P_tᵀ[h, key, query]
 
 
 class LinearBackward:
@@ -71,7 +71,7 @@ class LinearBackward:
                     W_V=W_V.detach(),
                     W_O=W_O.detach(),
                     W_skip=None if tc.W_skip is None else tc.W_skip.detach(),
-                    pattern=run.patterns[i],
+                    pattern_t=run.patterns[i].transpose(1, 2).contiguous(),
                 )
             )
         self.final_norm = self._norm(ad.final_norm(model), run)
@@ -93,8 +93,7 @@ class LinearBackward:
         # heads as the bmm batch and (B, hd) as columns: nq matmuls of (T'×T')·(T'×B·hd), far fewer and
         # larger than B·nq tiny ones
         g_o = (g @ layer.W_O).view(B, Tp, nq, hd).permute(2, 1, 0, 3).reshape(nq, Tp, B * hd)
-        P = layer.pattern[:, :Tp, :Tp]  # (nq, T', T')
-        g_v = torch.bmm(P.transpose(1, 2), g_o).view(nq, Tp, B, hd)  # (nq, T', B, hd)
+        g_v = _causal_transpose_product(layer.pattern_t, g_o, Tp).view(nq, Tp, B, hd)  # (nq, T', B, hd)
         if nkv != nq:  # grouped-query attention: query heads share a value head
             g_v = g_v.view(nkv, nq // nkv, Tp, B, hd).sum(1)
         g_v = g_v.permute(2, 1, 0, 3).reshape(B, Tp, nkv * hd)
@@ -154,8 +153,35 @@ class LinearBackward:
 
     def _layer_flops(self, B: int, Tp: int, skip: bool) -> int:
         d, q, v = self.final_norm.scale.shape[-1], self.n_q * self.hd, self.n_kv * self.hd
-        # W_O, frozen pattern (full T'×T' blocks), W_V, skip
-        return 2 * B * Tp * (d * q + self.n_q * Tp * self.hd + v * d + (d * d if skip else 0))
+        # W_O, frozen pattern (the key blocks _causal_transpose_product multiplies), W_V, skip
+        return 2 * B * Tp * (d * q + v * d + (d * d if skip else 0)) + 2 * self.n_q * B * self.hd * _pattern_macs(Tp)
+
+
+CAUSAL_BLOCK = 256
+"""Key positions per block of the transposed pattern product; prompts up to this length use one block."""
+
+
+def _blocks(Tp: int) -> list[int]:
+    return list(range(0, Tp, CAUSAL_BLOCK)) if Tp > CAUSAL_BLOCK else [0]
+
+
+def _pattern_macs(Tp: int) -> int:
+    """(key, query) pairs :func:`_causal_transpose_product` multiplies per head and column."""
+    return sum(min(CAUSAL_BLOCK, Tp - j0) * (Tp - j0) for j0 in _blocks(Tp)) if Tp > CAUSAL_BLOCK else Tp * Tp
+
+
+def _causal_transpose_product(P_t: Tensor, g: Tensor, Tp: int) -> Tensor:
+    """Pᵀ·g for causal patterns, P_t = Pᵀ [nq, T, T] (zero where key > query), g [nq, T', C] → [nq, T', C].
+
+    Key block [j0, j1) only receives from queries ≥ j0, so the zero upper part of Pᵀ is skipped block by
+    block: about half the multiply-adds of one dense (T'×T')·(T'×C) product for long prompts."""
+    if Tp <= CAUSAL_BLOCK:
+        return torch.bmm(P_t[:, :Tp, :Tp], g)
+    out = g.new_empty(g.shape)
+    for j0 in _blocks(Tp):
+        j1 = min(j0 + CAUSAL_BLOCK, Tp)
+        torch.bmm(P_t[:, j0:j1, j0:Tp], g[:, j0:Tp], out=out[:, j0:j1])
+    return out
 
 
 def _pad(x: Tensor, T: int) -> Tensor:
