@@ -188,35 +188,32 @@ def child_ct(args: argparse.Namespace) -> None:
     g = attribute(ids, model, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes)
     secs = time.perf_counter() - t0
     rss_attr = _rss_mb()
-    t0 = time.perf_counter()
-    pr = prune_graph(g, NODE_THRESHOLD, EDGE_THRESHOLD)
-    prune_secs = time.perf_counter() - t0
-    node_mask, edge_mask = pr[0], pr[1]
     feats = g.active_features[g.selected_features].numpy().astype(np.int64)  # [F, 3] (layer, pos, feature)
     tag = f"ct_{args.tokens}"
     if args.max_feature_nodes is None:
         np.save(work / f"{tag}_A.npy", g.adjacency_matrix.numpy().astype(np.float32, copy=False))
     np.save(work / f"{tag}_features.npy", feats)
-    logit_tokens = [int(t.vocab_idx) for t in g.logit_targets]
-    print(
-        json.dumps(
-            {
-                "tool": "circuit-tracer",
-                "tokens": args.tokens,
-                "active_features": int(g.active_features.shape[0]),
-                "feature_nodes": int(len(g.selected_features)),
-                "n_nodes": int(g.adjacency_matrix.shape[0]),
-                "logit_tokens": logit_tokens,
-                "logit_probabilities": [float(p) for p in g.logit_probabilities],
-                "seconds": round(secs, 2),
-                "peak_rss_mb": round(_rss_mb(), 1),
-                "peak_rss_after_attribution_mb": round(rss_attr, 1),
-                "prune_seconds": round(prune_secs, 3),
-                "nodes_kept": int(node_mask.sum()),
-                "edges_kept": int(edge_mask.sum()),
-            }
-        )
-    )
+    rec = {
+        "tool": "circuit-tracer",
+        "tokens": args.tokens,
+        "active_features": int(g.active_features.shape[0]),
+        "feature_nodes": int(len(g.selected_features)),
+        "n_nodes": int(g.adjacency_matrix.shape[0]),
+        "logit_tokens": [int(t.vocab_idx) for t in g.logit_targets],
+        "logit_probabilities": [float(p) for p in g.logit_probabilities],
+        "seconds": round(secs, 2),
+        "peak_rss_after_attribution_mb": round(rss_attr, 1),
+    }
+    # printed before pruning: circuit-tracer's dense pruning can run out of memory (issue 8 saw it at
+    # 32 tokens in 24 GB), and the attribution result must survive that
+    print(json.dumps(rec), flush=True)
+    t0 = time.perf_counter()
+    pr = prune_graph(g, NODE_THRESHOLD, EDGE_THRESHOLD)
+    prune_secs = time.perf_counter() - t0
+    node_mask, edge_mask = pr[0], pr[1]
+    rec.update(peak_rss_mb=round(_rss_mb(), 1), prune_seconds=round(prune_secs, 3),
+               nodes_kept=int(node_mask.sum()), edges_kept=int(edge_mask.sum()))
+    print(json.dumps(rec))
 
 
 # ---------------------------------------------------------------- sparsetrace (our venv) --------
@@ -280,14 +277,23 @@ def child_ours(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- parent ------------------------
 def _run(cmd: list[str], timeout: float | None, env: dict) -> tuple[dict | None, str]:
+    """The child's last JSON line, and an error text if it failed. A child that printed a record and then
+    died (e.g. killed for memory while pruning) returns that record with ``"failed_after"`` set."""
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return None, f"killed after {timeout:.0f} s (time limit)"
-    if p.returncode != 0:
-        tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
-        return None, f"exit {p.returncode}:\n{tail}"
-    return json.loads(p.stdout.strip().splitlines()[-1]), ""
+        out, code, err = p.stdout, p.returncode, p.stderr
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        code, err = None, f"killed after {timeout:.0f} s (time limit)"
+    lines = [l for l in out.strip().splitlines() if l.startswith("{")]
+    last = json.loads(lines[-1]) if lines else None
+    if code == 0:
+        return last, ""
+    why = err if code is None else f"exit {code}" + (" (killed: out of memory)" if code == -9 else "") + ":\n" + \
+        "\n".join((err or out).strip().splitlines()[-15:])
+    if last is not None:
+        last["failed_after"] = why.splitlines()[0]
+    return last, why
 
 
 def compare(work: Path, n: int, ct: dict, ours: dict) -> dict:
@@ -391,7 +397,7 @@ def main() -> None:
         targets = json.dumps(ct["logit_tokens"]) if ct else None
         print(f"[{n} tokens] sparsetrace …", flush=True)
         ours, ours_err = _run(me + ["--child", "ours"] + common + extra + (["--targets", targets, "--save-dense"] if targets else []), None, env)
-        case = {"tokens": n, "max_feature_nodes": budget, "circuit_tracer": ct or {"error": ct_err},
+        case = {"tokens": n, "max_feature_nodes": budget, "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "circuit_tracer": ct or {"error": ct_err},
                 "sparsetrace": ours or {"error": ours_err}}
         if ct and ours and budget is None:
             case["agreement"] = compare(work, n, ct, ours)
@@ -416,6 +422,12 @@ def main() -> None:
     if not args.no_write:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():  # keep the earlier runs of cases not rerun now (each case records its own date)
+            ran = {(c["tokens"], c["max_feature_nodes"]) for c in cases}
+            old = json.loads(out.read_text())
+            kept = [c | {"date_utc": c.get("date_utc", old.get("date_utc"))} for c in old.get("cases", [])
+                    if (c["tokens"], c["max_feature_nodes"]) not in ran]
+            res["cases"] = sorted(kept + cases, key=lambda c: (c["max_feature_nodes"] is not None, c["tokens"]))
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, out)
@@ -443,10 +455,13 @@ def markdown_rows(c: dict) -> list[str]:
         if "error" in r:
             rows.append(head + f" not run: {r['error'].splitlines()[0]} | | | | | |")
             continue
+        if "failed_after" in r:  # attribution finished, pruning did not
+            tail = f" — | pruning failed: {r['failed_after']} |"
+        else:
+            tail = f" {r['peak_rss_mb'] / 1024:.2f} | {r['prune_seconds']:.3g} ({r['nodes_kept']} nodes, {r['edges_kept']} edges) |"
         rows.append(
             head + f" {r['active_features']} | {r['seconds']:.1f} | {r['peak_rss_after_attribution_mb'] / 1024:.2f} |"
-            f" {r['peak_rss_mb'] / 1024:.2f} | {r['prune_seconds']:.3g} ({r['nodes_kept']} nodes, {r['edges_kept']} edges) |"
-            f" {agree} |"
+            + tail + f" {agree} |"
         )
     return rows
 

@@ -59,9 +59,14 @@ def test_influence_sweep_equals_power_series(seed, threshold):
 def test_assemble_folds_unselected_into_their_error_node(seed):
     A, layer, with_rows, n_feat, n_src = _random_partial_graph(seed)
     n = A.shape[0]
-    store = RowStore(n, 0.0, np.float64, layer)
-    for chunk in np.array_split(with_rows[::-1], 2):
-        store.add(chunk, torch.as_tensor(A[chunk, :n_src]))
+
+    def filled() -> RowStore:
+        store = RowStore(n, 0.0, np.float64, layer)
+        for chunk in np.array_split(with_rows[::-1], 2):
+            store.add(chunk, torch.as_tensor(A[chunk, :n_src]))
+        return store
+
+    store = filled()
     keep = np.ones(n, dtype=bool)
     keep[:n_feat] = np.isin(np.arange(n_feat), with_rows)
     col_map = np.arange(n)
@@ -78,8 +83,9 @@ def test_assemble_folds_unselected_into_their_error_node(seed):
     got[r, adj.indices] = adj.data
     np.testing.assert_allclose(got, expected, atol=1e-12, rtol=0)
     assert np.all(np.diff(adj.indices)[np.diff(r) == 0] > 0)  # columns sorted, no duplicates in a row
+    assert not store.blocks  # assembling consumes the store
     # identity map: the stored rows exactly
-    adj = store.assemble(np.ones(n, dtype=bool), np.arange(n))
+    adj = filled().assemble(np.ones(n, dtype=bool), np.arange(n))
     got = np.zeros((n, n))
     got[np.repeat(np.arange(n), np.diff(adj.indptr)), adj.indices] = adj.data
     np.testing.assert_array_equal(got, A * np.isin(np.arange(n), with_rows)[:, None])

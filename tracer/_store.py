@@ -97,38 +97,46 @@ class RowStore:
 
     def assemble(self, keep: np.ndarray, col_map: np.ndarray) -> Adjacency:
         """CSR over the kept nodes (renumbered in order); source column j becomes ``col_map[j]``
-        (duplicates summed: unselected features fold into their error node)."""
+        (duplicates summed: unselected features fold into their error node).
+
+        Consumes the store (each block is freed once merged), so the peak is the merged rows (8 bytes an
+        entry) plus the CSR being filled (12 bytes an entry), not the rows held twice."""
         keep = np.asarray(keep, dtype=bool)
         new_index = np.cumsum(keep) - 1
         n_new = int(keep.sum())
         cmap = new_index[col_map].astype(np.int64)
         identity = bool(np.array_equal(col_map, np.arange(self.n)))
+        col_dt = np.int32 if n_new < 2**31 else np.int64
         counts = np.zeros(n_new, dtype=np.int64)
-        parts = []  # per block: (new row of each kept row, its entries' columns, values)
-        for b in self.blocks:
+        parts = []  # per block: new row of each kept row (row-major), its count, entries' columns, values
+        while self.blocks:
+            b = self.blocks.pop(0)
             rows_kept = keep[b.targets]
             if not rows_kept.any():
                 continue
-            r = np.repeat(np.arange(len(b.targets)), np.diff(b.indptr))
+            r = np.repeat(np.arange(len(b.targets), dtype=np.int32), np.diff(b.indptr))
             m = rows_kept[r]
             r, cc, vv = r[m], cmap[b.cols[m]], b.vals[m]
+            del m, b.cols, b.vals
             if not identity:  # merge duplicate (row, column) pairs
-                key = r * np.int64(n_new) + cc
+                key = r.astype(np.int64) * np.int64(n_new) + cc
                 key, inv = np.unique(key, return_inverse=True)
                 vv = np.bincount(inv, weights=vv, minlength=len(key))
-                r, cc = key // n_new, key % n_new
+                r, cc = (key // n_new).astype(np.int32), key % n_new
                 nz = vv != 0
                 r, cc, vv = r[nz], cc[nz], vv[nz]
-            new_rows = new_index[b.targets]
-            counts[new_rows[rows_kept]] = np.bincount(r, minlength=len(b.targets))[rows_kept]
-            parts.append((new_rows[r], cc, vv.astype(self.dtype)))
+            local = np.flatnonzero(rows_kept)
+            per_row = np.bincount(r, minlength=len(b.targets))[local]
+            new_rows = new_index[b.targets[local]]
+            counts[new_rows] = per_row
+            parts.append((new_rows, per_row, cc.astype(col_dt), vv.astype(self.dtype)))
         indptr = np.zeros(n_new + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
         cols = np.zeros(int(indptr[-1]), dtype=np.int64)
         vals = np.zeros(int(indptr[-1]), dtype=self.dtype)
-        for rows, cc, vv in parts:  # each block's entries are row-major: place them at their rows' slots
-            first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-            offs = np.arange(len(rows)) - np.repeat(first, np.diff(np.r_[first, len(rows)]))
-            at = indptr[rows] + offs
+        while parts:  # each part's entries are row-major: place them at their rows' slots
+            new_rows, per_row, cc, vv = parts.pop(0)
+            starts = np.repeat(indptr[new_rows] - np.r_[0, np.cumsum(per_row)[:-1]], per_row)
+            at = starts + np.arange(len(cc))
             cols[at], vals[at] = cc, vv
         return Adjacency(indptr, cols, vals, n_new, self.remainder[keep].astype(self.dtype))
