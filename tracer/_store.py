@@ -71,7 +71,7 @@ class RowStore:
         absb = np.abs(blk)
         if self.threshold > 0:
             keep = absb > self.threshold * absb.max(axis=1, keepdims=True)
-            self.remainder[targets] += np.where(keep, 0.0, absb).sum(axis=1)
+            self.remainder[targets] += absb.sum(axis=1, where=~keep, dtype=np.float64)
         else:
             keep = blk != 0
         r, c = np.nonzero(keep)  # row-major: columns sorted within each row
