@@ -113,6 +113,8 @@ class _Candidates:
     w_pad: Tensor  # [L·T, d, k_max + 1]
     local: Tensor  # [n_feat] int64
     within: Tensor  # [n_feat] int64, column of a feature in its group
+    err_index: Tensor  # [L·T] node index of the error node at (layer, pos), layer-major
+    tok_index: Tensor  # [T] node index of the token node at pos
 
     @property
     def k_max(self) -> int:
@@ -151,8 +153,11 @@ def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
         gi = torch.as_tensor(group[s:e], device=act.device)
         ki = torch.as_tensor(within[s:e], device=act.device)
         w_pad[gi, :, ki] = w
-    within_t = torch.as_tensor(within, device=act.device)
-    return _Candidates(layer, pos, feat, layout, starts, group, w_pad, local, within_t)
+    dev = act.device
+    err_index = torch.as_tensor(layout.error_index(*np.divmod(np.arange(L * T), T)), device=dev)
+    tok_index = torch.as_tensor(layout.token_index(np.arange(T)), device=dev)
+    return _Candidates(layer, pos, feat, layout, starts, group, w_pad, local, torch.as_tensor(within, device=dev),
+                       err_index, tok_index)
 
 
 class _Contraction:
@@ -164,16 +169,13 @@ class _Contraction:
         self.run, self.cand = run, cand
         self.rows = run.h0.new_zeros(B, n_src)
         self.flops = 0
-        lay = cand.layout
-        self._err = torch.as_tensor(lay.error_index(*np.divmod(np.arange(lay.n_layers * lay.n_pos), lay.n_pos)),
-                                    device=self.rows.device)
 
     def layer(self, l: int, g: Tensor) -> None:
         cand, T = self.cand, self.cand.layout.n_pos
         B, Tp, d = g.shape
         self.flops += 2 * Tp * B * d * (cand.k_max + 1)
         out = torch.bmm(g.transpose(0, 1), cand.w_pad[l * T : l * T + Tp])  # (T', B, k_max + 1)
-        self.rows[:, self._err[l * T : l * T + Tp]] = out[:, :, -1].T
+        self.rows[:, cand.err_index[l * T : l * T + Tp]] = out[:, :, -1].T
         s = int(cand.layer_start[l])
         e = int(np.searchsorted(cand.group, l * T + Tp))  # features of layer l at positions < T'
         if e > s:
@@ -181,8 +183,7 @@ class _Contraction:
             self.rows[:, s:e] = flat[:, cand.local[s:e]]
 
     def embedding(self, g_emb: Tensor) -> Tensor:
-        tok_idx = torch.as_tensor(self.cand.layout.token_index(np.arange(self.run.n_pos)), device=g_emb.device)
-        self.rows[:, tok_idx] = torch.einsum("btd,td->bt", g_emb, self.run.h0)
+        self.rows[:, self.cand.tok_index] = torch.einsum("btd,td->bt", g_emb, self.run.h0)
         self.flops += 2 * g_emb.numel()
         return self.rows
 
