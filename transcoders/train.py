@@ -316,7 +316,11 @@ class Trainer:
             xtx = xtx + xc.transpose(1, 2) @ xc
             xty = xty + xc.transpose(1, 2) @ yc
         eye = torch.eye(x.shape[-1], dtype=torch.float64)
-        w = torch.linalg.solve(xtx + ridge * x.shape[1] * eye, xty)  # (L, i, o)
+        # The system is symmetric positive definite: Cholesky, one layer at a time. (torch 2.13's CPU
+        # batched LU solve failed here with OMP_NUM_THREADS=2 — "Pivots given to lu_solve must all be
+        # greater or equal to 1" — on well-conditioned matrices.)
+        w = torch.stack([torch.cholesky_solve(b, torch.linalg.cholesky(a))
+                         for a, b in zip(xtx + ridge * x.shape[1] * eye, xty)])  # (L, i, o)
         return w.transpose(1, 2).float()
 
     # ---- the forward ------------------------------------------------------------------------------
