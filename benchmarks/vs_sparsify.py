@@ -72,8 +72,10 @@ def child_sparsify(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     trainer.fit()
     secs = time.perf_counter() - t0
-    print(json.dumps({"tool": "sparsify", "seconds": round(secs, 2), "sequences": int(ids.shape[0]),
-                      "peak_rss_mb": round(_rss_mb(), 1), "out": str(work / "sparsify" / "run")}))
+    rec = {"tool": "sparsify", "seconds": round(secs, 2), "sequences": int(ids.shape[0]),
+           "peak_rss_mb": round(_rss_mb(), 1), "out": str(work / "sparsify" / "run")}
+    (work / "sparsify.json").write_text(json.dumps(rec))
+    print(json.dumps(rec))
 
 
 # ---------------------------------------------------------------- sparsetrace (our venv) --------
@@ -89,6 +91,15 @@ def child_ours(args: argparse.Namespace) -> None:
     work = Path(args.work)
     lm = load_model(args.model_dir, device="cpu")
     corpus = open_corpus(args.corpus)
+    read = [0]  # sequences the trainer asked the corpus for (LM tokens read = read × 256)
+    sequences = corpus.sequences
+
+    def counted(*a, **k):
+        out = sequences(*a, **k)
+        read[0] += len(out)
+        return out
+
+    corpus.sequences = counted
     cfg = TrainConfig(
         n_features=args.n_features, k=args.k, skip=True, layers=tuple(args.layers),
         n_tokens=args.sequences * (CTX - 1),  # position 0 is never trained on
@@ -98,10 +109,8 @@ def child_ours(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     train_transcoders(lm, corpus, cfg, work / "ours")
     secs = time.perf_counter() - t0
-    latest = work / "ours" / "checkpoint" / "latest.json"
-    seqs = json.loads(latest.read_text()).get("position") if latest.exists() else None
-    print(json.dumps({"tool": "sparsetrace", "seconds": round(secs, 2), "sequences": seqs or args.sequences,
-                      "peak_rss_mb": round(_rss_mb(), 1), "out": str(work / "ours")}))
+    print(json.dumps({"tool": "sparsetrace", "seconds": round(secs, 2), "sequences": read[0],
+                      "trained_tokens": cfg.n_tokens, "peak_rss_mb": round(_rss_mb(), 1), "out": str(work / "ours")}))
 
 
 # ---------------------------------------------------------------- data and scoring (our venv) ---
@@ -190,9 +199,9 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="vs_sparsify_"))
     work.mkdir(parents=True, exist_ok=True)
-    for sub in ("ours", "sparsify"):
-        if (work / sub).exists():
-            raise SystemExit(f"{work / sub} exists: give a fresh --work folder")
+    if (work / "ours").exists():
+        raise SystemExit(f"{work / 'ours'} exists: give a fresh --work folder (or remove it to retrain ours)")
+    reuse = (work / "sparsify.json").is_file()  # a finished sparsify run in this folder is reused
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     script = str(Path(__file__).resolve())
@@ -202,15 +211,19 @@ def main() -> None:
     prep = _run([sys.executable, script, "--child", "prepare"] + common, env)
     common += ["--model-dir", prep["model_dir"]]
     print(f"work {work}: {prep['train_tokens']} training tokens, {prep['heldout_tokens']} held-out", flush=True)
-    print("sparsify …", flush=True)
-    sp = _run([args.sp_python, script, "--child", "sparsify"] + common, env)
+    print("sparsify …" + (" (reusing the finished run in the work folder)" if reuse else ""), flush=True)
+    sp = json.loads((work / "sparsify.json").read_text()) if reuse else _run([args.sp_python, script, "--child", "sparsify"] + common, env)
+    if reuse:
+        sp["reused_from"] = str(work)
     print(f"  {sp['seconds']} s", flush=True)
     print("sparsetrace …", flush=True)
     ours = _run([sys.executable, script, "--child", "ours"] + common, env)
     print(f"  {ours['seconds']} s", flush=True)
     score = _run([sys.executable, script, "--child", "score"] + common, env)
+    sp["trained_tokens"] = sp["sequences"] * CTX  # sparsify trains on every position
     for r in (sp, ours):
         r["lm_tokens_per_s"] = round(r["sequences"] * CTX / r["seconds"], 1)
+        r["trained_tokens_per_s"] = round(r["trained_tokens"] / r["seconds"], 1)
     res = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "command": " ".join([".venv/bin/python", "benchmarks/vs_sparsify.py"] + sys.argv[1:]),
@@ -222,6 +235,7 @@ def main() -> None:
         "sparsify": sp | {"heldout": score["sparsify"]},
         "sparsetrace": ours | {"heldout": score["sparsetrace"]},
         "speedup_tokens_per_s": round(ours["lm_tokens_per_s"] / sp["lm_tokens_per_s"], 2),
+        "speedup_trained_tokens_per_s": round(ours["trained_tokens_per_s"] / sp["trained_tokens_per_s"], 2),
     }
     print("\n".join(markdown(res)))
     out = Path(args.out)
@@ -234,14 +248,15 @@ def main() -> None:
 
 def markdown(res: dict) -> list[str]:
     layers = res["setup"]["layers"]
-    rows = ["| tool | seconds | LM tokens/s | peak RSS GB | " + " | ".join(f"FVU L{l} | L0 L{l} | dead L{l}" for l in layers) + " |",
-            "|---|---|---|---|" + "---|---|---|" * len(layers)]
+    rows = ["| tool | seconds | LM tokens/s | trained tokens/s | peak RSS GB | " + " | ".join(f"FVU L{l} | L0 L{l} | dead L{l}" for l in layers) + " |",
+            "|---|---|---|---|---|" + "---|---|---|" * len(layers)]
     for name in ("sparsify", "sparsetrace"):
         r = res[name]
         cells = " | ".join(f"{r['heldout'][str(l)]['fvu']} | {r['heldout'][str(l)]['l0']} | {r['heldout'][str(l)]['dead_fraction']}"
                            for l in layers)
-        rows.append(f"| {name} | {r['seconds']} | {r['lm_tokens_per_s']} | {r['peak_rss_mb'] / 1024:.2f} | {cells} |")
-    rows.append(f"speed-up (tokens/s): {res['speedup_tokens_per_s']}×")
+        rows.append(f"| {name} | {r['seconds']} | {r['lm_tokens_per_s']} | {r['trained_tokens_per_s']} |"
+                    f" {r['peak_rss_mb'] / 1024:.2f} | {cells} |")
+    rows.append(f"speed-up: {res['speedup_tokens_per_s']}× LM tokens/s, {res['speedup_trained_tokens_per_s']}× trained tokens/s")
     return rows
 
 

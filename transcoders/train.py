@@ -523,7 +523,8 @@ def fit(
     bar = _progress(cfg, rank, tokens)
     t0, tok0 = time.perf_counter(), tokens
     while trainer.step_count < cfg.total_steps:
-        x, y = source.read(cfg.shuffle_buffer_tokens)
+        # never read past what the remaining steps train on (the last buffer may be shorter)
+        x, y = source.read(min(cfg.shuffle_buffer_tokens, (cfg.total_steps - trainer.step_count) * cfg.batch_tokens))
         n = x.shape[1]
         if n < cfg.batch_tokens:
             break  # the data ran out
