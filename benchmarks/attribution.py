@@ -156,8 +156,12 @@ def main() -> None:
     if not TEXT_FILE.is_file():
         raise SystemExit(f"{TEXT_FILE} not found (Debian's base-files ships it)")
 
-    results = []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": " ".join([".venv/bin/python", "benchmarks/attribution.py"] + sys.argv[1:]),
+               "results": []}
+    results = payload["results"]
     for case in args.cases:
         n, budget, batch, thr = _parse_case(case)
         cmd = [sys.executable, __file__, "--child", "--tokens", str(n), "--transcoders", args.transcoders,
@@ -165,26 +169,27 @@ def main() -> None:
                "--threads", str(args.threads), "--device", args.device]
         print(f"case {case} …", flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            print(out.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(f"case {case} failed")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        if out.returncode != 0:  # recorded, and the other cases still run
+            why = f"exit {out.returncode}" + (" (killed: out of memory)" if out.returncode == -9 else "")
+            print(why, out.stderr[-2000:], file=sys.stderr)
+            results.append({"case": case, "error": why})
+        else:
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    print(f"transcoders: {results[0]['transcoders']}; device {args.device}, {args.threads} threads, fp32")
+        _write(payload, Path(args.out))  # after every case: a long run keeps what it measured
+    print(f"transcoders: {args.transcoders}; device {args.device}, {args.threads} threads, fp32")
     print("| " + " | ".join(COLS) + " |")
     print("|" + "---|" * len(COLS))
     for r in results:
-        print("| " + " | ".join(str(r[c]) for c in COLS) + " |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "command": " ".join([".venv/bin/python", "benchmarks/attribution.py"] + sys.argv[1:]),
-               "results": results}
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, args.out)
+        print("| " + " | ".join(str(r.get(c, "—")) for c in COLS) + " |")
     print(f"wrote {args.out}")
 
+
+def _write(payload: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, out)
 
 if __name__ == "__main__":
     main()

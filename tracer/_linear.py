@@ -45,7 +45,7 @@ class _Layer:
     W_V: Tensor  # [n_kv·hd, d]
     W_O: Tensor  # [d, n_q·hd]
     W_skip: Tensor | None  # [d, d] (y = x̃ W_skipᵀ)
-    pattern_t: Tensor  # [n_q, T, T] the frozen pattern transposed (contiguous): P_tᵀ[h, key, query]
+    pattern_t: Tensor  # [n_q, T, T] the frozen pattern transposed (a view): P_t[h, key, query]
 
 
 class LinearBackward:
@@ -71,7 +71,7 @@ class LinearBackward:
                     W_V=W_V.detach(),
                     W_O=W_O.detach(),
                     W_skip=None if tc.W_skip is None else tc.W_skip.detach(),
-                    pattern_t=run.patterns[i].transpose(1, 2).contiguous(),
+                    pattern_t=run.patterns[i].transpose(1, 2),  # a view: BLAS reads it transposed, no copy
                 )
             )
         self.final_norm = self._norm(ad.final_norm(model), run)
