@@ -130,9 +130,21 @@ def _parse_case(text: str) -> tuple[int, int, int, float]:
     return int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3])
 
 
-COLS = ["tokens", "max_feature_nodes", "batch_size", "store_threshold", "active_features", "feature_nodes",
-        "rows_computed", "backward_passes", "edges_stored", "seconds", "peak_rss_mb", "dropped_mass_max",
-        "executed_gflop", "minimal_gflop", "matmul_gflops", "x_floor"]
+def markdown(results: list[dict]) -> list[str]:
+    """The table of docs/performance.md §3–4."""
+    out = ["| tokens | row budget | batch | threshold | active features | rows | backward passes | edges stored |"
+           " seconds | peak RSS GB | dropped mass mean / max | executed GFLOP | minimal GFLOP | matmul GFLOP/s | × floor |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            out.append(f"| {r['case']} | failed: {r['error']} |")
+            continue
+        out.append(
+            f"| {r['tokens']} | {r['max_feature_nodes'] or 'none (exact)'} | {r['batch_size']} | {r['store_threshold']:g} |"
+            f" {r['active_features']:,} | {r['rows_computed']:,} | {r['backward_passes']} | {r['edges_stored'] / 1e6:.1f} M |"
+            f" {r['seconds']:.1f} | {r['peak_rss_mb'] / 1024:.2f} | {r['dropped_mass_mean']:.3f} / {r['dropped_mass_max']:.3f} |"
+            f" {r['executed_gflop']:,.0f} | {r['minimal_gflop']:,.0f} | {r['matmul_gflops']:.0f} | {r['x_floor']:.2f} |")
+    return out
 
 
 def main() -> None:
@@ -142,6 +154,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(HERE / "results" / "attribution.json"))
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these result files")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-feature-nodes", type=int, default=0, help=argparse.SUPPRESS)
@@ -153,6 +166,9 @@ def main() -> None:
         args.transcoders = str(shipped) if (shipped / "config.json").is_file() else "random"
     if args.child:
         return child(args)
+    if args.table:
+        print("\n".join(markdown([r for f in args.table for r in json.loads(Path(f).read_text())["results"]])))
+        return
     if not TEXT_FILE.is_file():
         raise SystemExit(f"{TEXT_FILE} not found (Debian's base-files ships it)")
 
@@ -178,10 +194,7 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
         _write(payload, Path(args.out))  # after every case: a long run keeps what it measured
     print(f"transcoders: {args.transcoders}; device {args.device}, {args.threads} threads, fp32")
-    print("| " + " | ".join(COLS) + " |")
-    print("|" + "---|" * len(COLS))
-    for r in results:
-        print("| " + " | ".join(str(r.get(c, "—")) for c in COLS) + " |")
+    print("\n".join(markdown(results)))
     print(f"wrote {args.out}")
 
 

@@ -13,12 +13,15 @@ sequences in the same order (ctx 256, 8 sequences per model batch, read from one
 
 Each tool runs in its own subprocess (2 threads, fp32, CPU; sparsify in its own venv, it pulls
 ``datasets`` and friends); seconds are the training call only (model loading excluded) and tokens/s are
-LM tokens read (sequences × 256) per second. Both sets are then scored by ONE function on the same
+LM tokens read (sequences × 256) per second, and trained tokens per second (ours skips position 0). A
+finished sparsify run in ``--work`` (its ``sparsify.json``) is reused, so ours can be re-measured alone.
+Both sets are then scored by ONE function on the same
 held-out sequences (position 0 excluded): FVU = Σ‖y−ŷ‖²/Σ‖y−ȳ‖², L0 and dead fraction.
 
     python -m venv benchmarks/_venvs/sparsify
     benchmarks/_venvs/sparsify/bin/pip install torch==2.13.0 eai-sparsify
-    .venv/bin/sparsetrace corpus --out runs/corpus-bench --no-stdlib --package manpages --max-tokens 2000000 --heldout-fraction 0.02
+    .venv/bin/sparsetrace corpus --out runs/corpus-bench --no-stdlib --package manpages --package debian-handbook \
+        --package jargon-text --max-tokens 2000000 --heldout-fraction 0.05     # 1.35M tokens, 5026 / 249 sequences
     .venv/bin/python benchmarks/vs_sparsify.py --corpus runs/corpus-bench
 """
 
