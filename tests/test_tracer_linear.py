@@ -15,14 +15,19 @@ from conftest import ARCHS, random_transcoders, tiny_lm
 PROMPT = [3, 17, 5, 42, 8, 23, 11]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_linear_backward_equals_autograd_gradients(arch):
+def _fp64_run(arch: str):
+    """A tiny random model of ``arch`` with random transcoders, in fp64, and its clean run of PROMPT."""
     lm = tiny_lm(arch)
     ts = random_transcoders(lm)
     lm.to(dtype=torch.float64)
     ts.to(dtype=torch.float64)
     rm = ReplacementModel(lm, ts)
-    run = rm.run(torch.tensor(PROMPT))
+    return lm, rm, rm.run(torch.tensor(PROMPT))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_linear_backward_equals_autograd_gradients(arch):
+    lm, rm, run = _fp64_run(arch)
     gen = torch.Generator().manual_seed(0)
     L, T, d = lm.n_layers, len(PROMPT), lm.d_model
     # reads at every layer incl. the final residual (layer L), mixed positions, in one batch
@@ -92,12 +97,7 @@ def test_blocked_causal_pattern_product_equals_dense(arch, monkeypatch):
     from torch.profiler import profile
 
     monkeypatch.setattr(lin, "CAUSAL_BLOCK", 2)
-    lm = tiny_lm(arch)
-    ts = random_transcoders(lm)
-    lm.to(dtype=torch.float64)
-    ts.to(dtype=torch.float64)
-    rm = ReplacementModel(lm, ts)
-    run = rm.run(torch.tensor(PROMPT))
+    lm, rm, run = _fp64_run(arch)
     gen = torch.Generator().manual_seed(1)
     d = lm.d_model
     reads = [(lm.n_layers, len(PROMPT) - 1, torch.randn(d, dtype=torch.float64, generator=gen)),
