@@ -61,10 +61,6 @@ class RowStore:
         self.blocks: list[_Block] = []
         self.remainder = np.zeros(n_nodes)
 
-    @property
-    def nnz(self) -> int:
-        return sum(len(b.cols) for b in self.blocks)
-
     def add(self, targets: np.ndarray, block: Tensor) -> None:
         """Store rows ``block`` [b, n_src] (columns are node ids 0..n_src−1) of nodes ``targets``."""
         blk = block.detach().to("cpu", torch.float64 if self.dtype == np.float64 else torch.float32).numpy()
