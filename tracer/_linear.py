@@ -161,13 +161,9 @@ CAUSAL_BLOCK = 256
 """Key positions per block of the transposed pattern product; prompts up to this length use one block."""
 
 
-def _blocks(Tp: int) -> list[int]:
-    return list(range(0, Tp, CAUSAL_BLOCK)) if Tp > CAUSAL_BLOCK else [0]
-
-
 def _pattern_macs(Tp: int) -> int:
     """(key, query) pairs :func:`_causal_transpose_product` multiplies per head and column."""
-    return sum(min(CAUSAL_BLOCK, Tp - j0) * (Tp - j0) for j0 in _blocks(Tp)) if Tp > CAUSAL_BLOCK else Tp * Tp
+    return sum(min(CAUSAL_BLOCK, Tp - j0) * (Tp - j0) for j0 in range(0, Tp, CAUSAL_BLOCK))
 
 
 def _causal_transpose_product(P_t: Tensor, g: Tensor, Tp: int) -> Tensor:
@@ -175,10 +171,8 @@ def _causal_transpose_product(P_t: Tensor, g: Tensor, Tp: int) -> Tensor:
 
     Key block [j0, j1) only receives from queries ≥ j0, so the zero upper part of Pᵀ is skipped block by
     block: about half the multiply-adds of one dense (T'×T')·(T'×C) product for long prompts."""
-    if Tp <= CAUSAL_BLOCK:
-        return torch.bmm(P_t[:, :Tp, :Tp], g)
     out = g.new_empty(g.shape)
-    for j0 in _blocks(Tp):
+    for j0 in range(0, Tp, CAUSAL_BLOCK):  # one block (a plain product) up to CAUSAL_BLOCK positions
         j1 = min(j0 + CAUSAL_BLOCK, Tp)
         torch.bmm(P_t[:, j0:j1, j0:Tp], g[:, j0:Tp], out=out[:, j0:j1])
     return out
