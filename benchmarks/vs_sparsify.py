@@ -11,6 +11,10 @@ sequences in the same order (ctx 256, 8 sequences per model batch, read from one
   tokens skipped) with the optimiser batch set to the same 2048 tokens and a 10-step warm-up (the
   default 100 would be most of a 146-step run).
 
+``--model-dtype bfloat16`` runs the model forward of BOTH tools in bf16 (sparsify: the model handed to its
+Trainer; ours: ``TrainConfig.model_dtype``); the transcoders train in fp32 either way, and scoring always
+uses the fp32 model.
+
 Each tool runs in its own subprocess (2 threads, fp32, CPU; sparsify in its own venv, it pulls
 ``datasets`` and friends); seconds are the training call only (model loading excluded) and tokens/s are
 LM tokens read (sequences × 256) per second, and trained tokens per second (ours skips position 0). A
@@ -61,7 +65,7 @@ def child_sparsify(args: argparse.Namespace) -> None:
     work = Path(args.work)
     ids = np.load(work / "train_ids.npy")
     ds = Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
-    model = AutoModel.from_pretrained(args.model_dir, dtype=torch.float32)
+    model = AutoModel.from_pretrained(args.model_dir, dtype=getattr(torch, args.model_dtype))
     cfg = TrainConfig(
         SaeConfig(num_latents=args.n_features, k=args.k, transcode=True, skip_connection=True),
         batch_size=MODEL_BATCH,
@@ -75,7 +79,7 @@ def child_sparsify(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     trainer.fit()
     secs = time.perf_counter() - t0
-    rec = {"tool": "sparsify", "seconds": round(secs, 2), "sequences": int(ids.shape[0]),
+    rec = {"tool": "sparsify", "seconds": round(secs, 2), "sequences": int(ids.shape[0]), "model_dtype": args.model_dtype,
            "peak_rss_mb": round(_rss_mb(), 1), "out": str(work / "sparsify" / "run")}
     (work / "sparsify.json").write_text(json.dumps(rec))
     print(json.dumps(rec))
@@ -107,7 +111,7 @@ def child_ours(args: argparse.Namespace) -> None:
         n_features=args.n_features, k=args.k, skip=True, layers=tuple(args.layers),
         n_tokens=args.sequences * (CTX - 1),  # position 0 is never trained on
         batch_tokens=2048, warmup_steps=10, ctx_len=CTX, model_batch=MODEL_BATCH,
-        checkpoint_every_tokens=0, progress=False,
+        checkpoint_every_tokens=0, progress=False, model_dtype=args.model_dtype,
     )
     t0 = time.perf_counter()
     train_transcoders(lm, corpus, cfg, work / "ours")
@@ -190,6 +194,8 @@ def main() -> None:
     ap.add_argument("--n-features", type=int, default=2304)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype of the model forward, for both tools (transcoders train in float32 in both)")
     ap.add_argument("--sp-python", default=str(SP_PYTHON))
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(RESULTS))
@@ -210,13 +216,16 @@ def main() -> None:
     script = str(Path(__file__).resolve())
     common = ["--corpus", str(Path(args.corpus).resolve()), "--work", str(work), "--threads", str(args.threads),
               "--sequences", str(args.sequences), "--heldout-sequences", str(args.heldout_sequences),
-              "--layers", *map(str, args.layers), "--n-features", str(args.n_features), "--k", str(args.k)]
+              "--layers", *map(str, args.layers), "--n-features", str(args.n_features), "--k", str(args.k),
+              "--model-dtype", args.model_dtype]
     prep = _run([sys.executable, script, "--child", "prepare"] + common, env)
     common += ["--model-dir", prep["model_dir"]]
     print(f"work {work}: {prep['train_tokens']} training tokens, {prep['heldout_tokens']} held-out", flush=True)
     print("sparsify …" + (" (reusing the finished run in the work folder)" if reuse else ""), flush=True)
     sp = json.loads((work / "sparsify.json").read_text()) if reuse else _run([args.sp_python, script, "--child", "sparsify"] + common, env)
     if reuse:
+        if sp.get("model_dtype", "float32") != args.model_dtype:
+            raise SystemExit(f"{work / 'sparsify.json'} is a {sp.get('model_dtype', 'float32')} run; this is --model-dtype {args.model_dtype}")
         sp["reused_from"] = str(work)
     print(f"  {sp['seconds']} s", flush=True)
     print("sparsetrace …", flush=True)
@@ -230,7 +239,7 @@ def main() -> None:
     res = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "command": " ".join([".venv/bin/python", "benchmarks/vs_sparsify.py"] + sys.argv[1:]),
-        "setup": {"layers": args.layers, "n_features": args.n_features, "k": args.k, "ctx": CTX,
+        "setup": {"model_dtype": args.model_dtype, "layers": args.layers, "n_features": args.n_features, "k": args.k, "ctx": CTX,
                   "sequences_per_batch": MODEL_BATCH, "training_sequences": args.sequences,
                   "heldout_tokens_scored": score.pop("heldout_tokens_scored"), "threads": args.threads,
                   "sparsify": _versions(args.sp_python, env)},

@@ -111,6 +111,8 @@ def corpus(out_dir, debian, packages, stdlib, texts, max_tokens_per_source, max_
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=default_of(T, "lr"), show_default="2e-4/√(F/2¹⁴)")
 @click.option("--ctx-len", type=click.IntRange(2), default=default_of(T, "ctx_len"), show_default=True)
 @click.option("--model-batch", type=click.IntRange(1), default=default_of(T, "model_batch"), show_default=True)
+@click.option("--model-dtype", type=click.Choice(["float32", "bfloat16"]), default=default_of(T, "model_dtype"),
+              show_default=True, help="dtype of the model forward that reads the activations (transcoders train in float32).")
 @click.option("--shuffle-buffer-tokens", type=click.IntRange(1), default=default_of(T, "shuffle_buffer_tokens"), show_default=True)
 @click.option("--checkpoint-every-tokens", type=click.IntRange(0), default=default_of(T, "checkpoint_every_tokens"), show_default=True)
 @click.option("--layers", default=None, metavar="0,1,…", help="Layers to train (default: all).")
@@ -120,7 +122,7 @@ def corpus(out_dir, debian, packages, stdlib, texts, max_tokens_per_source, max_
 @model_options(dtypes=("float32",), dtype_default="float32")
 @output_options
 def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip, n_tokens, batch_tokens, lr, ctx_len,
-          model_batch, shuffle_buffer_tokens, checkpoint_every_tokens, layers, resume, run_eval, model, device, dtype,
+          model_batch, model_dtype, shuffle_buffer_tokens, checkpoint_every_tokens, layers, resume, run_eval, model, device, dtype,
           seed, as_json, quiet):
     """Train one transcoder per MLP layer of MODEL on a corpus (resumable)."""
     import torch
@@ -132,7 +134,7 @@ def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip
     cfg = TrainConfig(
         n_features=n_features, expansion_factor=expansion_factor, activation=activation, k=k, skip=skip,
         n_tokens=n_tokens, batch_tokens=batch_tokens, lr=lr, ctx_len=ctx_len, model_batch=model_batch,
-        shuffle_buffer_tokens=shuffle_buffer_tokens, checkpoint_every_tokens=checkpoint_every_tokens,
+        model_dtype=model_dtype, shuffle_buffer_tokens=shuffle_buffer_tokens, checkpoint_every_tokens=checkpoint_every_tokens,
         layers=parse_layers(layers), seed=seed, progress=not quiet,
     )
     c = _open_corpus(corpus_dir)

@@ -89,3 +89,23 @@ def test_assemble_folds_unselected_into_their_error_node(seed):
     got = np.zeros((n, n))
     got[np.repeat(np.arange(n), np.diff(adj.indptr)), adj.indices] = adj.data
     np.testing.assert_array_equal(got, A * np.isin(np.arange(n), with_rows)[:, None])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-3, 0.3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compress_equals_numpy_reference(threshold, dtype):
+    from sparsetrace.tracer._store import _compress
+
+    rng = np.random.default_rng(7)
+    blk = (rng.normal(size=(9, 200)) * rng.choice([0.0, 1e-4, 1.0, 30.0], size=(9, 200))).astype(dtype)
+    blk[3] = 0  # an empty row
+    indptr, cols, vals, dropped = _compress(blk, threshold)
+    a = np.abs(blk.astype(np.float64))
+    keep = a > threshold * a.max(1, keepdims=True)
+    r, c = np.nonzero(keep)
+    np.testing.assert_array_equal(indptr, np.r_[0, np.cumsum(keep.sum(1))])
+    np.testing.assert_array_equal(cols, c)
+    np.testing.assert_array_equal(vals, blk[r, c])
+    assert vals.dtype == dtype
+    np.testing.assert_allclose(dropped, np.where(keep, 0, a).sum(1), rtol=1e-12)
+    assert 0 < keep.sum() < blk.size and (threshold == 0 or dropped.sum() > 0)

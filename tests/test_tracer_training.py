@@ -115,6 +115,34 @@ def test_short_training_reduces_fvu_and_evaluation(corpus, tmp_path):
     assert load_transcoders(tmp_path / "set").config.metrics["ce_recovered"] == res.ce_recovered
 
 
+def test_bfloat16_model_forward_trains_as_well_and_hands_the_model_back_in_float32(corpus, tmp_path):
+    """model_dtype="bfloat16": the harvesting forward runs in bf16 (its x̃, y are the fp32 ones up to
+    bf16 rounding), the transcoders train in fp32 to the same held-out FVU, and the model comes back fp32."""
+    lm = tiny_lm()
+    ids = torch.from_numpy(corpus.sequences("train", 0, 2, 16))
+    from sparsetrace.tracer.models import collect_mlp_io
+
+    x32, y32 = collect_mlp_io(lm, ids, [0, 1])
+    lm.to(dtype=torch.bfloat16)
+    x16, y16 = collect_mlp_io(lm, ids, [0, 1])
+    lm.to(dtype=torch.float32)
+    assert x16.dtype == torch.bfloat16 and not torch.equal(x16.float(), x32)
+    assert_close(y16.float(), y32, rtol=0, atol=0.05 * y32.abs().max().item())
+    fvu = {}
+    for dt in ("float32", "bfloat16"):
+        cfg = TrainConfig(n_features=128, k=8, skip=False, skip_init="zero", n_tokens=128 * 40, batch_tokens=128,
+                          shuffle_buffer_tokens=1024, ctx_len=32, model_batch=8, warmup_steps=5, lr=4e-3,
+                          checkpoint_every_tokens=0, progress=False, model_dtype=dt)
+        ts = train_transcoders(lm, corpus, cfg, tmp_path / dt)
+        assert lm.dtype == torch.float32 and ts[0].W_enc.dtype == torch.float32
+        assert json.loads((tmp_path / dt / "config.json").read_text())["training"]["config"]["model_dtype"] == dt
+        fvu[dt] = evaluate_transcoders(lm, ts, corpus, n_sequences=8, ctx_len=32, batch=4).fvu
+    assert fvu["bfloat16"] != fvu["float32"]  # it really read other activations
+    assert max(abs(a - b) for a, b in zip(fvu["bfloat16"], fvu["float32"])) < 0.05, fvu
+    with pytest.raises(Exception, match="model_dtype='float16'; allowed: float32, bfloat16"):
+        TrainConfig(model_dtype="float16")
+
+
 def test_identity_replacement_recovers_all_ce(corpus):
     lm = tiny_lm()
     ids = torch.from_numpy(corpus.sequences("heldout", 0, 4, 32))

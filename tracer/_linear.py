@@ -46,6 +46,7 @@ class _Layer:
     W_O: Tensor  # [d, n_q·hd]
     W_skip: Tensor | None  # [d, d] (y = x̃ W_skipᵀ)
     pattern_t: Tensor  # [n_q, T, T] the frozen pattern transposed (a view): P_t[h, key, query]
+    W_V_heads: Tensor  # [n_q, hd, d] each query head's value projection (GQA: its group's, repeated)
 
 
 class LinearBackward:
@@ -72,6 +73,7 @@ class LinearBackward:
                     W_O=W_O.detach(),
                     W_skip=None if tc.W_skip is None else tc.W_skip.detach(),
                     pattern_t=run.patterns[i].transpose(1, 2),  # a view: BLAS reads it transposed, no copy
+                    W_V_heads=W_V.detach().view(self.n_kv, self.hd, -1).repeat_interleave(self.n_q // self.n_kv, 0),
                 )
             )
         self.final_norm = self._norm(ad.final_norm(model), run)
@@ -98,6 +100,17 @@ class LinearBackward:
             g_v = g_v.view(nkv, nq // nkv, Tp, B, hd).sum(1)
         g_v = g_v.permute(2, 1, 0, 3).reshape(B, Tp, nkv * hd)
         return g_v @ layer.W_V
+
+    def _attention_transpose_one(self, layer: _Layer, v: Tensor, c: Tensor, Tp: int) -> Tensor:
+        """:meth:`_attention_transpose` of a g that is nonzero at one position per row, g[b] = e_{c_b}⊗v[b]
+        (v [B, d], c [B]): the first layer of every pass. Pᵀ then spreads each head's part over the keys
+        as an outer product, so the value projection is applied once per head before the spread:
+        2·B·(d·q + q·d + T'·n_q·d) FLOPs instead of 2·B·T'·(d·q + kv·d) (q = n_q·hd, kv = n_kv·hd)."""
+        B = v.shape[0]
+        g_o = (v @ layer.W_O).view(B, self.n_q, self.hd).transpose(0, 1)  # (nq, B, hd)
+        u = torch.bmm(g_o, layer.W_V_heads)  # (nq, B, d): each head's value-side write of row b
+        coef = layer.pattern_t[:, :Tp, c].permute(2, 1, 0)  # (B, T', nq): P[h, c_b, s]
+        return torch.bmm(coef, u.transpose(0, 1))  # (B, T', d)
 
     def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[Tensor, Tensor]:
         """``reads[b] = (layer, pos, vector)``: row b reads ``vector`` at the MLP input x̃ of ``layer``
@@ -133,8 +146,12 @@ class LinearBackward:
         g = torch.zeros(B, Tp, d, dtype=dtype, device=dev_vec.device)
         if L in inject:
             g = g + self.final_norm.transpose(inject[L])
+        # at the first layer every row's gradient is still at its read position only
+        read_pos = torch.tensor([c for _, c, _ in reads], device=dev_vec.device)
+        rows = torch.arange(B, device=dev_vec.device)
+        first = min(l_max, L - 1)
         # reads at layer l see x̃_l, which no write at a layer ≥ l reaches: start at the highest read
-        for l in range(min(l_max, L - 1), -1, -1):
+        for l in range(first, -1, -1):
             lay = self.layers[l]
             g_x = inject.get(l)
             if l < l_max:
@@ -147,14 +164,21 @@ class LinearBackward:
             g_mid = g if g_x is None else g + lay.mlp_norm.transpose(g_x)
             # h_mid = h + post_attn(attention(attn_norm(h)))
             g_att = lay.post_attn.transpose(g_mid) if lay.post_attn is not None else g_mid
-            g = g_mid + lay.attn_norm.transpose(self._attention_transpose(lay, g_att))
-            self.flops += self._layer_flops(B, Tp, skip=l < l_max and lay.W_skip is not None)
+            if l == first:
+                att = self._attention_transpose_one(lay, g_att[rows, read_pos], read_pos, Tp)
+            else:
+                att = self._attention_transpose(lay, g_att)
+            g = g_mid + lay.attn_norm.transpose(att)
+            self.flops += self._layer_flops(B, Tp, skip=l < l_max and lay.W_skip is not None, one=l == first)
         return _pad(g, self.T)
 
-    def _layer_flops(self, B: int, Tp: int, skip: bool) -> int:
+    def _layer_flops(self, B: int, Tp: int, skip: bool, one: bool = False) -> int:
         d, q, v = self.final_norm.scale.shape[-1], self.n_q * self.hd, self.n_kv * self.hd
+        skip_flops = 2 * B * Tp * d * d if skip else 0
+        if one:  # _attention_transpose_one: W_O and W_V at one position, then the spread over T' keys
+            return 2 * B * (d * q + q * d + Tp * self.n_q * d) + skip_flops
         # W_O, frozen pattern (the key blocks _causal_transpose_product multiplies), W_V, skip
-        return 2 * B * Tp * (d * q + v * d + (d * d if skip else 0)) + 2 * self.n_q * B * self.hd * _pattern_macs(Tp)
+        return 2 * B * Tp * (d * q + v * d) + skip_flops + 2 * self.n_q * B * self.hd * _pattern_macs(Tp)
 
 
 CAUSAL_BLOCK = 256

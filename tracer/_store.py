@@ -41,6 +41,54 @@ def _push_rows(infl, w, targets, indptr, cols, vals, remainder, rows):
             infl[cols[e]] += push * abs(np.float64(vals[e]))
 
 
+@njit(cache=True)
+def _compress(blk, threshold):
+    """CSR of a dense block [b, n]: per row, the entries with |w| > threshold · max|row| (threshold 0:
+    the nonzero ones), columns ascending, and the dropped absolute mass (float64) per row."""
+    b, n = blk.shape
+    indptr = np.zeros(b + 1, dtype=np.int64)
+    cut = np.zeros(b)
+    for i in range(b):
+        if threshold > 0:
+            m = 0.0
+            for j in range(n):
+                a = abs(np.float64(blk[i, j]))
+                if a > m:
+                    m = a
+            cut[i] = threshold * m
+        c = 0
+        for j in range(n):
+            if abs(np.float64(blk[i, j])) > cut[i]:
+                c += 1
+        indptr[i + 1] = indptr[i] + c
+    cols = np.empty(indptr[b], dtype=np.int32)
+    vals = np.empty(indptr[b], dtype=blk.dtype)
+    dropped = np.zeros(b)
+    for i in range(b):
+        e = indptr[i]
+        for j in range(n):
+            v = blk[i, j]
+            a = abs(np.float64(v))
+            if a > cut[i]:
+                cols[e] = j
+                vals[e] = v
+                e += 1
+            else:
+                dropped[i] += a
+    return indptr, cols, vals, dropped
+
+
+@njit(cache=True)
+def _place(dst_indptr, new_rows, src_indptr, src_cols, src_vals, cols, vals):
+    """Copy each source row r's entries into destination row new_rows[r]'s slots."""
+    for r in range(len(new_rows)):
+        s0, s1 = src_indptr[r], src_indptr[r + 1]
+        d0 = dst_indptr[new_rows[r]]
+        for k in range(s1 - s0):
+            cols[d0 + k] = src_cols[s0 + k]
+            vals[d0 + k] = src_vals[s0 + k]
+
+
 @dataclass(eq=False)
 class _Block:
     targets: np.ndarray  # [b] int64 node ids
@@ -64,19 +112,12 @@ class RowStore:
     def add(self, targets: np.ndarray, block: Tensor) -> None:
         """Store rows ``block`` [b, n_src] (columns are node ids 0..n_src−1) of nodes ``targets``."""
         blk = block.detach().to("cpu", torch.float64 if self.dtype == np.float64 else torch.float32).numpy()
-        absb = np.abs(blk)
-        if self.threshold > 0:
-            keep = absb > self.threshold * absb.max(axis=1, keepdims=True)
-            self.remainder[targets] += absb.sum(axis=1, where=~keep, dtype=np.float64)
-        else:
-            keep = blk != 0
-        r, c = np.nonzero(keep)  # row-major: columns sorted within each row
-        indptr = np.zeros(len(targets) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(r, minlength=len(targets)), out=indptr[1:])
+        indptr, cols, vals, dropped = _compress(np.ascontiguousarray(blk), self.threshold)
         targets = np.asarray(targets, dtype=np.int64)
+        self.remainder[targets] += dropped
         lay = self.layer_of[targets]
         order = np.argsort(-lay, kind="stable")
-        self.blocks.append(_Block(targets, indptr, c.astype(np.int32), blk[r, c], order, lay[order]))
+        self.blocks.append(_Block(targets, indptr, cols, vals, order, lay[order]))
 
     def influence(self, w: np.ndarray) -> np.ndarray:
         """Influence on the logits of every node through the rows stored so far: exact on that partial
@@ -104,35 +145,39 @@ class RowStore:
         identity = bool(np.array_equal(col_map, np.arange(self.n)))
         col_dt = np.int32 if n_new < 2**31 else np.int64
         counts = np.zeros(n_new, dtype=np.int64)
-        parts = []  # per block: new row of each kept row (row-major), its count, entries' columns, values
+        parts = []  # per block: new row of each kept row, its local CSR (indptr, columns, values)
         while self.blocks:
             b = self.blocks.pop(0)
             rows_kept = keep[b.targets]
             if not rows_kept.any():
                 continue
-            r = np.repeat(np.arange(len(b.targets), dtype=np.int32), np.diff(b.indptr))
-            m = rows_kept[r]
-            r, cc, vv = r[m], cmap[b.cols[m]], b.vals[m]
-            del m, b.cols, b.vals
-            if not identity:  # merge duplicate (row, column) pairs
-                key = r.astype(np.int64) * np.int64(n_new) + cc
-                key, inv = np.unique(key, return_inverse=True)
-                vv = np.bincount(inv, weights=vv, minlength=len(key))
-                r, cc = (key // n_new).astype(np.int32), key % n_new
-                nz = vv != 0
-                r, cc, vv = r[nz], cc[nz], vv[nz]
-            local = np.flatnonzero(rows_kept)
-            per_row = np.bincount(r, minlength=len(b.targets))[local]
-            new_rows = new_index[b.targets[local]]
-            counts[new_rows] = per_row
-            parts.append((new_rows, per_row, cc.astype(col_dt), vv.astype(self.dtype)))
+            if identity and rows_kept.all():  # the exact graph: the block's CSR is used as it is
+                new_rows, sub = new_index[b.targets], (b.indptr, b.cols, b.vals.astype(self.dtype, copy=False))
+            else:
+                r = np.repeat(np.arange(len(b.targets), dtype=np.int32), np.diff(b.indptr))
+                m = rows_kept[r]
+                r, cc, vv = r[m], cmap[b.cols[m]], b.vals[m]
+                del m, b.cols, b.vals
+                if not identity:  # merge duplicate (row, column) pairs
+                    key = r.astype(np.int64) * np.int64(n_new) + cc
+                    key, inv = np.unique(key, return_inverse=True)
+                    vv = np.bincount(inv, weights=vv, minlength=len(key))
+                    r, cc = (key // n_new).astype(np.int32), key % n_new
+                    nz = vv != 0
+                    r, cc, vv = r[nz], cc[nz], vv[nz]
+                local = np.flatnonzero(rows_kept)
+                per_row = np.bincount(r, minlength=len(b.targets))[local]
+                new_rows = new_index[b.targets[local]]
+                sub = (np.r_[0, np.cumsum(per_row)], cc.astype(col_dt), vv.astype(self.dtype))
+            counts[new_rows] = np.diff(sub[0])
+            parts.append((new_rows, sub))
         indptr = np.zeros(n_new + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
-        cols = np.zeros(int(indptr[-1]), dtype=np.int64)
-        vals = np.zeros(int(indptr[-1]), dtype=self.dtype)
-        while parts:  # each part's entries are row-major: place them at their rows' slots
-            new_rows, per_row, cc, vv = parts.pop(0)
-            starts = np.repeat(indptr[new_rows] - np.r_[0, np.cumsum(per_row)[:-1]], per_row)
-            at = starts + np.arange(len(cc))
-            cols[at], vals[at] = cc, vv
+        # np.empty, not np.zeros: every slot is written below, and on Linux numpy's huge-page advice on
+        # a calloc'ed array made first touch ~20x slower here (4.8 GB: 11.3 s vs 0.5 s)
+        cols = np.empty(int(indptr[-1]), dtype=np.int64)
+        vals = np.empty(int(indptr[-1]), dtype=self.dtype)
+        while parts:  # each part's rows go to their slots
+            new_rows, (p_indptr, p_cols, p_vals) = parts.pop(0)
+            _place(indptr, new_rows.astype(np.int64), p_indptr, p_cols, p_vals, cols, vals)
         return Adjacency(indptr, cols, vals, n_new, self.remainder[keep].astype(self.dtype))

@@ -98,10 +98,12 @@ class _Candidates:
 
     Candidate index space: features (sorted by layer, pos, id) | errors L×T | tokens T — the same
     order as a full NodeLayout without logits. Feature writes a_s·W_dec[f] are stored per (layer,
-    position) group, zero-padded to the largest group, with the group's error vector ε[l, c] as one
-    more column: ``w_pad`` [L·T, d, k_max + 1], so that one batched matmul per layer contracts every
-    feature and error source. ``local`` [n_feat] is a feature's flat index into a layer's
-    [T·(k_max + 1)] result; ``group`` [n_feat] is layer·T + pos (sorted).
+    position) group, zero-padded to the layer's largest group, with the group's error vector ε[l, c]
+    as one more column: ``w_pad[l]`` [T, d, k_l + 1], so that one batched matmul per layer contracts
+    every feature and error source of that layer. (Padding to each layer's own largest group, not the
+    prompt's, halves the padded work on real prompts: group sizes differ far more across layers than
+    within one.) ``local`` [n_feat] is a feature's flat index into its layer's [T·(k_l + 1)] result;
+    ``group`` [n_feat] is layer·T + pos (sorted).
     """
 
     layer: np.ndarray
@@ -110,50 +112,50 @@ class _Candidates:
     layout: NodeLayout  # full layout with all candidates (and the logits)
     layer_start: np.ndarray  # [L+1] first candidate index of each layer
     group: np.ndarray  # [n_feat] layer·T + pos
-    w_pad: Tensor  # [L·T, d, k_max + 1]
+    w_pad: list[Tensor]  # per layer [T, d, k_l + 1]
     local: Tensor  # [n_feat] int64
     within: Tensor  # [n_feat] int64, column of a feature in its group
     err_index: Tensor  # [L·T] node index of the error node at (layer, pos), layer-major
     tok_index: Tensor  # [T] node index of the token node at pos
 
-    @property
-    def k_max(self) -> int:
-        return self.w_pad.shape[-1] - 1
-
     def writes(self, idx: np.ndarray) -> Tensor:
         """Writes [len(idx), d] of candidate features ``idx``."""
-        dev = self.w_pad.device
-        g = torch.as_tensor(self.group[idx], device=dev)
-        return self.w_pad[g, :, self.within[torch.as_tensor(idx, device=dev)]]
+        idx = np.asarray(idx)
+        dev = self.w_pad[0].device
+        out = self.w_pad[0].new_empty(len(idx), self.w_pad[0].shape[1])
+        for l in np.unique(self.layer[idx]):
+            m = np.flatnonzero(self.layer[idx] == l)
+            p = torch.as_tensor(self.pos[idx[m]], device=dev)
+            out[torch.as_tensor(m, device=dev)] = self.w_pad[l][p, :, self.within[torch.as_tensor(idx[m], device=dev)]]
+        return out
 
 
 def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
     act = run.act  # [L, T, F]
     L, T, _ = act.shape
     d = ts.d_in
+    dev = act.device
     nz = torch.nonzero(act > 0)  # sorted by (layer, pos, feat)
     layer, pos, feat = (nz[:, i].cpu().numpy() for i in range(3))
     layout = NodeLayout.build(L, T, layer, pos, feat, n_logits)
     group = layer * T + pos
-    counts = np.bincount(group, minlength=L * T)
-    k_max = max(1, int(counts.max()) if len(counts) else 1)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    counts = np.bincount(group, minlength=L * T).reshape(L, T)
+    k_layer = np.maximum(1, counts.max(axis=1))  # [L] each layer's largest group
+    first = np.concatenate([[0], np.cumsum(counts.ravel())[:-1]])
     within = np.arange(len(group)) - first[group]
-    local = torch.as_tensor(pos * (k_max + 1) + within, device=act.device)
-    w_pad = act.new_zeros(L * T, d, k_max + 1)
-    w_pad[:, :, k_max] = run.error.reshape(L * T, d)
+    local = torch.as_tensor(pos * (k_layer[layer] + 1) + within, device=dev)
     starts = np.searchsorted(layer, np.arange(L + 1))
+    w_pad = []
     for l in range(L):
+        k = int(k_layer[l])
+        wl = act.new_zeros(T, d, k + 1)
+        wl[:, :, k] = run.error[l]
         s, e = int(starts[l]), int(starts[l + 1])
-        if e == s:
-            continue
-        f = torch.as_tensor(feat[s:e], device=act.device)
-        p = torch.as_tensor(pos[s:e], device=act.device)
-        w = act[l, p, f][:, None] * ts[l].W_dec[f].detach()  # [n_l, d]
-        gi = torch.as_tensor(group[s:e], device=act.device)
-        ki = torch.as_tensor(within[s:e], device=act.device)
-        w_pad[gi, :, ki] = w
-    dev = act.device
+        if e > s:
+            f = torch.as_tensor(feat[s:e], device=dev)
+            p = torch.as_tensor(pos[s:e], device=dev)
+            wl[p, :, torch.as_tensor(within[s:e], device=dev)] = act[l, p, f][:, None] * ts[l].W_dec[f].detach()
+        w_pad.append(wl)
     err_index = torch.as_tensor(layout.error_index(*np.divmod(np.arange(L * T), T)), device=dev)
     tok_index = torch.as_tensor(layout.token_index(np.arange(T)), device=dev)
     return _Candidates(layer, pos, feat, layout, starts, group, w_pad, local, torch.as_tensor(within, device=dev),
@@ -173,13 +175,15 @@ class _Contraction:
     def layer(self, l: int, g: Tensor) -> None:
         cand, T = self.cand, self.cand.layout.n_pos
         B, Tp, d = g.shape
-        self.flops += 2 * Tp * B * d * (cand.k_max + 1)
-        out = torch.bmm(g.transpose(0, 1), cand.w_pad[l * T : l * T + Tp])  # (T', B, k_max + 1)
+        w = cand.w_pad[l][:Tp]  # (T', d, k_l + 1)
+        k1 = w.shape[-1]
+        self.flops += 2 * Tp * B * d * k1
+        out = torch.bmm(g.transpose(0, 1), w)  # (T', B, k_l + 1)
         self.rows[:, cand.err_index[l * T : l * T + Tp]] = out[:, :, -1].T
         s = int(cand.layer_start[l])
         e = int(np.searchsorted(cand.group, l * T + Tp))  # features of layer l at positions < T'
         if e > s:
-            flat = out.permute(1, 0, 2).reshape(B, Tp * (cand.k_max + 1))  # (B, T'·(k_max+1))
+            flat = out.permute(1, 0, 2).reshape(B, Tp * k1)  # (B, T'·(k_l+1))
             self.rows[:, s:e] = flat[:, cand.local[s:e]]
 
     def embedding(self, g_emb: Tensor) -> Tensor:

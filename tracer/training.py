@@ -160,8 +160,13 @@ def train_transcoders(
         with open(log_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    result = fit(trainer, source, out, resume, rank=rank, world_size=world, log=log, reduce=reduce,
-                 layer_ids=positions, n_layers_total=len(layers))
+    old_dtype = lm.dtype
+    lm.to(dtype=getattr(torch, config.model_dtype))  # the harvesting forward; read() hands float32 on
+    try:
+        result = fit(trainer, source, out, resume, rank=rank, world_size=world, log=log, reduce=reduce,
+                     layer_ids=positions, n_layers_total=len(layers))
+    finally:
+        lm.to(dtype=old_dtype)
     for pos, tc in zip(positions, result.transcoders):
         _save_layer(tc, out / f"layer_{pos}.safetensors")
     if dist is not None:

@@ -39,6 +39,7 @@ from .model import ACTIVATIONS, Transcoder
 __all__ = ["TrainConfig", "Trainer", "StepStats", "ActivationSource", "fit", "FitResult", "CHECKPOINT_DIR"]
 
 CHECKPOINT_DIR = "checkpoint"
+MODEL_DTYPES = ("float32", "bfloat16")
 SKIP_INITS = ("zero", "lstsq")
 
 
@@ -94,6 +95,10 @@ class TrainConfig:
     """Tokens per sequence fed to the model (BOS included when the model wants one)."""
     model_batch: int = 8
     """Sequences per model forward."""
+    model_dtype: str = "float32"
+    """dtype of the model forward that reads the activations (``float32`` | ``bfloat16``); the
+    transcoders always train in float32. ``bfloat16`` runs that forward ~1.75× faster on CPUs with
+    AVX512-BF16/AMX (and on GPUs), at bf16 rounding of x̃ and y (relative 2⁻⁸)."""
     checkpoint_every_tokens: int = 100_000
     """Checkpoint at the first buffer boundary after this many tokens since the last one; 0 = never."""
     log_every_steps: int = 10
@@ -108,6 +113,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ConfigError(f"model_dtype={self.model_dtype!r}; allowed: {', '.join(MODEL_DTYPES)}")
         if self.skip_init not in SKIP_INITS:
             raise ConfigError(f"skip_init={self.skip_init!r}; allowed: {', '.join(SKIP_INITS)}")
         positive = ("expansion_factor", "k", "n_tokens", "batch_tokens", "dead_tokens", "shuffle_buffer_tokens",
