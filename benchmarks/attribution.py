@@ -55,7 +55,8 @@ def _matmul_gflops(threads: int, seconds: float = 2.0) -> float:
 def _minimal_backward_flops(lm, layer, pos) -> int:
     """Σ over rows (target at MLP input of ``layer`` — n_layers for logits — and position ``pos``) of the
     matmul FLOPs of a backward started at that row alone: attention V/O at layers ≤ its layer (causal
-    half), skip at layers below it."""
+    half; the first one at the row's own position only, then spread over the keys, as tracer/_linear.py
+    does), skip at layers below it."""
     import numpy as np
 
     nq, nkv, hd = lm.adapter.attention_shape(lm.model)
@@ -64,7 +65,8 @@ def _minimal_backward_flops(lm, layer, pos) -> int:
     n_att = np.minimum(layer + 1, L)  # layers whose attention is on the path
     n_skip = np.minimum(layer, L)
     per_pos = 2 * (d * nq * hd + nkv * hd * d)
-    att = n_att * (tp * per_pos + 2 * nq * hd * tp * (tp + 1) // 2)
+    first = 2 * (d * nq * hd + nq * hd * d + tp * nq * d)
+    att = (n_att - 1) * (tp * per_pos + 2 * nq * hd * tp * (tp + 1) // 2) + first
     return int((att + n_skip * tp * 2 * d * d).sum())
 
 

@@ -229,6 +229,11 @@ class NodeLayout:
         )
 
 
+def index_dtype(n: int) -> type:
+    """Column-index dtype of an n-node adjacency: int32 while it can hold every node id."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 @dataclass(frozen=True, eq=False)
 class Adjacency:
     """Sparse A[target, source] in CSR form (rows are targets), square ``n × n``.
@@ -239,7 +244,7 @@ class Adjacency:
     """
 
     indptr: np.ndarray  # int64 [n+1]
-    indices: np.ndarray  # int64 [E]
+    indices: np.ndarray  # [E] int32 (n < 2³¹, what the engine writes: 8 bytes an entry with float32 data) or int64
     data: np.ndarray  # float32/float64 [E]
     n: int
     remainder: np.ndarray  # same float dtype [n]
@@ -265,7 +270,7 @@ class Adjacency:
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
         remainder = (absa * ~keep).sum(axis=1).astype(a.dtype)
-        return cls(indptr, cols.astype(np.int64), a[rows, cols], n, remainder)
+        return cls(indptr, cols.astype(index_dtype(n)), a[rows, cols], n, remainder)
 
     @classmethod
     def from_coo(
@@ -283,7 +288,7 @@ class Adjacency:
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(r, minlength=n), out=indptr[1:])
         rem = np.zeros(n, dtype=summed.dtype) if remainder is None else np.asarray(remainder, dtype=summed.dtype)
-        return cls(indptr, c.astype(np.int64), summed, n, rem)
+        return cls(indptr, c.astype(index_dtype(n)), summed, n, rem)
 
     @property
     def dtype(self) -> np.dtype:

@@ -99,10 +99,15 @@ def _csr(adj: Adjacency) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     data = adj.data if adj.data.dtype in (np.float32, np.float64) else adj.data.astype(np.float64)
     return (
         np.ascontiguousarray(adj.indptr, dtype=np.int64),
-        np.ascontiguousarray(adj.indices, dtype=np.int64),
+        _index_array(adj.indices),
         np.ascontiguousarray(data),
         np.ascontiguousarray(adj.remainder, dtype=np.float64),
     )
+
+
+def _index_array(indices: np.ndarray) -> np.ndarray:
+    """int32 or int64 indices as they are (the kernels take either; no copy of a large graph's index)."""
+    return np.ascontiguousarray(indices, dtype=indices.dtype if indices.dtype in (np.int32, np.int64) else np.int64)
 
 
 def topological_order(adjacency: Adjacency, node_ids=None) -> np.ndarray:

@@ -109,3 +109,51 @@ def test_compress_equals_numpy_reference(threshold, dtype):
     assert vals.dtype == dtype
     np.testing.assert_allclose(dropped, np.where(keep, 0, a).sum(1), rtol=1e-12)
     assert 0 < keep.sum() < blk.size and (threshold == 0 or dropped.sum() > 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("threshold", [0.0, 0.05])
+def test_store_with_capacity_equals_the_block_store(seed, threshold):
+    """Rows in node order written straight into one preallocated CSR: the same influence and the same
+    assembled graph as the per-batch blocks, handed over without a copy; misuse is refused."""
+    A, layer, with_rows, n_feat, n_src = _random_partial_graph(seed)
+    n = A.shape[0]
+    nnz = int((A[with_rows, :n_src] != 0).sum())
+    blocks = RowStore(n, threshold, np.float32, layer)
+    direct = RowStore(n, threshold, np.float32, layer, capacity=nnz + 3)
+    for chunk in np.array_split(np.sort(with_rows), 4):
+        for st in (blocks, direct):
+            st.add(chunk, torch.as_tensor(A[chunk, :n_src], dtype=torch.float32))
+    w = np.zeros(n)
+    w[n_src:] = 1.0
+    np.testing.assert_array_equal(direct.influence(w), blocks.influence(w))
+    np.testing.assert_array_equal(direct.remainder, blocks.remainder)
+    a = blocks.assemble(np.ones(n, dtype=bool), np.arange(n))
+    b = direct.assemble(np.ones(n, dtype=bool), np.arange(n))
+    for f in ("indptr", "indices", "data", "remainder"):
+        np.testing.assert_array_equal(getattr(b, f), getattr(a, f))
+    assert b.indices.dtype == np.int32 and b.indices.base is not None  # a view of the store's buffer
+    late = RowStore(n, 0.0, np.float32, layer, capacity=nnz)
+    late.add(with_rows[-1:], torch.as_tensor(A[with_rows[-1:], :n_src], dtype=torch.float32))
+    with pytest.raises(ValueError, match="ascending node order"):
+        late.add(with_rows[:1], torch.as_tensor(A[with_rows[:1], :n_src], dtype=torch.float32))
+    small = RowStore(n, 0.0, np.float32, layer, capacity=3)
+    with pytest.raises(ValueError, match="capacity exceeded"):
+        small.add(with_rows, torch.as_tensor(A[with_rows, :n_src], dtype=torch.float32))
+
+
+def test_row_bounds_hold_every_row_of_an_exact_graph():
+    """The engine sizes the in-order store by each row's causal cone: no row of a real exact graph
+    may exceed it, and the bound is tight (most cone entries are non-zero)."""
+    from conftest import random_transcoders, tiny_lm
+    from sparsetrace.tracer.attribution import AttributionConfig, _candidates, _row_bounds, attribute
+    from sparsetrace.tracer.replacement import ReplacementModel
+
+    lm = tiny_lm("llama")
+    ts = random_transcoders(lm)
+    prompt = [3, 17, 5, 42, 8, 23, 11]
+    g = attribute(prompt, lm, ts, config=AttributionConfig(dtype="float64"))
+    cand = _candidates(ReplacementModel(lm, ts).run(torch.tensor(prompt)), ts, len(g.logit_token))
+    bound = _row_bounds(cand)
+    nnz = np.diff(g.adjacency.indptr)[: g.layout.n_features]
+    assert np.all(nnz <= bound) and nnz.sum() > 0.5 * bound.sum()

@@ -5,7 +5,10 @@ its transpose only involves: diagonal norm scales (LayerNorm: plus the centring 
 and output projections with the frozen pattern, and each transcoder's skip. Q/K and the MLPs carry no
 gradient, so none of that is computed. Two more savings over autograd:
   * a batch whose reads sit at layers ≤ l_max starts there: layers above contribute nothing;
-  * a batch whose reads sit at positions ≤ c_max only needs positions ≤ c_max (causal attention).
+  * a batch whose reads sit at positions ≤ c_max only needs positions ≤ c_max (causal attention);
+  * at a pass's first layer every row's gradient sits at its read position alone, so the value and
+    output projections run at that one position and the pattern only spreads the result over the keys
+    (:meth:`LinearBackward._attention_transpose_one`).
 Parity with the autograd engine is tested on every architecture (tests/test_tracer_linear.py).
 """
 

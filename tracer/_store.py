@@ -11,6 +11,7 @@ O(stored entries)); the depth-iterated reference it replaced is kept in tests/re
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from numba import njit
 from torch import Tensor
 
 from sparsetrace.graphs import Adjacency
+from sparsetrace.graphs.graph import index_dtype
 
 __all__ = ["RowStore"]
 
@@ -42,39 +44,59 @@ def _push_rows(infl, w, targets, indptr, cols, vals, remainder, rows):
 
 
 @njit(cache=True)
-def _compress(blk, threshold):
-    """CSR of a dense block [b, n]: per row, the entries with |w| > threshold · max|row| (threshold 0:
-    the nonzero ones), columns ascending, and the dropped absolute mass (float64) per row."""
+def _cuts(blk, threshold):
+    """Per row of a dense block [b, n]: entries with |w| ≤ cut are dropped (threshold · max|row|; 0: only zeros)."""
     b, n = blk.shape
-    indptr = np.zeros(b + 1, dtype=np.int64)
     cut = np.zeros(b)
-    for i in range(b):
-        if threshold > 0:
+    if threshold > 0:
+        for i in range(b):
             m = 0.0
             for j in range(n):
                 a = abs(np.float64(blk[i, j]))
                 if a > m:
                     m = a
             cut[i] = threshold * m
-        c = 0
-        for j in range(n):
-            if abs(np.float64(blk[i, j])) > cut[i]:
-                c += 1
-        indptr[i + 1] = indptr[i] + c
-    cols = np.empty(indptr[b], dtype=np.int32)
-    vals = np.empty(indptr[b], dtype=blk.dtype)
+    return cut
+
+
+@njit(cache=True)
+def _fill(blk, cut, cols, vals, start):
+    """Write the kept entries of each row (columns ascending) into cols/vals from ``start`` on. Returns
+    the block's local indptr [b+1] and the dropped absolute mass per row (float64)."""
+    b, n = blk.shape
+    indptr = np.zeros(b + 1, dtype=np.int64)
     dropped = np.zeros(b)
+    e = start
     for i in range(b):
-        e = indptr[i]
         for j in range(n):
             v = blk[i, j]
             a = abs(np.float64(v))
             if a > cut[i]:
+                if e >= cols.shape[0]:
+                    raise ValueError("row store capacity exceeded")
                 cols[e] = j
                 vals[e] = v
                 e += 1
             else:
                 dropped[i] += a
+        indptr[i + 1] = e - start
+    return indptr, dropped
+
+
+@njit(cache=True)
+def _compress(blk, threshold):
+    """CSR of a dense block [b, n] in new arrays (int32 columns): per row, the entries with
+    |w| > threshold · max|row| (threshold 0: the nonzero ones), and the dropped absolute mass per row."""
+    cut = _cuts(blk, threshold)
+    b, n = blk.shape
+    nnz = 0
+    for i in range(b):
+        for j in range(n):
+            if abs(np.float64(blk[i, j])) > cut[i]:
+                nnz += 1
+    cols = np.empty(nnz, dtype=np.int32)
+    vals = np.empty(nnz, dtype=blk.dtype)
+    indptr, dropped = _fill(blk, cut, cols, vals, 0)
     return indptr, cols, vals, dropped
 
 
@@ -89,6 +111,18 @@ def _place(dst_indptr, new_rows, src_indptr, src_cols, src_vals, cols, vals):
             vals[d0 + k] = src_vals[s0 + k]
 
 
+def _buffer(n: int, dtype, prefault: bool) -> np.ndarray:
+    """An uninitialised [n] array; ``prefault``: its pages mapped at once (Linux MAP_POPULATE). First
+    touch of fresh memory page by page was the largest single cost of a 32-token exact graph here
+    (4.3 GB: 12.6 s of 96 s, vs ~1 s faulted in bulk)."""
+    nbytes = n * np.dtype(dtype).itemsize
+    flags = getattr(mmap, "MAP_POPULATE", None)
+    if not prefault or flags is None or nbytes == 0:
+        return np.empty(n, dtype=dtype)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    return np.frombuffer(m, dtype=dtype, count=n)  # the array keeps the mapping alive
+
+
 @dataclass(eq=False)
 class _Block:
     targets: np.ndarray  # [b] int64 node ids
@@ -101,19 +135,42 @@ class _Block:
 
 class RowStore:
     """Rows of an attribution in progress. ``layer_of[node]`` is a node's layer for the sweep order
-    (logits: n_layers; sources without rows: anything)."""
+    (logits: n_layers; sources without rows: anything).
 
-    def __init__(self, n_nodes: int, threshold: float, dtype: np.dtype, layer_of: np.ndarray) -> None:
+    ``capacity`` (an upper bound of the entries to be stored, e.g. Σ over rows of the sources in each
+    row's causal cone): rows must then come in ascending node order, and they are written straight into
+    one preallocated CSR (the graph's own layout) that :meth:`assemble` hands over without
+    a copy when every row is kept and no column is folded. Only the entries written are ever touched, so
+    an overestimated capacity costs address space, not memory."""
+
+    def __init__(self, n_nodes: int, threshold: float, dtype: np.dtype, layer_of: np.ndarray,
+                 capacity: int | None = None) -> None:
         self.n, self.threshold, self.dtype = n_nodes, threshold, dtype
         self.layer_of = np.asarray(layer_of, dtype=np.int64)
         self.blocks: list[_Block] = []
         self.remainder = np.zeros(n_nodes)
+        self.capacity = capacity
+        if capacity is not None:
+            # exact rows fill their causal cones almost to the entry (capacity/written 1.002 measured at
+            # 32 tokens), so the buffer is faulted in up front, in bulk, where it will all be written
+            prefault = threshold == 0
+            self._cols = _buffer(int(capacity), index_dtype(n_nodes), prefault)
+            self._vals = _buffer(int(capacity), dtype, prefault)
+            self._end, self._last = 0, -1
 
     def add(self, targets: np.ndarray, block: Tensor) -> None:
         """Store rows ``block`` [b, n_src] (columns are node ids 0..n_src−1) of nodes ``targets``."""
-        blk = block.detach().to("cpu", torch.float64 if self.dtype == np.float64 else torch.float32).numpy()
-        indptr, cols, vals, dropped = _compress(np.ascontiguousarray(blk), self.threshold)
+        blk = np.ascontiguousarray(block.detach().to("cpu", torch.float64 if self.dtype == np.float64 else torch.float32).numpy())
         targets = np.asarray(targets, dtype=np.int64)
+        if self.capacity is None:
+            indptr, cols, vals, dropped = _compress(blk, self.threshold)
+        else:
+            if targets[0] <= self._last or np.any(np.diff(targets) <= 0):
+                raise ValueError(f"a store with a capacity takes rows in ascending node order; got {targets[:4]}… after {self._last}")
+            indptr, dropped = _fill(blk, _cuts(blk, self.threshold), self._cols, self._vals, self._end)
+            cols, vals = self._cols[self._end : self._end + indptr[-1]], self._vals[self._end : self._end + indptr[-1]]
+            self._end += int(indptr[-1])
+            self._last = int(targets[-1])
         self.remainder[targets] += dropped
         lay = self.layer_of[targets]
         order = np.argsort(-lay, kind="stable")
@@ -137,13 +194,20 @@ class RowStore:
         (duplicates summed: unselected features fold into their error node).
 
         Consumes the store (each block is freed once merged), so the peak is the merged rows (8 bytes an
-        entry) plus the CSR being filled (12 bytes an entry), not the rows held twice."""
+        entry) plus the CSR being filled (8 bytes an entry), not the rows held twice."""
         keep = np.asarray(keep, dtype=bool)
         new_index = np.cumsum(keep) - 1
         n_new = int(keep.sum())
         cmap = new_index[col_map].astype(np.int64)
         identity = bool(np.array_equal(col_map, np.arange(self.n)))
-        col_dt = np.int32 if n_new < 2**31 else np.int64
+        col_dt = index_dtype(n_new)
+        if self.capacity is not None and identity and keep.all():  # the rows are the CSR already
+            counts = np.zeros(self.n, dtype=np.int64)
+            for b in self.blocks:
+                counts[b.targets] = np.diff(b.indptr)
+            self.blocks = []
+            return Adjacency(np.r_[0, np.cumsum(counts)], self._cols[: self._end], self._vals[: self._end], self.n,
+                             self.remainder.astype(self.dtype))
         counts = np.zeros(n_new, dtype=np.int64)
         parts = []  # per block: new row of each kept row, its local CSR (indptr, columns, values)
         while self.blocks:
@@ -175,7 +239,7 @@ class RowStore:
         np.cumsum(counts, out=indptr[1:])
         # np.empty, not np.zeros: every slot is written below, and on Linux numpy's huge-page advice on
         # a calloc'ed array made first touch ~20x slower here (4.8 GB: 11.3 s vs 0.5 s)
-        cols = np.empty(int(indptr[-1]), dtype=np.int64)
+        cols = np.empty(int(indptr[-1]), dtype=col_dt)
         vals = np.empty(int(indptr[-1]), dtype=self.dtype)
         while parts:  # each part's rows go to their slots
             new_rows, (p_indptr, p_cols, p_vals) = parts.pop(0)

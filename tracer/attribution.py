@@ -162,6 +162,17 @@ def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
                        err_index, tok_index)
 
 
+def _row_bounds(cand: _Candidates) -> np.ndarray:
+    """[n_feat] the sources in each feature row's causal cone (features and errors at lower layers and
+    positions ≤ its own, tokens at positions ≤ its own): no row can have more entries."""
+    L, T = cand.layout.n_layers, cand.layout.n_pos
+    counts = np.bincount(cand.group, minlength=L * T).reshape(L, T)
+    below = np.cumsum(counts, axis=0) - counts  # features at layers < l, per position
+    cone = np.cumsum(below, axis=1)  # … at positions ≤ c
+    l, c = cand.layer.astype(np.int64), cand.pos.astype(np.int64)
+    return cone[l, c] + l * (c + 1) + (c + 1)
+
+
 class _Contraction:
     """Rows [B, n_src] over candidate sources, filled layer by layer from the gradient at each MLP write
     (:meth:`layer`, ``g`` [B, T', d]: positions ≥ T' have none) and at the layer-0 input
@@ -318,7 +329,10 @@ def _attribute(
     else:
         engine = _AutogradBackward(rm, run, max(1, min(B, K + budget)))
     np_dt = np.float64 if cfg.dtype == "float64" else np.float32
-    store = RowStore(lay.n_nodes, cfg.store_threshold, np_dt, np.r_[cand.layer, np.full(lay.n_nodes - n_feat, L)])
+    every_row = cfg.max_feature_nodes is None  # no ranking needed: rows go in node order, straight into the CSR
+    capacity = int(_row_bounds(cand).sum() + K * n_src) if every_row else None
+    store = RowStore(lay.n_nodes, cfg.store_threshold, np_dt, np.r_[cand.layer, np.full(lay.n_nodes - n_feat, L)],
+                     capacity=capacity)
 
     contraction_flops = 0
 
@@ -329,11 +343,15 @@ def _attribute(
         store.add(target_idx, con.embedding(g_emb))
         contraction_flops += con.flops
 
-    # logit rows first: they rank the features for a row budget
     logit_nodes = np.asarray(lay.logit_index(np.arange(K)), dtype=np.int64).reshape(-1)
-    for s in range(0, K, B):
-        compute(logit_nodes[s : s + B], [(L, T - 1, t.vector) for t in tgts[s : s + B]])
-    say("rows", K, K + budget)
+
+    def logit_rows() -> None:
+        for s in range(0, K, B):
+            compute(logit_nodes[s : s + B], [(L, T - 1, t.vector) for t in tgts[s : s + B]])
+
+    if not every_row:  # logit rows first: they rank the features for a row budget
+        logit_rows()
+        say("rows", K, K + budget)
 
     visited = np.zeros(n_feat, dtype=bool)
     w = np.zeros(lay.n_nodes)
@@ -357,7 +375,10 @@ def _attribute(
             ]
             compute(take.astype(np.int64), reads)
             done += len(take)
-            say("rows", K + done, K + budget)
+            say("rows", (0 if every_row else K) + done, K + budget)
+    if every_row:  # the logits are the last nodes
+        logit_rows()
+        say("rows", K + budget, K + budget)
 
     # ---- assemble: selected features are nodes; the rest fold into their (layer, pos) error node ----
     keep_node = np.ones(lay.n_nodes, dtype=bool)
