@@ -11,9 +11,10 @@ sequences in the same order (ctx 256, 8 sequences per model batch, read from one
   tokens skipped) with the optimiser batch set to the same 2048 tokens and a 10-step warm-up (the
   default 100 would be most of a 146-step run).
 
-``--model-dtype bfloat16`` runs the model forward of BOTH tools in bf16 (sparsify: the model handed to its
-Trainer; ours: ``TrainConfig.model_dtype``); the transcoders train in fp32 either way, and scoring always
-uses the fp32 model.
+``--model-dtype bfloat16`` runs the model forward of BOTH tools in bf16 and trains both in fp32. sparsify:
+the model handed to its Trainer in bf16, its coders' forward fed fp32 copies of the activations (a bf16
+model on CPU fails in its encoder otherwise: its bf16 autocast is CUDA-only); ours:
+``TrainConfig.model_dtype``. Scoring always uses the fp32 model.
 
 Each tool runs in its own subprocess (2 threads, fp32, CPU; sparsify in its own venv, it pulls
 ``datasets`` and friends); seconds are the training call only (model loading excluded) and tokens/s are
@@ -75,6 +76,21 @@ def child_sparsify(args: argparse.Namespace) -> None:
         save_dir=str(work / "sparsify"),
         run_name="run",
     )
+    if args.model_dtype != "float32":
+        # A bf16 model on CPU fails in sparsify's encoder ("mat1 and mat2 must have the same dtype": its
+        # bf16 autocast is CUDA-only). Its coders get the activations cast to fp32 instead — the same as
+        # ours: bf16 model forward, fp32 training. (A CPU bf16 autocast around fit() ran but diverged:
+        # held-out FVU 179 / 60.)
+        from sparsify.sparse_coder import SparseCoder
+
+        forward = SparseCoder.forward
+
+        def fp32_forward(self, x, y=None, **kw):
+            if kw.get("total_variance") is not None:
+                kw["total_variance"] = kw["total_variance"].float()
+            return forward(self, x.float(), None if y is None else y.float(), **kw)
+
+        SparseCoder.forward = fp32_forward
     trainer = Trainer(cfg, ds, model)
     t0 = time.perf_counter()
     trainer.fit()
