@@ -157,3 +157,23 @@ def test_row_bounds_hold_every_row_of_an_exact_graph():
     bound = _row_bounds(cand)
     nnz = np.diff(g.adjacency.indptr)[: g.layout.n_features]
     assert np.all(nnz <= bound) and nnz.sum() > 0.5 * bound.sum()
+
+
+def test_an_exact_graph_larger_than_memory_is_refused_up_front(monkeypatch):
+    """No row budget and no threshold: the rows fill their causal cones, so a capacity beyond RAM is an
+    AttributionError naming the ways out before any row is computed; with a threshold the rows are
+    stored as they come instead (the same graph as with room to spare)."""
+    import sparsetrace.tracer.attribution as attr
+    from conftest import random_transcoders, tiny_lm
+    from sparsetrace.errors import AttributionError
+
+    lm = tiny_lm("llama")
+    ts = random_transcoders(lm)
+    prompt = [3, 17, 5, 42, 8, 23, 11]
+    roomy = attr.attribute(prompt, lm, ts, config=attr.AttributionConfig(dtype="float64", store_threshold=0.01))
+    monkeypatch.setattr(attr, "_physical_memory", lambda: 1000)
+    with pytest.raises(AttributionError, match=r"more than this machine's 0.0 GB of memory; set max_feature_nodes"):
+        attr.attribute(prompt, lm, ts, config=attr.AttributionConfig(dtype="float64"))
+    tight = attr.attribute(prompt, lm, ts, config=attr.AttributionConfig(dtype="float64", store_threshold=0.01))
+    np.testing.assert_array_equal(tight.dense_adjacency(), roomy.dense_adjacency())
+    np.testing.assert_array_equal(tight.adjacency.remainder, roomy.adjacency.remainder)

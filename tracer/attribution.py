@@ -12,6 +12,7 @@ The source side is a set of (layer, position, vector) writes per node, so a cros
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from sparsetrace.errors import AttributionError, ConfigError
 from sparsetrace.graphs import Adjacency, AttributionGraph, NodeLayout
+from sparsetrace.graphs.graph import index_dtype
 from sparsetrace.transcoders import TranscoderSet
 
 from ._linear import LinearBackward
@@ -160,6 +162,14 @@ def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
     tok_index = torch.as_tensor(layout.token_index(np.arange(T)), device=dev)
     return _Candidates(layer, pos, feat, layout, starts, group, w_pad, local, torch.as_tensor(within, device=dev),
                        err_index, tok_index)
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM (Linux/macOS sysconf; a large value where unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**62
 
 
 def _row_bounds(cand: _Candidates) -> np.ndarray:
@@ -331,6 +341,17 @@ def _attribute(
     np_dt = np.float64 if cfg.dtype == "float64" else np.float32
     every_row = cfg.max_feature_nodes is None  # no ranking needed: rows go in node order, straight into the CSR
     capacity = int(_row_bounds(cand).sum() + K * n_src) if every_row else None
+    if capacity is not None:
+        need = capacity * (np.dtype(np_dt).itemsize + np.dtype(index_dtype(lay.n_nodes)).itemsize)
+        mem = _physical_memory()
+        if need > mem and cfg.store_threshold == 0:  # an exact row fills its cone: this would run out of memory
+            raise AttributionError(
+                f"the exact graph of this {T}-token prompt ({n_feat:,} active features) has up to {capacity:,} "
+                f"edges ({need / 1e9:.1f} GB), more than this machine's {mem / 1e9:.1f} GB of memory; set "
+                f"max_feature_nodes (a row budget, e.g. 4096) and/or store_threshold (e.g. 1e-4)"
+            )
+        if need > mem:  # thresholded rows keep far fewer entries: stored as they come instead
+            capacity = None
     store = RowStore(lay.n_nodes, cfg.store_threshold, np_dt, np.r_[cand.layer, np.full(lay.n_nodes - n_feat, L)],
                      capacity=capacity)
 
