@@ -11,7 +11,7 @@ import click
 
 from sparsetrace.errors import ConfigError
 from sparsetrace.tracer.evaluate import evaluate_transcoders
-from sparsetrace.transcoders.train import TrainConfig
+from sparsetrace.transcoders.train import MODEL_DTYPES, TrainConfig
 
 from ._common import (
     parse_layers,
@@ -111,7 +111,7 @@ def corpus(out_dir, debian, packages, stdlib, texts, max_tokens_per_source, max_
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=default_of(T, "lr"), show_default="2e-4/√(F/2¹⁴)")
 @click.option("--ctx-len", type=click.IntRange(2), default=default_of(T, "ctx_len"), show_default=True)
 @click.option("--model-batch", type=click.IntRange(1), default=default_of(T, "model_batch"), show_default=True)
-@click.option("--model-dtype", type=click.Choice(["float32", "bfloat16"]), default=default_of(T, "model_dtype"),
+@click.option("--model-dtype", type=click.Choice(list(MODEL_DTYPES)), default=default_of(T, "model_dtype"),
               show_default=True, help="dtype of the model forward that reads the activations (transcoders train in float32).")
 @click.option("--shuffle-buffer-tokens", type=click.IntRange(1), default=default_of(T, "shuffle_buffer_tokens"), show_default=True)
 @click.option("--checkpoint-every-tokens", type=click.IntRange(0), default=default_of(T, "checkpoint_every_tokens"), show_default=True)
