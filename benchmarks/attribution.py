@@ -2,7 +2,7 @@
 and the floor (issue 2; issue 8, items 3 and 4).
 
 A case is ``TOKENS[:BUDGET[:BATCH[:THRESHOLD]]]``: prompt length, row budget (``max_feature_nodes``;
-0 = every active feature), rows per backward pass, and the per-row storage threshold (edges with
+0 = every active feature), rows per backward pass (0 = the engine's automatic choice), and the per-row storage threshold (edges with
 |w| ≤ THRESHOLD·max|row| go to the row's remainder; 0 = exact). Each case runs in its own subprocess, so
 peak RSS is per case. Per case: active features, rows, backward passes, stored edges, seconds, peak RSS,
 the dropped share of each row's absolute mass (mean / max), and the floor:
@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
     ts, ts_label = _transcoders(lm, args.transcoders)
     ids = lm.tokenize(TEXT_FILE.read_text())[: args.tokens]
     assert len(ids) == args.tokens, f"benchmark text has only {len(ids)} tokens"
-    cfg = AttributionConfig(batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes or None,
+    cfg = AttributionConfig(batch_size=args.batch_size or None, max_feature_nodes=args.max_feature_nodes or None,
                             device=args.device, store_threshold=args.threshold)
     t0 = time.perf_counter()
     g = attribute(ids, lm, ts, config=cfg)
@@ -103,7 +103,7 @@ def child(args: argparse.Namespace) -> None:
     dropped = adj.remainder[rows] / np.where(total[rows] > 0, total[rows], 1)
     print(json.dumps({
         "tokens": args.tokens, "transcoders": ts_label, "max_feature_nodes": args.max_feature_nodes or None,
-        "batch_size": args.batch_size, "store_threshold": args.threshold, "threads": args.threads,
+        "batch_size": st["batch_size"], "store_threshold": args.threshold, "threads": args.threads,
         "active_features": st["active_features"], "feature_nodes": st["feature_nodes"],
         "rows_computed": st["rows_computed"], "backward_passes": st["backward_passes"],
         "edges_stored": int(adj.nnz), "seconds": round(secs, 2), "peak_rss_mb": round(rss, 1),
@@ -127,7 +127,7 @@ def _parse_case(text: str) -> tuple[int, int, int, float]:
     parts = text.split(":")
     if not 1 <= len(parts) <= 4:
         raise SystemExit(f"case {text!r}: expected TOKENS[:BUDGET[:BATCH[:THRESHOLD]]]")
-    defaults = ["0", "0", "64", "0"]
+    defaults = ["0", "0", "0", "0"]  # batch 0: the engine's automatic choice
     parts += defaults[len(parts):]
     return int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3])
 
@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-feature-nodes", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threshold", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.transcoders is None:

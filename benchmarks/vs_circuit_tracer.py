@@ -10,7 +10,8 @@ token per layer. Tokens: our tokenisation with the prepended ``<|im_start|>``; c
 leading special token as its BOS, so both see the same ids. Logit targets: circuit-tracer picks (top
 logits, cumulative p ≥ 0.95, at most 10; the same rule as ours); we pass its token ids to ours.
 
-Each tool runs in its own subprocess (2 threads, fp32, CPU, batch 64) that reports seconds of
+Each tool runs in its own subprocess (2 threads, fp32, CPU; circuit-tracer at batch 64, its fastest here,
+ours at its automatic batch unless ``--our-batch-size``) that reports seconds of
 attribution (model loading excluded), its process's peak RSS (ru_maxrss: includes loading), pruning
 seconds (node 0.8 / edge 0.98) and writes its dense adjacency in the common node order — features
 sorted by (layer, pos, feature id) | errors layer-major L×T | tokens T | logits K (both tools already use
@@ -233,7 +234,7 @@ def child_ours(args: argparse.Namespace) -> None:
     ts = load_transcoders(prep["our_set"])
     ids = prep["prompts"][str(args.tokens)]
     targets = json.loads(args.targets) if args.targets else None
-    cfg = AttributionConfig(batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, device="cpu")
+    cfg = AttributionConfig(batch_size=args.our_batch_size or None, max_feature_nodes=args.max_feature_nodes, device="cpu")
     t0 = time.perf_counter()
     g = attribute(ids, lm, ts, targets=targets, config=cfg)
     secs = time.perf_counter() - t0
@@ -264,6 +265,7 @@ def child_ours(args: argparse.Namespace) -> None:
                 "logit_tokens": [int(t) for t in g.logit_token],
                 "logit_probabilities": [float(p) for p in g.logit_probability],
                 "seconds": round(secs, 2),
+                "batch_size": int(st["batch_size"]),
                 "peak_rss_mb": round(_rss_mb(), 1),
                 "peak_rss_after_attribution_mb": round(rss_attr, 1),
                 "prune_seconds": round(prune_warm, 3),
@@ -359,7 +361,8 @@ def main() -> None:
                     help="prompt lengths run with --max-feature-nodes for both tools (e.g. 128)")
     ap.add_argument("--max-feature-nodes", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64, help="circuit-tracer's batch (64 was its fastest on CPU)")
+    ap.add_argument("--our-batch-size", type=int, default=0, help="sparsetrace's batch (0: its automatic choice)")
     ap.add_argument("--ct-python", default=str(CT_PYTHON))
     ap.add_argument("--ct-timeout", type=float, default=600, help="seconds before a circuit-tracer run is killed")
     ap.add_argument("--work", default=None, help="folder for sets and matrices (default: a temp folder)")
@@ -396,7 +399,8 @@ def main() -> None:
         ct, ct_err = _run([args.ct_python, str(Path(__file__).resolve()), "--child", "ct"] + common + extra, args.ct_timeout, env)
         targets = json.dumps(ct["logit_tokens"]) if ct else None
         print(f"[{n} tokens] sparsetrace …", flush=True)
-        ours, ours_err = _run(me + ["--child", "ours"] + common + extra + (["--targets", targets, "--save-dense"] if targets else []), None, env)
+        ours, ours_err = _run(me + ["--child", "ours", "--our-batch-size", str(args.our_batch_size)] + common + extra
+                              + (["--targets", targets, "--save-dense"] if targets else []), None, env)
         case = {"tokens": n, "max_feature_nodes": budget, "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "circuit_tracer": ct or {"error": ct_err},
                 "sparsetrace": ours or {"error": ours_err}}
         if ct and ours and budget is None:
@@ -413,6 +417,7 @@ def main() -> None:
                            f"(1 − {TARGET_L0}/{N_FEATURES})-quantile on {prep['calibration_tokens']} calibration tokens",
             "calibration_l0": prep["calibration_l0_mean"],
             "threads": args.threads, "dtype": "float32", "device": "cpu", "batch_size": args.batch_size,
+            "our_batch_size": args.our_batch_size or "auto",
             "circuit_tracer": _ct_versions(args.ct_python, env),
             "prune": {"node_threshold": NODE_THRESHOLD, "edge_threshold": EDGE_THRESHOLD},
         },

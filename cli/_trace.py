@@ -48,8 +48,8 @@ FRACTION = click.FloatRange(0, 1, min_open=True)
               help="At most this many logit targets.")
 @click.option("--desired-logit-prob", type=FRACTION, default=default_of(A, "desired_logit_prob"), show_default=True,
               help="Smallest top-probability prefix of logits reaching this cumulative probability.")
-@click.option("--batch-size", type=click.IntRange(1), default=default_of(A, "batch_size"), show_default=True,
-              help="Target rows per backward pass.")
+@click.option("--batch-size", type=click.IntRange(1), default=default_of(A, "batch_size"), show_default="auto",
+              help="Target rows per backward pass (auto: 64 with a row budget, else 16384/tokens within 64..256).")
 @click.option("--max-feature-nodes", type=click.IntRange(0), default=default_of(A, "max_feature_nodes"),
               show_default="all", help="Row budget: compute rows for at most this many features (by influence).")
 @click.option("--store-threshold", type=click.FloatRange(0, 1, max_open=True), default=default_of(A, "store_threshold"),

@@ -80,13 +80,16 @@ def test_linear_backward_flop_count_matches_the_profiler(arch):
     rm = ReplacementModel(lm, ts)
     run = rm.run(torch.tensor(PROMPT))
     d = lm.d_model
-    reads = [(2, 3, torch.randn(d)), (1, 5, torch.randn(d)), (lm.n_layers, len(PROMPT) - 1, torch.randn(d))]
-    for batch in (reads[:2], reads):
+    reads = [(lm.n_layers, len(PROMPT) - 1, torch.randn(d)), (2, 3, torch.randn(d)), (2, 1, torch.randn(d)),
+             (1, 5, torch.randn(d))]
+    for batch in (reads[1:], reads):  # layers descending, as backward_into takes them
         eng = LinearBackward(rm, run)
         with profile(with_flops=True) as prof:
             eng.backward_into(batch, lambda l, g: None)
         counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
         assert eng.flops == counted > 0
+    with pytest.raises(ValueError, match="sorted by layer"):
+        LinearBackward(rm, run).backward_into(reads[::-1], lambda l, g: None)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])

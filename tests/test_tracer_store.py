@@ -113,33 +113,59 @@ def test_compress_equals_numpy_reference(threshold, dtype):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("threshold", [0.0, 0.05])
-def test_store_with_capacity_equals_the_block_store(seed, threshold):
-    """Rows in node order written straight into one preallocated CSR: the same influence and the same
-    assembled graph as the per-batch blocks, handed over without a copy; misuse is refused."""
+def test_store_with_slots_equals_the_block_store(seed, threshold):
+    """Rows in any order written straight into their slots of one preallocated buffer (some slots
+    larger than their rows, so assembly must close gaps): the same influence and the same assembled
+    graph as the per-batch blocks, handed over without a copy, also when rows are folded or dropped;
+    misuse is refused."""
     A, layer, with_rows, n_feat, n_src = _random_partial_graph(seed)
     n = A.shape[0]
-    nnz = int((A[with_rows, :n_src] != 0).sum())
+    rng = np.random.default_rng(seed)
+    nnz_row = (A[:, :n_src] != 0).sum(1)
+    slots = np.zeros(n, dtype=np.int64)
+    slots[with_rows] = nnz_row[with_rows] + rng.integers(0, 3, size=len(with_rows))
     blocks = RowStore(n, threshold, np.float32, layer)
-    direct = RowStore(n, threshold, np.float32, layer, capacity=nnz + 3)
-    for chunk in np.array_split(np.sort(with_rows), 4):
-        for st in (blocks, direct):
-            st.add(chunk, torch.as_tensor(A[chunk, :n_src], dtype=torch.float32))
+    direct = RowStore(n, threshold, np.float32, layer, slots=slots)
+    first = np.searchsorted(layer[:n_feat], layer)  # a row's own layer and above: known zeros
+    for chunk in np.array_split(rng.permutation(with_rows), 4):  # not in node order
+        blocks.add(chunk, torch.as_tensor(A[chunk, :n_src], dtype=torch.float32))
+        direct.add(chunk, torch.as_tensor(A[chunk, :n_src], dtype=torch.float32), first[chunk], n_feat)
     w = np.zeros(n)
     w[n_src:] = 1.0
-    np.testing.assert_array_equal(direct.influence(w), blocks.influence(w))
+    np.testing.assert_allclose(direct.influence(w), blocks.influence(w), rtol=1e-12, atol=0)
     np.testing.assert_array_equal(direct.remainder, blocks.remainder)
-    a = blocks.assemble(np.ones(n, dtype=bool), np.arange(n))
-    b = direct.assemble(np.ones(n, dtype=bool), np.arange(n))
-    for f in ("indptr", "indices", "data", "remainder"):
-        np.testing.assert_array_equal(getattr(b, f), getattr(a, f))
-    assert b.indices.dtype == np.int32 and b.indices.base is not None  # a view of the store's buffer
-    late = RowStore(n, 0.0, np.float32, layer, capacity=nnz)
-    late.add(with_rows[-1:], torch.as_tensor(A[with_rows[-1:], :n_src], dtype=torch.float32))
-    with pytest.raises(ValueError, match="ascending node order"):
-        late.add(with_rows[:1], torch.as_tensor(A[with_rows[:1], :n_src], dtype=torch.float32))
-    small = RowStore(n, 0.0, np.float32, layer, capacity=3)
+    for keep, col_map in [(np.ones(n, dtype=bool), np.arange(n)), _fold(layer, n_feat, n, rng)]:
+        b_st, d_st = (_refill(st, A, with_rows, n_src, slots if st is direct else None, threshold) for st in (blocks, direct))
+        a = b_st.assemble(keep, col_map)
+        b = d_st.assemble(keep, col_map)
+        for f in ("indptr", "indices", "data", "remainder"):
+            np.testing.assert_array_equal(getattr(b, f), getattr(a, f), err_msg=f)
+        if keep.all():
+            assert b.indices.dtype == np.int32 and b.indices.base is not None  # a view of the store's buffer
+    twice = RowStore(n, 0.0, np.float32, layer, slots=slots)
+    twice.add(with_rows[-1:], torch.as_tensor(A[with_rows[-1:], :n_src], dtype=torch.float32))
+    with pytest.raises(ValueError, match="each node's row once"):
+        twice.add(with_rows[-1:], torch.as_tensor(A[with_rows[-1:], :n_src], dtype=torch.float32))
+    small = RowStore(n, 0.0, np.float32, layer, slots=np.minimum(slots, 1))
     with pytest.raises(ValueError, match="capacity exceeded"):
         small.add(with_rows, torch.as_tensor(A[with_rows, :n_src], dtype=torch.float32))
+
+
+def _refill(st, A, with_rows, n_src, slots, threshold):
+    new = RowStore(st.n, threshold, np.float32, st.layer_of, slots=slots)
+    for chunk in np.array_split(with_rows[::-1], 3):
+        new.add(chunk, torch.as_tensor(A[chunk, :n_src], dtype=torch.float32))
+    return new
+
+
+def _fold(layer, n_feat, n, rng):
+    """Keep about half the features; the others' columns fold into a kept node of their layer."""
+    keep = np.ones(n, dtype=bool)
+    drop = rng.choice(n_feat, size=n_feat // 2, replace=False)
+    keep[drop] = False
+    col_map = np.arange(n)
+    col_map[drop] = n_feat  # the first non-feature node (an error node), always kept
+    return keep, col_map
 
 
 def test_row_bounds_hold_every_row_of_an_exact_graph():
@@ -157,6 +183,10 @@ def test_row_bounds_hold_every_row_of_an_exact_graph():
     bound = _row_bounds(cand)
     nnz = np.diff(g.adjacency.indptr)[: g.layout.n_features]
     assert np.all(nnz <= bound) and nnz.sum() > 0.5 * bound.sum()
+    # leaving out the zero error vectors (position 0's) makes the bound exact here: no gaps to close
+    run = ReplacementModel(lm, ts).run(torch.tensor(prompt))
+    tight = _row_bounds(cand, run.error.norm(dim=-1).numpy() > 0)
+    assert np.all(nnz <= tight) and tight.sum() < bound.sum() and np.mean(nnz == tight) > 0.99
 
 
 def test_an_exact_graph_larger_than_memory_is_refused_up_front(monkeypatch):

@@ -38,6 +38,11 @@ class _Norm:
         out = g * self.scale[: g.shape[1]]
         return out - out.mean(-1, keepdim=True) if self.centre else out
 
+    def transpose_at(self, v: Tensor, pos: Tensor) -> Tensor:
+        """The same for vectors v [n, d] that sit at positions ``pos`` [n]."""
+        out = v * self.scale[pos]
+        return out - out.mean(-1, keepdim=True) if self.centre else out
+
 
 @dataclass(eq=False)
 class _Layer:
@@ -117,62 +122,81 @@ class LinearBackward:
 
     def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[Tensor, Tensor]:
         """``reads[b] = (layer, pos, vector)``: row b reads ``vector`` at the MLP input x̃ of ``layer``
-        (``layer == n_layers``: the final normed residual) at ``pos``. Returns the write gradients
-        [L', B, T, d] of layers 0..L'−1 (no write at a layer ≥ L' = min(highest read layer, L) reaches a
-        read) and the layer-0 input gradient [B, T, d]."""
+        (``layer == n_layers``: the final normed residual) at ``pos``, in any order. Returns the write
+        gradients [L', B, T, d] of layers 0..L'−1 (no write at a layer ≥ L' = min(highest read layer, L)
+        reaches a read) and the layer-0 input gradient [B, T, d]."""
         B, T, d = len(reads), self.T, reads[0][2].shape[-1]
         Lp = min(max(l for l, _, _ in reads), self.n_layers)
         grads = torch.zeros(Lp, B, T, d, dtype=self.final_norm.scale.dtype, device=reads[0][2].device)
+        order = sorted(range(B), key=lambda b: -reads[b][0])  # backward_into takes layers descending
+        where = torch.tensor(order, device=grads.device)
 
         def put(l: int, g: Tensor) -> None:
-            grads[l, :, : g.shape[1]] = g
+            grads[l, where[: g.shape[0]], : g.shape[1]] = g
 
-        return grads, self.backward_into(reads, put)
+        g_emb = self.backward_into([reads[b] for b in order], put)
+        out = torch.empty_like(g_emb)
+        out[where] = g_emb
+        return grads, out
 
     def backward_into(self, reads: list[tuple[int, int, Tensor]], sink: Callable[[int, Tensor], None]) -> Tensor:
-        """:meth:`backward` without holding every layer: ``sink(l, g)`` gets layer l's write gradient
-        g [B, T', d] (T' = highest read position + 1; later positions have none) as the pass reaches
-        it, top layer first. Returns the layer-0 input gradient [B, T, d]."""
+        """:meth:`backward` for reads sorted by layer descending, without holding every layer:
+        ``sink(l, g)`` gets layer l's write gradient g [n, T', d] for the first n rows, those reading
+        above layer l (the others have none there), with T' = highest read position + 1 (later
+        positions have none), as the pass reaches it, top layer first; g is only valid during the call.
+        Returns the layer-0 input gradient [B, T, d].
+
+        Rows join the pass at their own layer (sorted, the rows at or above a layer are a prefix of the
+        batch), so a batch that spans layers does no work on rows that are still zero; a row's first
+        layer runs the one-position attention transpose."""
         L = self.n_layers
         B = len(reads)
+        layer = [min(l, L) for l, _, _ in reads]
+        if any(a < b for a, b in zip(layer, layer[1:])):
+            raise ValueError("backward_into takes reads sorted by layer, highest first")
         self.passes += 1
-        dev_vec = reads[0][2]
-        d = dev_vec.shape[-1]
-        l_max = max(l for l, _, _ in reads)
+        dev = reads[0][2].device
+        d = reads[0][2].shape[-1]
         Tp = max(c for _, c, _ in reads) + 1
         dtype = self.final_norm.scale.dtype
-        inject: dict[int, Tensor] = {}
-        for b, (l, c, v) in enumerate(reads):
-            if l not in inject:
-                inject[l] = torch.zeros(B, Tp, d, dtype=dtype, device=dev_vec.device)
-            inject[l][b, c] = v.detach().to(dtype)
-        g = torch.zeros(B, Tp, d, dtype=dtype, device=dev_vec.device)
-        if L in inject:
-            g = g + self.final_norm.transpose(inject[L])
-        # at the first layer every row's gradient is still at its read position only
-        read_pos = torch.tensor([c for _, c, _ in reads], device=dev_vec.device)
-        rows = torch.arange(B, device=dev_vec.device)
-        first = min(l_max, L - 1)
+        pos = torch.tensor([c for _, c, _ in reads], device=dev)
+        vec = torch.stack([v.detach().to(dtype) for _, _, v in reads])  # [B, d]
+        g = torch.zeros(B, Tp, d, dtype=dtype, device=dev)
+        n_logit = sum(1 for l in layer if l == L)
+        if n_logit:
+            g[torch.arange(n_logit, device=dev), pos[:n_logit]] = self.final_norm.transpose_at(vec[:n_logit], pos[:n_logit])
+
+        def above(l: int) -> int:  # rows reading at a layer > l: a prefix
+            return sum(1 for x in layer if x > l)
+
         # reads at layer l see x̃_l, which no write at a layer ≥ l reaches: start at the highest read
-        for l in range(first, -1, -1):
+        for l in range(min(layer[0], L - 1), -1, -1):
             lay = self.layers[l]
-            g_x = inject.get(l)
-            if l < l_max:
+            n_w = above(l)  # rows with a gradient at layer l's output (their reads are above it)
+            n = above(l - 1)  # … and those that join here (reads at l): all rows with a gradient below
+            # rows that join here, and logit rows at the top layer, still sit at their read position alone
+            n_spread = n_w if l < L - 1 else 0
+            if n_w:
                 # residual after layer l: h' = h_mid + post_mlp(write + x̃ W_skipᵀ)
-                g_write = lay.post_mlp.transpose(g) if lay.post_mlp is not None else g
+                g_write = lay.post_mlp.transpose(g[:n_w]) if lay.post_mlp is not None else g[:n_w]
                 sink(l, g_write)
                 if lay.W_skip is not None:
-                    g_skip = g_write @ lay.W_skip
-                    g_x = g_skip if g_x is None else g_x + g_skip
-            g_mid = g if g_x is None else g + lay.mlp_norm.transpose(g_x)
+                    g[:n_w] += lay.mlp_norm.transpose(g_write @ lay.W_skip)
+            if n > n_w:  # this layer's reads
+                g[torch.arange(n_w, n, device=dev), pos[n_w:n]] += lay.mlp_norm.transpose_at(vec[n_w:n], pos[n_w:n])
             # h_mid = h + post_attn(attention(attn_norm(h)))
+            g_mid = g[:n]
             g_att = lay.post_attn.transpose(g_mid) if lay.post_attn is not None else g_mid
-            if l == first:
-                att = self._attention_transpose_one(lay, g_att[rows, read_pos], read_pos, Tp)
-            else:
-                att = self._attention_transpose(lay, g_att)
-            g = g_mid + lay.attn_norm.transpose(att)
-            self.flops += self._layer_flops(B, Tp, skip=l < l_max and lay.W_skip is not None, one=l == first)
+            att = torch.empty_like(g_mid)
+            if n_spread:
+                att[:n_spread] = self._attention_transpose(lay, g_att[:n_spread])
+            if n > n_spread:
+                fresh = torch.arange(n_spread, n, device=dev)
+                att[n_spread:] = self._attention_transpose_one(lay, g_att[fresh, pos[n_spread:n]], pos[n_spread:n], Tp)
+            g_mid += lay.attn_norm.transpose(att)
+            self.flops += self._layer_flops(n_spread, Tp, skip=False) + self._layer_flops(n - n_spread, Tp, skip=False, one=True)
+            if n_w and lay.W_skip is not None:
+                self.flops += 2 * n_w * Tp * d * d
         return _pad(g, self.T)
 
     def _layer_flops(self, B: int, Tp: int, skip: bool, one: bool = False) -> int:

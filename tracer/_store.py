@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 from torch import Tensor
 
 from sparsetrace.graphs import Adjacency
@@ -26,30 +26,31 @@ __all__ = ["RowStore"]
 
 
 @njit(cache=True)
-def _push_rows(infl, w, targets, indptr, cols, vals, remainder, rows):
-    """For each local row r in ``rows`` (target t = targets[r]): push (I_t + w_t)·|A[t, s]| / Σ|A[t, ·]|
-    to every stored source s. The caller visits targets before their sources (layer descending)."""
+def _push_rows(infl, w, targets, starts, ends, cols, vals, remainder, rows):
+    """For each local row r in ``rows`` (target t = targets[r], entries starts[r]:ends[r]): push
+    (I_t + w_t)·|A[t, s]| / Σ|A[t, ·]| to every stored source s. The caller visits targets before their
+    sources (layer descending)."""
     for r in rows:
         t = targets[r]
         denom = remainder[t]
-        for e in range(indptr[r], indptr[r + 1]):
+        for e in range(starts[r], ends[r]):
             denom += abs(np.float64(vals[e]))
         if denom == 0.0:
             continue
         push = (infl[t] + w[t]) / denom
         if push == 0.0:
             continue
-        for e in range(indptr[r], indptr[r + 1]):
+        for e in range(starts[r], ends[r]):
             infl[cols[e]] += push * abs(np.float64(vals[e]))
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _cuts(blk, threshold):
     """Per row of a dense block [b, n]: entries with |w| ≤ cut are dropped (threshold · max|row|; 0: only zeros)."""
     b, n = blk.shape
     cut = np.zeros(b)
     if threshold > 0:
-        for i in range(b):
+        for i in prange(b):
             m = 0.0
             for j in range(n):
                 a = abs(np.float64(blk[i, j]))
@@ -81,6 +82,57 @@ def _fill(blk, cut, cols, vals, start):
                 dropped[i] += a
         indptr[i + 1] = e - start
     return indptr, dropped
+
+
+@njit(cache=True, parallel=True)
+def _fill_slots(blk, cut, cols, vals, starts, limits, skip_lo, skip_hi):
+    """Row i's kept entries (columns ascending) go to cols/vals[starts[i] : limits[i]], rows in
+    parallel (each has its own slot). Columns skip_lo[i] ≤ j < skip_hi of row i are known to be zero
+    and not read. Returns the entries written per row and the dropped absolute mass per row (float64)."""
+    b, n = blk.shape
+    counts = np.zeros(b, dtype=np.int64)
+    dropped = np.zeros(b)
+    over = np.zeros(b, dtype=np.bool_)
+    for i in prange(b):
+        e = starts[i]
+        lim = limits[i]
+        c = cut[i]
+        dr = 0.0
+        for seg in range(2):
+            j0 = 0 if seg == 0 else max(skip_hi, skip_lo[i])
+            j1 = min(skip_lo[i], n) if seg == 0 else n
+            for j in range(j0, j1):
+                v = blk[i, j]
+                a = abs(np.float64(v))
+                if a > c:
+                    if e >= lim:
+                        over[i] = True
+                        break
+                    cols[e] = j
+                    vals[e] = v
+                    e += 1
+                else:
+                    dr += a
+        counts[i] = e - starts[i]
+        dropped[i] = dr
+    if over.any():
+        raise ValueError("row store capacity exceeded")
+    return counts, dropped
+
+
+@njit(cache=True)
+def _compact(cols, vals, starts, counts):
+    """Move row r's ``counts[r]`` entries from ``starts[r]`` (ascending) to right after row r−1's, in
+    place (every move is leftward, rows in order); returns the number of entries."""
+    e = 0
+    for r in range(len(starts)):
+        s, c = starts[r], counts[r]
+        if s != e:
+            for k in range(c):
+                cols[e + k] = cols[s + k]
+                vals[e + k] = vals[s + k]
+        e += c
+    return e
 
 
 @njit(cache=True)
@@ -126,8 +178,9 @@ def _buffer(n: int, dtype, prefault: bool) -> np.ndarray:
 @dataclass(eq=False)
 class _Block:
     targets: np.ndarray  # [b] int64 node ids
-    indptr: np.ndarray  # [b+1] int64
-    cols: np.ndarray  # [nnz] int32
+    starts: np.ndarray  # [b] int64: row r's entries are cols/vals[starts[r] : ends[r]]
+    ends: np.ndarray  # [b] int64
+    cols: np.ndarray  # [nnz] int32 (with slots: the store's whole buffer)
     vals: np.ndarray  # [nnz]
     order: np.ndarray  # [b] local rows, target layer descending (the sweep order within this block)
     layer: np.ndarray  # [b] target layer (L for logits), matching ``order``
@@ -137,44 +190,53 @@ class RowStore:
     """Rows of an attribution in progress. ``layer_of[node]`` is a node's layer for the sweep order
     (logits: n_layers; sources without rows: anything).
 
-    ``capacity`` (an upper bound of the entries to be stored, e.g. Σ over rows of the sources in each
-    row's causal cone): rows must then come in ascending node order, and they are written straight into
-    one preallocated CSR (the graph's own layout) that :meth:`assemble` hands over without
-    a copy when every row is kept and no column is folded. Only the entries written are ever touched, so
-    an overestimated capacity costs address space, not memory."""
+    ``slots`` [n_nodes] (an upper bound of each node's stored entries, e.g. the sources in its row's
+    causal cone; 0 for nodes without a row): every row then has its own slot in one preallocated buffer,
+    rows may come in any order (each node's row once), and :meth:`assemble` closes the gaps in place
+    and hands the buffer over as the graph's CSR, without a copy, when every row is kept and no column
+    is folded. Only the entries written are ever touched, so an overestimated bound costs address space,
+    not memory."""
 
     def __init__(self, n_nodes: int, threshold: float, dtype: np.dtype, layer_of: np.ndarray,
-                 capacity: int | None = None) -> None:
+                 slots: np.ndarray | None = None) -> None:
         self.n, self.threshold, self.dtype = n_nodes, threshold, dtype
         self.layer_of = np.asarray(layer_of, dtype=np.int64)
         self.blocks: list[_Block] = []
         self.remainder = np.zeros(n_nodes)
-        self.capacity = capacity
-        if capacity is not None:
-            # exact rows fill their causal cones almost to the entry (capacity/written 1.002 measured at
-            # 32 tokens), so the buffer is faulted in up front, in bulk, where it will all be written
+        self.slots = None if slots is None else np.asarray(slots, dtype=np.int64)
+        if self.slots is not None:
+            if self.slots.shape != (n_nodes,) or np.any(self.slots < 0):
+                raise ValueError(f"slots must be [{n_nodes}] non-negative counts")
+            self._start = np.r_[0, np.cumsum(self.slots)]
+            # exact rows fill their causal cones almost to the entry, so the buffer is faulted in up
+            # front, in bulk, where it will all be written
             prefault = threshold == 0
-            self._cols = _buffer(int(capacity), index_dtype(n_nodes), prefault)
-            self._vals = _buffer(int(capacity), dtype, prefault)
-            self._end, self._last = 0, -1
+            self._cols = _buffer(int(self._start[-1]), index_dtype(n_nodes), prefault)
+            self._vals = _buffer(int(self._start[-1]), dtype, prefault)
+            self._count = np.full(n_nodes, -1, dtype=np.int64)  # entries stored per row; −1: no row yet
 
-    def add(self, targets: np.ndarray, block: Tensor) -> None:
-        """Store rows ``block`` [b, n_src] (columns are node ids 0..n_src−1) of nodes ``targets``."""
+    def add(self, targets: np.ndarray, block: Tensor, zero_from: np.ndarray | None = None, zero_to: int = 0) -> None:
+        """Store rows ``block`` [b, n_src] (columns are node ids 0..n_src−1) of nodes ``targets``.
+        ``zero_from`` [b] / ``zero_to`` (with slots): columns zero_from[i] ≤ j < zero_to of row i are
+        known to be zero (sources a row's layer cannot see) and are not scanned."""
         blk = np.ascontiguousarray(block.detach().to("cpu", torch.float64 if self.dtype == np.float64 else torch.float32).numpy())
         targets = np.asarray(targets, dtype=np.int64)
-        if self.capacity is None:
+        if self.slots is None:
             indptr, cols, vals, dropped = _compress(blk, self.threshold)
+            starts, ends = indptr[:-1], indptr[1:]
         else:
-            if targets[0] <= self._last or np.any(np.diff(targets) <= 0):
-                raise ValueError(f"a store with a capacity takes rows in ascending node order; got {targets[:4]}… after {self._last}")
-            indptr, dropped = _fill(blk, _cuts(blk, self.threshold), self._cols, self._vals, self._end)
-            cols, vals = self._cols[self._end : self._end + indptr[-1]], self._vals[self._end : self._end + indptr[-1]]
-            self._end += int(indptr[-1])
-            self._last = int(targets[-1])
+            if np.any(self._count[targets] >= 0) or len(np.unique(targets)) < len(targets):
+                raise ValueError(f"a store with slots takes each node's row once; got {targets[:4]}… again")
+            starts, limits = self._start[targets], self._start[targets + 1]
+            lo = np.full(len(targets), blk.shape[1], dtype=np.int64) if zero_from is None else np.asarray(zero_from, dtype=np.int64)
+            counts, dropped = _fill_slots(blk, _cuts(blk, self.threshold), self._cols, self._vals, starts, limits,
+                                          lo, int(zero_to))
+            self._count[targets] = counts
+            ends, cols, vals = starts + counts, self._cols, self._vals
         self.remainder[targets] += dropped
         lay = self.layer_of[targets]
         order = np.argsort(-lay, kind="stable")
-        self.blocks.append(_Block(targets, indptr, cols, vals, order, lay[order]))
+        self.blocks.append(_Block(targets, starts, ends, cols, vals, order, lay[order]))
 
     def influence(self, w: np.ndarray) -> np.ndarray:
         """Influence on the logits of every node through the rows stored so far: exact on that partial
@@ -186,7 +248,7 @@ class RowStore:
             for b in self.blocks:
                 lo, hi = np.searchsorted(-b.layer, [-l, -l + 1])  # rows of this block at layer l
                 if hi > lo:
-                    _push_rows(infl, w, b.targets, b.indptr, b.cols, b.vals, self.remainder, b.order[lo:hi])
+                    _push_rows(infl, w, b.targets, b.starts, b.ends, b.cols, b.vals, self.remainder, b.order[lo:hi])
         return infl
 
     def assemble(self, keep: np.ndarray, col_map: np.ndarray) -> Adjacency:
@@ -201,13 +263,16 @@ class RowStore:
         cmap = new_index[col_map].astype(np.int64)
         identity = bool(np.array_equal(col_map, np.arange(self.n)))
         col_dt = index_dtype(n_new)
-        if self.capacity is not None and identity and keep.all():  # the rows are the CSR already
-            counts = np.zeros(self.n, dtype=np.int64)
-            for b in self.blocks:
-                counts[b.targets] = np.diff(b.indptr)
-            self.blocks = []
-            return Adjacency(np.r_[0, np.cumsum(counts)], self._cols[: self._end], self._vals[: self._end], self.n,
-                             self.remainder.astype(self.dtype))
+        if self.slots is not None:  # close the slots' gaps in place: the buffer becomes one CSR over all nodes
+            counts = np.maximum(self._count, 0)
+            end = _compact(self._cols, self._vals, self._start[:-1], counts)
+            indptr = np.r_[0, np.cumsum(counts)]
+            cols, vals = self._cols[:end], self._vals[:end]
+            self.blocks, self._cols, self._vals = [], None, None
+            if identity and keep.all():  # the rows are the graph's CSR already
+                return Adjacency(indptr, cols, vals, self.n, self.remainder.astype(self.dtype))
+            order = np.argsort(-self.layer_of, kind="stable")
+            self.blocks = [_Block(np.arange(self.n), indptr[:-1], indptr[1:], cols, vals, order, self.layer_of[order])]
         counts = np.zeros(n_new, dtype=np.int64)
         parts = []  # per block: new row of each kept row, its local CSR (indptr, columns, values)
         while self.blocks:
@@ -215,10 +280,11 @@ class RowStore:
             rows_kept = keep[b.targets]
             if not rows_kept.any():
                 continue
+            b_indptr = np.append(b.starts, b.ends[-1])  # blocks here are contiguous CSR from 0
             if identity and rows_kept.all():  # the exact graph: the block's CSR is used as it is
-                new_rows, sub = new_index[b.targets], (b.indptr, b.cols, b.vals.astype(self.dtype, copy=False))
+                new_rows, sub = new_index[b.targets], (b_indptr, b.cols, b.vals.astype(self.dtype, copy=False))
             else:
-                r = np.repeat(np.arange(len(b.targets), dtype=np.int32), np.diff(b.indptr))
+                r = np.repeat(np.arange(len(b.targets), dtype=np.int32), np.diff(b_indptr))
                 m = rows_kept[r]
                 r, cc, vv = r[m], cmap[b.cols[m]], b.vals[m]
                 del m, b.cols, b.vals

@@ -45,8 +45,10 @@ class AttributionConfig:
     """At most this many logit targets."""
     desired_logit_prob: float = 0.95
     """Take the smallest top-probability prefix of logits whose cumulative probability reaches this."""
-    batch_size: int = 64
-    """Target rows per backward pass."""
+    batch_size: int | None = None
+    """Target rows per backward pass. None: 64 with a row budget (re-ranking every 4 batches, as
+    circuit-tracer's default), else 16384 / prompt length clipped to 64..256 (larger batches run the
+    matmuls faster; rows join a pass at their own layer, so they cost no extra work)."""
     max_feature_nodes: int | None = None
     """Row budget: compute rows for at most this many features, chosen by estimated influence on the
     logits (re-ranked every 4 batches); unselected features are folded into the error node at their
@@ -62,8 +64,8 @@ class AttributionConfig:
     through the HF model with hooks (the reference; same numbers, slower)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size}; allowed: ≥ 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}; allowed: ≥ 1 or None")
         if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
             raise ConfigError(f"max_feature_nodes={self.max_feature_nodes}; allowed: ≥ 0 or None")
         if self.dtype not in ("float32", "float64"):
@@ -92,6 +94,8 @@ class AttributionStats:
     """Matmul FLOPs of the hand-written backward passes (None with backward="autograd")."""
     contraction_gflop: float = 0.0
     """Matmul FLOPs of contracting the gradients with the sources' writes."""
+    batch_size: int = 0
+    """Target rows per backward pass (the one chosen where the config left it to the engine)."""
 
 
 @dataclass(eq=False)
@@ -172,15 +176,32 @@ def _physical_memory() -> int:
         return 2**62
 
 
-def _row_bounds(cand: _Candidates) -> np.ndarray:
+def _row_bounds(cand: _Candidates, err_nonzero: np.ndarray | None = None) -> np.ndarray:
     """[n_feat] the sources in each feature row's causal cone (features and errors at lower layers and
-    positions ≤ its own, tokens at positions ≤ its own): no row can have more entries."""
+    positions ≤ its own, tokens at positions ≤ its own): no row can have more entries. ``err_nonzero``
+    [L, T]: error nodes whose vector is zero (position 0's) have no edges, so they are left out."""
     L, T = cand.layout.n_layers, cand.layout.n_pos
     counts = np.bincount(cand.group, minlength=L * T).reshape(L, T)
-    below = np.cumsum(counts, axis=0) - counts  # features at layers < l, per position
+    if err_nonzero is not None:
+        counts = counts + np.asarray(err_nonzero, dtype=np.int64).reshape(L, T)
+    else:
+        counts = counts + 1
+    below = np.cumsum(counts, axis=0) - counts  # features and errors at layers < l, per position
     cone = np.cumsum(below, axis=1)  # … at positions ≤ c
     l, c = cand.layer.astype(np.int64), cand.pos.astype(np.int64)
-    return cone[l, c] + l * (c + 1) + (c + 1)
+    return cone[l, c] + (c + 1)
+
+
+def _batches(idx: np.ndarray, cand: _Candidates, B: int):
+    """Feature rows ``idx`` as backward batches of ≤ B: in (position, layer) order, so that a batch
+    spans few positions (its pass runs over positions ≤ its highest) and its rows join the pass at
+    their own layers (_linear.py: the rows at or above a layer are a prefix), each batch then sorted by
+    layer descending as :meth:`LinearBackward.backward_into` takes them."""
+    idx = np.asarray(idx)
+    idx = idx[np.lexsort((idx, cand.layer[idx], cand.pos[idx]))]
+    for s in range(0, len(idx), B):
+        take = idx[s : s + B]
+        yield take[np.argsort(-cand.layer[take], kind="stable")]
 
 
 class _Contraction:
@@ -194,18 +215,19 @@ class _Contraction:
         self.flops = 0
 
     def layer(self, l: int, g: Tensor) -> None:
+        """``g`` [n, T', d]: the first n rows (the others have no gradient at this layer)."""
         cand, T = self.cand, self.cand.layout.n_pos
-        B, Tp, d = g.shape
+        n, Tp, d = g.shape
         w = cand.w_pad[l][:Tp]  # (T', d, k_l + 1)
         k1 = w.shape[-1]
-        self.flops += 2 * Tp * B * d * k1
-        out = torch.bmm(g.transpose(0, 1), w)  # (T', B, k_l + 1)
-        self.rows[:, cand.err_index[l * T : l * T + Tp]] = out[:, :, -1].T
+        self.flops += 2 * Tp * n * d * k1
+        out = torch.bmm(g.transpose(0, 1), w)  # (T', n, k_l + 1)
+        self.rows[:n, cand.err_index[l * T : l * T + Tp]] = out[:, :, -1].T
         s = int(cand.layer_start[l])
         e = int(np.searchsorted(cand.group, l * T + Tp))  # features of layer l at positions < T'
         if e > s:
-            flat = out.permute(1, 0, 2).reshape(B, Tp * k1)  # (B, T'·(k_l+1))
-            self.rows[:, s:e] = flat[:, cand.local[s:e]]
+            flat = out.permute(1, 0, 2).reshape(n, Tp * k1)  # (n, T'·(k_l+1))
+            self.rows[:n, s:e] = flat[:, cand.local[s:e]]
 
     def embedding(self, g_emb: Tensor) -> Tensor:
         self.rows[:, self.cand.tok_index] = torch.einsum("btd,td->bt", g_emb, self.run.h0)
@@ -332,16 +354,20 @@ def _attribute(
     n_feat = lay.n_features
     n_src = lay.logits.start  # candidates: features | errors | tokens
     budget = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
-    B = cfg.batch_size
+    B = cfg.batch_size or (64 if cfg.max_feature_nodes is not None else min(256, max(64, 16384 // T)))
 
     if cfg.backward == "linear":
         engine = LinearBackward(rm, run)
     else:
         engine = _AutogradBackward(rm, run, max(1, min(B, K + budget)))
     np_dt = np.float64 if cfg.dtype == "float64" else np.float32
-    every_row = cfg.max_feature_nodes is None  # no ranking needed: rows go in node order, straight into the CSR
-    capacity = int(_row_bounds(cand).sum() + K * n_src) if every_row else None
-    if capacity is not None:
+    every_row = cfg.max_feature_nodes is None  # no ranking needed: each row has its slot in the graph's CSR
+    slots = None
+    if every_row:
+        slots = np.zeros(lay.n_nodes, dtype=np.int64)
+        slots[:n_feat] = _row_bounds(cand, run.error.norm(dim=-1).cpu().numpy() > 0)
+        slots[lay.logits] = n_src
+        capacity = int(slots.sum())
         need = capacity * (np.dtype(np_dt).itemsize + np.dtype(index_dtype(lay.n_nodes)).itemsize)
         mem = _physical_memory()
         if need > mem and cfg.store_threshold == 0:  # an exact row fills its cone: this would run out of memory
@@ -351,9 +377,9 @@ def _attribute(
                 f"max_feature_nodes (a row budget, e.g. 4096) and/or store_threshold (e.g. 1e-4)"
             )
         if need > mem:  # thresholded rows keep far fewer entries: stored as they come instead
-            capacity = None
+            slots = None
     store = RowStore(lay.n_nodes, cfg.store_threshold, np_dt, np.r_[cand.layer, np.full(lay.n_nodes - n_feat, L)],
-                     capacity=capacity)
+                     slots=slots)
 
     contraction_flops = 0
 
@@ -361,7 +387,11 @@ def _attribute(
         nonlocal contraction_flops
         con = _Contraction(run, cand, len(reads), n_src)
         g_emb = engine.backward_into(reads, con.layer)
-        store.add(target_idx, con.embedding(g_emb))
+        # a feature row has no entries at features of its own layer or above (columns up to n_feat)
+        zero_from = np.full(len(target_idx), n_feat)
+        f = target_idx < n_feat
+        zero_from[f] = cand.layer_start[cand.layer[target_idx[f]]]
+        store.add(target_idx, con.embedding(g_emb), zero_from, n_feat)
         contraction_flops += con.flops
 
     logit_nodes = np.asarray(lay.logit_index(np.arange(K)), dtype=np.int64).reshape(-1)
@@ -385,11 +415,8 @@ def _attribute(
             infl = store.influence(w)[:n_feat]
             infl[visited] = -np.inf
             window = np.argsort(-infl, kind="stable")[: min(4 * B, budget - done)]
-            # a window's rows go in (layer, position) order, so each batch starts at its own highest
-            # layer and position (_linear.py); the set of rows is the ranking's, only their order changes
-            window = np.sort(window)
-        for s in range(0, len(window), B):
-            take = window[s : s + B]
+        # the set of rows is the ranking's; only their order and grouping into batches is ours
+        for take in _batches(window, cand, B):
             visited[take] = True
             reads = [
                 (int(cand.layer[i]), int(cand.pos[i]), ts[int(cand.layer[i])].W_enc[int(cand.feat[i])]) for i in take
@@ -436,6 +463,7 @@ def _attribute(
         seconds=time.perf_counter() - t0,
         backward_gflop=engine.flops / 1e9 if hasattr(engine, "flops") else None,
         contraction_gflop=contraction_flops / 1e9,
+        batch_size=B,
     )
     return AttributionGraph(
         layout=layout,
