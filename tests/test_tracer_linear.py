@@ -44,6 +44,29 @@ def test_linear_backward_equals_autograd_gradients(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_skipping_position_0_keeps_every_other_gradient_and_the_first_token_edge(arch):
+    """The engine's mode: position 0 out of every pass. Gradients at positions ≥ 1 are autograd's, and
+    the first token's edge (through the key-0 terms and the position-0 recurrence) is autograd's
+    g_emb[:, 0] · h0[0]."""
+    lm, rm, run = _fp64_run(arch)
+    gen = torch.Generator().manual_seed(2)
+    L, T, d = lm.n_layers, len(PROMPT), lm.d_model
+    reads = [(int(l), int(c), torch.randn(d, dtype=torch.float64, generator=gen))
+             for l, c in zip(torch.randint(0, L + 1, (12,), generator=gen), torch.randint(1, T, (12,), generator=gen))]
+    ga, ea = _AutogradBackward(rm, run, len(reads)).backward(reads)
+    eng = LinearBackward(rm, run, skip_position0=True)
+    gb, eb = eng.backward(reads)
+    scale = ea.abs().max().item()
+    torch.testing.assert_close(gb[:, :, 1:], ga[:, :, 1:], atol=1e-12 * scale, rtol=0)
+    torch.testing.assert_close(eb[:, 1:], ea[:, 1:], atol=1e-12 * scale, rtol=0)
+    tok0 = ea[:, 0] @ run.h0[0]
+    assert tok0.abs().max() > 1e-3  # the first token (an attention sink) has real edges
+    torch.testing.assert_close(eng.last_token0, tok0, atol=1e-12 * tok0.abs().max().item(), rtol=0)
+    with pytest.raises(ValueError, match="position 0"):
+        eng.backward([(1, 0, torch.randn(d, dtype=torch.float64))])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_linear_and_autograd_graphs_agree(arch):
     lm = tiny_lm(arch)
     ts = random_transcoders(lm)
@@ -82,8 +105,8 @@ def test_linear_backward_flop_count_matches_the_profiler(arch):
     d = lm.d_model
     reads = [(lm.n_layers, len(PROMPT) - 1, torch.randn(d)), (2, 3, torch.randn(d)), (2, 1, torch.randn(d)),
              (1, 5, torch.randn(d))]
-    for batch in (reads[1:], reads):  # layers descending, as backward_into takes them
-        eng = LinearBackward(rm, run)
+    for batch, skip0 in [(reads[1:], False), (reads, False), (reads, True)]:  # layers descending, as backward_into takes them
+        eng = LinearBackward(rm, run, skip_position0=skip0)
         with profile(with_flops=True) as prof:
             eng.backward_into(batch, lambda l, g: None)
         counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))

@@ -206,31 +206,37 @@ def _batches(idx: np.ndarray, cand: _Candidates, B: int):
 
 class _Contraction:
     """Rows [B, n_src] over candidate sources, filled layer by layer from the gradient at each MLP write
-    (:meth:`layer`, ``g`` [B, T', d]: positions ≥ T' have none) and at the layer-0 input
-    (:meth:`embedding`). Only the positions < T' of a layer are contracted."""
+    (:meth:`layer`, ``g`` [n, T' − p0, d] at positions p0 … T' − 1: later positions have none) and at
+    the layer-0 input (:meth:`embedding`). Only the positions carried are contracted (p0 = 1: position
+    0 has no feature or error sources; the first token's edge comes from the engine)."""
 
-    def __init__(self, run: CleanRun, cand: _Candidates, B: int, n_src: int) -> None:
-        self.run, self.cand = run, cand
+    def __init__(self, run: CleanRun, cand: _Candidates, B: int, n_src: int, p0: int = 0) -> None:
+        self.run, self.cand, self.p0 = run, cand, p0
         self.rows = run.h0.new_zeros(B, n_src)
         self.flops = 0
 
     def layer(self, l: int, g: Tensor) -> None:
-        """``g`` [n, T', d]: the first n rows (the others have no gradient at this layer)."""
-        cand, T = self.cand, self.cand.layout.n_pos
-        n, Tp, d = g.shape
-        w = cand.w_pad[l][:Tp]  # (T', d, k_l + 1)
+        """``g`` [n, T' − p0, d]: the first n rows (the others have no gradient at this layer)."""
+        cand, T, p0 = self.cand, self.cand.layout.n_pos, self.p0
+        n, P, d = g.shape
+        Tp = p0 + P
+        w = cand.w_pad[l][p0:Tp]  # (P, d, k_l + 1)
         k1 = w.shape[-1]
-        self.flops += 2 * Tp * n * d * k1
-        out = torch.bmm(g.transpose(0, 1), w)  # (T', n, k_l + 1)
-        self.rows[:n, cand.err_index[l * T : l * T + Tp]] = out[:, :, -1].T
-        s = int(cand.layer_start[l])
-        e = int(np.searchsorted(cand.group, l * T + Tp))  # features of layer l at positions < T'
+        self.flops += 2 * P * n * d * k1
+        out = torch.bmm(g.transpose(0, 1), w)  # (P, n, k_l + 1)
+        self.rows[:n, cand.err_index[l * T + p0 : l * T + Tp]] = out[:, :, -1].T
+        s = int(np.searchsorted(cand.group, l * T + p0))
+        e = int(np.searchsorted(cand.group, l * T + Tp))  # features of layer l at positions p0 … T' − 1
         if e > s:
-            flat = out.permute(1, 0, 2).reshape(n, Tp * k1)  # (n, T'·(k_l+1))
-            self.rows[:n, s:e] = flat[:, cand.local[s:e]]
+            flat = out.permute(1, 0, 2).reshape(n, P * k1)  # (n, P·(k_l+1))
+            self.rows[:n, s:e] = flat[:, cand.local[s:e] - p0 * k1]
 
-    def embedding(self, g_emb: Tensor) -> Tensor:
-        self.rows[:, self.cand.tok_index] = torch.einsum("btd,td->bt", g_emb, self.run.h0)
+    def embedding(self, g_emb: Tensor, tok0: Tensor | None = None) -> Tensor:
+        """``g_emb`` [B, T − p0, d]; ``tok0`` [B]: the first token's edge when position 0 is skipped."""
+        p0 = self.p0
+        self.rows[:, self.cand.tok_index[p0:]] = torch.einsum("btd,td->bt", g_emb, self.run.h0[p0:])
+        if p0:
+            self.rows[:, self.cand.tok_index[0]] = tok0
         self.flops += 2 * g_emb.numel()
         return self.rows
 
@@ -278,13 +284,16 @@ class _AutogradBackward:
         layer_grads = torch.stack([torch.zeros_like(self.h0[:n]) if g is None else g[:n] for g in grads[:L]])
         return layer_grads, grads[L][:n]
 
-    def backward_into(self, reads: list[tuple[int, int, Tensor]], sink: Callable[[int, Tensor], None]) -> Tensor:
+    p0 = 0  # every position is carried
+
+    def backward_into(self, reads: list[tuple[int, int, Tensor]],
+                      sink: Callable[[int, Tensor], None]) -> tuple[Tensor, None]:
         """:meth:`backward`, handing each layer's write gradient to ``sink(layer, g)``; returns the
-        layer-0 input gradient."""
+        layer-0 input gradient (and None: position 0 is not skipped)."""
         grads, g_emb = self.backward(reads)
         for l in range(grads.shape[0]):
             sink(l, grads[l])
-        return g_emb
+        return g_emb, None
 
 
 def attribute(
@@ -357,7 +366,7 @@ def _attribute(
     B = cfg.batch_size or (64 if cfg.max_feature_nodes is not None else min(256, max(64, 16384 // T)))
 
     if cfg.backward == "linear":
-        engine = LinearBackward(rm, run)
+        engine = LinearBackward(rm, run, skip_position0=True)  # position 0 is a constant, not sources
     else:
         engine = _AutogradBackward(rm, run, max(1, min(B, K + budget)))
     np_dt = np.float64 if cfg.dtype == "float64" else np.float32
@@ -385,13 +394,13 @@ def _attribute(
 
     def compute(target_idx: np.ndarray, reads: list[tuple[int, int, Tensor]]) -> None:
         nonlocal contraction_flops
-        con = _Contraction(run, cand, len(reads), n_src)
-        g_emb = engine.backward_into(reads, con.layer)
+        con = _Contraction(run, cand, len(reads), n_src, engine.p0)
+        g_emb, tok0 = engine.backward_into(reads, con.layer)
         # a feature row has no entries at features of its own layer or above (columns up to n_feat)
         zero_from = np.full(len(target_idx), n_feat)
         f = target_idx < n_feat
         zero_from[f] = cand.layer_start[cand.layer[target_idx[f]]]
-        store.add(target_idx, con.embedding(g_emb), zero_from, n_feat)
+        store.add(target_idx, con.embedding(g_emb, tok0), zero_from, n_feat)
         contraction_flops += con.flops
 
     logit_nodes = np.asarray(lay.logit_index(np.arange(K)), dtype=np.int64).reshape(-1)
