@@ -54,19 +54,20 @@ def _matmul_gflops(threads: int, seconds: float = 2.0) -> float:
 
 def _minimal_backward_flops(lm, layer, pos) -> int:
     """Σ over rows (target at MLP input of ``layer`` — n_layers for logits — and position ``pos``) of the
-    matmul FLOPs of a backward started at that row alone: attention V/O at layers ≤ its layer (causal
-    half; the first one at the row's own position only, then spread over the keys, as tracer/_linear.py
-    does), skip at layers below it."""
+    matmul FLOPs of a backward started at that row alone: attention V/O at layers ≤ its layer over
+    positions 1..pos (causal half; position 0, a constant, only through each attention's key-0 row; the
+    first layer at the row's own position only, then spread over the keys, as tracer/_linear.py does),
+    skip at layers below it."""
     import numpy as np
 
     nq, nkv, hd = lm.adapter.attention_shape(lm.model)
     d, L = lm.d_model, lm.n_layers
-    layer, tp = np.asarray(layer, dtype=np.int64), np.asarray(pos, dtype=np.int64) + 1
+    layer, tp = np.asarray(layer, dtype=np.int64), np.asarray(pos, dtype=np.int64)  # positions 1..pos
     n_att = np.minimum(layer + 1, L)  # layers whose attention is on the path
     n_skip = np.minimum(layer, L)
     per_pos = 2 * (d * nq * hd + nkv * hd * d)
     first = 2 * (d * nq * hd + nq * hd * d + tp * nq * d)
-    att = (n_att - 1) * (tp * per_pos + 2 * nq * hd * tp * (tp + 1) // 2) + first
+    att = (n_att - 1) * (tp * per_pos + 2 * nq * hd * (tp * (tp + 1) // 2 + tp)) + first
     return int((att + n_skip * tp * 2 * d * d).sum())
 
 

@@ -79,6 +79,15 @@ CALIBRATION = [
 
 
 def _rss_mb() -> float:
+    """This process's peak RSS in MB: Linux's VmHWM (the peak of its own address space; ru_maxrss would
+    inherit the parent's peak across fork + exec, and the parent holds both dense matrices after a
+    comparison), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB → MB on Linux
 
 

@@ -14,7 +14,9 @@ sequences in the same order (ctx 256, 8 sequences per model batch, read from one
 ``--model-dtype bfloat16`` runs the model forward of BOTH tools in bf16 and trains both in fp32. sparsify:
 the model handed to its Trainer in bf16, its coders' forward fed fp32 copies of the activations (a bf16
 model on CPU fails in its encoder otherwise: its bf16 autocast is CUDA-only); ours:
-``TrainConfig.model_dtype``. Scoring always uses the fp32 model.
+``TrainConfig.model_dtype``. Scoring always uses the fp32 model. ``--our-model-dtype`` sets ours alone
+(e.g. sparsify at its CPU default, fp32, against ours with a bf16 forward: a different precision, reported
+as such).
 
 Each tool runs in its own subprocess (2 threads, fp32, CPU; sparsify in its own venv, it pulls
 ``datasets`` and friends); seconds are the training call only (model loading excluded) and tokens/s are
@@ -127,12 +129,13 @@ def child_ours(args: argparse.Namespace) -> None:
         n_features=args.n_features, k=args.k, skip=True, layers=tuple(args.layers),
         n_tokens=args.sequences * (CTX - 1),  # position 0 is never trained on
         batch_tokens=2048, warmup_steps=10, ctx_len=CTX, model_batch=MODEL_BATCH,
-        checkpoint_every_tokens=0, progress=False, model_dtype=args.model_dtype,
+        checkpoint_every_tokens=0, progress=False, model_dtype=args.our_model_dtype or args.model_dtype,
     )
     t0 = time.perf_counter()
     train_transcoders(lm, corpus, cfg, work / "ours")
     secs = time.perf_counter() - t0
     print(json.dumps({"tool": "sparsetrace", "seconds": round(secs, 2), "sequences": read[0],
+                      "model_dtype": args.our_model_dtype or args.model_dtype,
                       "trained_tokens": cfg.n_tokens, "peak_rss_mb": round(_rss_mb(), 1), "out": str(work / "ours")}))
 
 
@@ -212,6 +215,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="dtype of the model forward, for both tools (transcoders train in float32 in both)")
+    ap.add_argument("--our-model-dtype", choices=["float32", "bfloat16"], default=None,
+                    help="ours only (default: --model-dtype): e.g. sparsify at its CPU default fp32, ours with a bf16 forward")
     ap.add_argument("--sp-python", default=str(SP_PYTHON))
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(RESULTS))
@@ -233,7 +238,7 @@ def main() -> None:
     common = ["--corpus", str(Path(args.corpus).resolve()), "--work", str(work), "--threads", str(args.threads),
               "--sequences", str(args.sequences), "--heldout-sequences", str(args.heldout_sequences),
               "--layers", *map(str, args.layers), "--n-features", str(args.n_features), "--k", str(args.k),
-              "--model-dtype", args.model_dtype]
+              "--model-dtype", args.model_dtype] + (["--our-model-dtype", args.our_model_dtype] if args.our_model_dtype else [])
     prep = _run([sys.executable, script, "--child", "prepare"] + common, env)
     common += ["--model-dir", prep["model_dir"]]
     print(f"work {work}: {prep['train_tokens']} training tokens, {prep['heldout_tokens']} held-out", flush=True)
@@ -255,7 +260,7 @@ def main() -> None:
     res = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "command": " ".join([".venv/bin/python", "benchmarks/vs_sparsify.py"] + sys.argv[1:]),
-        "setup": {"model_dtype": args.model_dtype, "layers": args.layers, "n_features": args.n_features, "k": args.k, "ctx": CTX,
+        "setup": {"model_dtype": args.model_dtype, "our_model_dtype": args.our_model_dtype or args.model_dtype, "layers": args.layers, "n_features": args.n_features, "k": args.k, "ctx": CTX,
                   "sequences_per_batch": MODEL_BATCH, "training_sequences": args.sequences,
                   "heldout_tokens_scored": score.pop("heldout_tokens_scored"), "threads": args.threads,
                   "sparsify": _versions(args.sp_python, env)},
