@@ -25,14 +25,19 @@ def _fp64_run(arch: str):
     return lm, rm, rm.run(torch.tensor(PROMPT))
 
 
+def _random_reads(lm, seed: int, first_pos: int, n: int = 12):
+    """n fp64 reads at random layers incl. the final residual (layer L) and positions ≥ first_pos, in
+    one batch, in no particular order."""
+    gen = torch.Generator().manual_seed(seed)
+    L, T, d = lm.n_layers, len(PROMPT), lm.d_model
+    return [(int(l), int(c), torch.randn(d, dtype=torch.float64, generator=gen))
+            for l, c in zip(torch.randint(0, L + 1, (n,), generator=gen), torch.randint(first_pos, T, (n,), generator=gen))]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_linear_backward_equals_autograd_gradients(arch):
     lm, rm, run = _fp64_run(arch)
-    gen = torch.Generator().manual_seed(0)
-    L, T, d = lm.n_layers, len(PROMPT), lm.d_model
-    # reads at every layer incl. the final residual (layer L), mixed positions, in one batch
-    reads = [(int(l), int(c), torch.randn(d, dtype=torch.float64, generator=gen))
-             for l, c in zip(torch.randint(0, L + 1, (12,), generator=gen), torch.randint(0, T, (12,), generator=gen))]
+    reads = _random_reads(lm, seed=0, first_pos=0)
     ga, ea = _AutogradBackward(rm, run, len(reads)).backward(reads)
     gb, eb = LinearBackward(rm, run).backward(reads)
     scale = ea.abs().max().item()
@@ -49,10 +54,8 @@ def test_skipping_position_0_keeps_every_other_gradient_and_the_first_token_edge
     the first token's edge (through the key-0 terms and the position-0 recurrence) is autograd's
     g_emb[:, 0] · h0[0]."""
     lm, rm, run = _fp64_run(arch)
-    gen = torch.Generator().manual_seed(2)
-    L, T, d = lm.n_layers, len(PROMPT), lm.d_model
-    reads = [(int(l), int(c), torch.randn(d, dtype=torch.float64, generator=gen))
-             for l, c in zip(torch.randint(0, L + 1, (12,), generator=gen), torch.randint(1, T, (12,), generator=gen))]
+    reads = _random_reads(lm, seed=2, first_pos=1)
+    d = lm.d_model
     ga, ea = _AutogradBackward(rm, run, len(reads)).backward(reads)
     eng = LinearBackward(rm, run, skip_position0=True)
     gb, eb = eng.backward(reads)

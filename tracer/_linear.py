@@ -99,6 +99,8 @@ class LinearBackward:
         not sources) is left out of every pass; its one source, the first token, gets its gradient from
         the key-0 terms of each attention (:meth:`_position0_values`)."""
         self.v0 = self._position0_values(run) if skip_position0 else None
+        self.last_token0: Tensor | None = None
+        """After :meth:`backward` with position 0 skipped: the first token's edge of each read [B]."""
         self.passes = 0
         self.flops = 0
         """Multiply-add FLOPs (2 per MAC) of the matmuls run so far (elementwise norm scales not counted)."""

@@ -60,30 +60,6 @@ def _cuts(blk, threshold):
     return cut
 
 
-@njit(cache=True)
-def _fill(blk, cut, cols, vals, start):
-    """Write the kept entries of each row (columns ascending) into cols/vals from ``start`` on. Returns
-    the block's local indptr [b+1] and the dropped absolute mass per row (float64)."""
-    b, n = blk.shape
-    indptr = np.zeros(b + 1, dtype=np.int64)
-    dropped = np.zeros(b)
-    e = start
-    for i in range(b):
-        for j in range(n):
-            v = blk[i, j]
-            a = abs(np.float64(v))
-            if a > cut[i]:
-                if e >= cols.shape[0]:
-                    raise ValueError("row store capacity exceeded")
-                cols[e] = j
-                vals[e] = v
-                e += 1
-            else:
-                dropped[i] += a
-        indptr[i + 1] = e - start
-    return indptr, dropped
-
-
 @njit(cache=True, parallel=True)
 def _fill_slots(blk, cut, cols, vals, starts, limits, skip_lo, skip_hi):
     """Row i's kept entries (columns ascending) go to cols/vals[starts[i] : limits[i]], rows in
@@ -141,14 +117,16 @@ def _compress(blk, threshold):
     |w| > threshold · max|row| (threshold 0: the nonzero ones), and the dropped absolute mass per row."""
     cut = _cuts(blk, threshold)
     b, n = blk.shape
-    nnz = 0
+    indptr = np.zeros(b + 1, dtype=np.int64)
     for i in range(b):
+        kept = 0
         for j in range(n):
             if abs(np.float64(blk[i, j])) > cut[i]:
-                nnz += 1
-    cols = np.empty(nnz, dtype=np.int32)
-    vals = np.empty(nnz, dtype=blk.dtype)
-    indptr, dropped = _fill(blk, cut, cols, vals, 0)
+                kept += 1
+        indptr[i + 1] = indptr[i] + kept
+    cols = np.empty(indptr[-1], dtype=np.int32)
+    vals = np.empty(indptr[-1], dtype=blk.dtype)
+    _, dropped = _fill_slots(blk, cut, cols, vals, indptr[:-1], indptr[1:], np.full(b, n, dtype=np.int64), n)
     return indptr, cols, vals, dropped
 
 
