@@ -112,7 +112,7 @@ def test_linear_backward_flop_count_matches_the_profiler(arch):
         eng = LinearBackward(rm, run, skip_position0=skip0)
         with profile(with_flops=True) as prof:
             eng.backward_into(batch, lambda l, g: None)
-        counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
+        counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"))
         assert eng.flops == counted > 0
     with pytest.raises(ValueError, match="sorted by layer"):
         LinearBackward(rm, run).backward_into(reads[::-1], lambda l, g: None)
@@ -138,5 +138,63 @@ def test_blocked_causal_pattern_product_equals_dense(arch, monkeypatch):
     scale = ea.abs().max().item()
     torch.testing.assert_close(gb, ga, atol=1e-12 * scale, rtol=0)
     torch.testing.assert_close(eb, ea, atol=1e-12 * scale, rtol=0)
-    counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
+    counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"))
     assert eng.flops == counted
+
+
+def test_bucket_plan_partitions_positions_and_never_pads_more_than_one_bucket():
+    from sparsetrace.tracer.attribution import _plan_buckets
+
+    rng = np.random.default_rng(0)
+    for counts in (rng.integers(0, 200, 300), np.full(16, 7), np.array([0]), rng.integers(0, 5, 3)):
+        plan = _plan_buckets(counts)
+        assert 1 <= len(plan) <= 3
+        np.testing.assert_array_equal(np.sort(np.concatenate(plan)), np.arange(len(counts)))
+        assert all(np.all(np.diff(p) > 0) for p in plan)
+        padded = sum(len(p) * (counts[p].max() + 1) for p in plan)
+        assert padded <= len(counts) * (counts.max() + 1)
+    skewed = np.r_[np.full(50, 10), np.full(5, 100)]  # a few large groups: splitting must pay
+    assert sum(len(p) * (skewed[p].max() + 1) for p in _plan_buckets(skewed)) < 0.3 * 55 * 101
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_contraction_rows_equal_gradient_dot_writes_with_the_buffer_reused(arch):
+    """The bucketed contraction, one buffer serving every batch: each batch's rows equal the gradients
+    (LinearBackward.backward, every layer and position) dotted with every source's write, on every
+    column the store reads — also when a batch reaches fewer positions than an earlier one (the buffer
+    is then zeroed whole) and when rows sit at other layers than the last batch's (stale columns)."""
+    from sparsetrace.tracer.attribution import _candidates, _Contraction
+
+    lm, rm, run = _fp64_run(arch)
+    cand = _candidates(run, rm.transcoders, 1)
+    assert any(len(b) > 1 for b in cand.buckets)  # the multi-bucket path is exercised
+    lay, L, T = cand.layout, lm.n_layers, len(PROMPT)
+    n_feat, n_src = lay.n_features, lay.logits.start
+    eng = LinearBackward(rm, run, skip_position0=True)
+    gen = torch.Generator().manual_seed(5)
+    con = _Contraction(run, cand, 6, n_src, eng.p0, skips_above=True)
+    feats = torch.arange(n_feat)
+    for c_max, n in [(T - 1, 6), (3, 4), (T - 1, 6), (T - 1, 5)]:
+        layers = torch.randint(1, L + 1, (n,), generator=gen).sort(descending=True).values
+        reads = [(int(l), int(torch.randint(1, c_max + 1, (1,), generator=gen)) if i else c_max,
+                  torch.randn(lm.d_model, dtype=torch.float64, generator=gen)) for i, l in enumerate(layers)]
+        con.start(n, c_max + 1)
+        g_emb, tok0 = eng.backward_into(reads, con.layer)
+        rows = con.embedding(g_emb, tok0).clone()
+        grads, emb = LinearBackward(rm, run).backward(reads)
+        ref = torch.zeros(n, n_src, dtype=torch.float64)
+        w = cand.writes(feats.numpy())
+        for j in range(n_feat):
+            l, p = int(cand.layer[j]), int(cand.pos[j])
+            if l < grads.shape[0]:
+                ref[:, j] = grads[l, :, p] @ w[j]
+        for l in range(grads.shape[0]):
+            ref[:, lay.error_index(np.full(T, l), np.arange(T))] = torch.einsum("btd,td->bt", grads[l], run.error[l])
+        ref[:, lay.token_index(np.arange(T))] = torch.einsum("btd,td->bt", emb, run.h0)
+        read = torch.ones(n, n_src, dtype=torch.bool)
+        for i, (l, _, _) in enumerate(reads):
+            ref[i, int(cand.layer_start[min(l, L)]) : n_feat] = 0  # a feature row sees only lower layers
+            read[i, int(cand.layer_start[min(l, L)]) : n_feat] = False  # … and the store skips the rest
+        scale = ref.abs().max().item()
+        assert scale > 1e-3
+        torch.testing.assert_close(rows[read], ref[read], atol=1e-12 * scale, rtol=0)

@@ -32,10 +32,19 @@ __all__ = ["LinearBackward"]
 
 @dataclass(eq=False)
 class _Norm:
-    """Frozen norm as a linear map: y = scale ⊙ x (LayerNorm: scale ⊙ centre(x)); scale [T, d]."""
+    """Frozen norm as a linear map: y = scale ⊙ x (LayerNorm: scale ⊙ centre(x)); scale [T, d] = r ⊗ w,
+    r [T] the frozen denominators, w [d] the weight (Gemma: 1 + weight)."""
 
     scale: Tensor
     centre: bool
+    r: Tensor
+    w: Tensor
+
+    def fold_into(self, W: Tensor) -> Tensor:
+        """W [k, d] with the transpose's weight (and centring) folded into its columns: for rows g [k],
+        transpose(g W) at position t = r[t] · (g · fold_into(W))."""
+        Wf = W * self.w
+        return Wf - Wf.mean(-1, keepdim=True) if self.centre else Wf
 
     def transpose(self, g: Tensor, p0: int = 0) -> Tensor:
         """gᵀ·∂y/∂x for g [B, T', d] at positions p0 … p0 + T' − 1."""
@@ -64,6 +73,8 @@ class _Layer:
     W_skip: Tensor | None  # [d, d] (y = x̃ W_skipᵀ)
     pattern_t: Tensor  # [n_q, T, T] the frozen pattern transposed (a view): P_t[h, key, query]
     W_V_heads: Tensor  # [n_q, hd, d] each query head's value projection (GQA: its group's, repeated)
+    W_V_in: Tensor  # [n_kv·hd, d] W_V with attn_norm's transpose folded in (its r[key] is applied apart)
+    W_V_heads_in: Tensor  # [n_q, hd, d] the same per query head
 
 
 class LinearBackward:
@@ -80,6 +91,8 @@ class LinearBackward:
             norms = {k: (None if m is None else self._norm(m, run)) for k, m in ad.layer_norms(model, i).items()}
             W_V, W_O = ad.value_output_weights(model, i)
             tc = rm.transcoders[i]
+            grp = self.n_q // self.n_kv
+            W_V_in = norms["attn"].fold_into(W_V.detach())
             self.layers.append(
                 _Layer(
                     attn_norm=norms["attn"],
@@ -90,7 +103,9 @@ class LinearBackward:
                     W_O=W_O.detach(),
                     W_skip=None if tc.W_skip is None else tc.W_skip.detach(),
                     pattern_t=run.patterns[i].transpose(1, 2),  # a view: BLAS reads it transposed, no copy
-                    W_V_heads=W_V.detach().view(self.n_kv, self.hd, -1).repeat_interleave(self.n_q // self.n_kv, 0),
+                    W_V_heads=W_V.detach().view(self.n_kv, self.hd, -1).repeat_interleave(grp, 0),
+                    W_V_in=W_V_in,
+                    W_V_heads_in=W_V_in.view(self.n_kv, self.hd, -1).repeat_interleave(grp, 0),
                 )
             )
         self.final_norm = self._norm(ad.final_norm(model), run)
@@ -109,8 +124,9 @@ class LinearBackward:
         kind = norm_kind(module)
         r = run.norm_state[id(module)][0].reshape(self.T, 1)  # [T, 1]
         w = module.weight.detach()
-        w = (1.0 + w) if kind == NormKind.RMS_OFFSET else w
-        return _Norm(scale=(r * w).to(run.h0.dtype), centre=kind == NormKind.LAYER)
+        w = ((1.0 + w) if kind == NormKind.RMS_OFFSET else w).to(run.h0.dtype)
+        r = r.to(run.h0.dtype)
+        return _Norm(scale=r * w, centre=kind == NormKind.LAYER, r=r[:, 0], w=w)
 
     def _position0_values(self, run: CleanRun) -> list[Tensor]:
         """Per layer, each query head's value vector at key 0 [n_q, hd] as a linear function of the
@@ -129,39 +145,54 @@ class LinearBackward:
                 r = r + (lay.post_mlp.forward_at(w, 0) if lay.post_mlp is not None else w)
         return out
 
-    def _attention_transpose(self, layer: _Layer, g: Tensor, p0: int = 0, tok0: Tensor | None = None,
-                             v0: Tensor | None = None) -> Tensor:
-        """gᵀ through out = concat_h(P_h · V_{kv(h)}) W_Oᵀ, V = x W_Vᵀ; g [B, T', d] → [B, T', d] at
-        positions p0 … p0 + T' − 1. With p0 = 1, key 0's share goes to ``tok0`` [B] (through ``v0``)."""
+    def _attention_transpose(self, layer: _Layer, g: Tensor, acc: Tensor, p0: int = 0, tok0: Tensor | None = None,
+                             v0: Tensor | None = None) -> None:
+        """acc += attn_normᵀ(gᵀ through out = concat_h(P_h · V_{kv(h)}) W_Oᵀ, V = x W_Vᵀ); g, acc [B, T', d]
+        at positions p0 … p0 + T' − 1. With p0 = 1, key 0's share goes to ``tok0`` [B] (through ``v0``).
+
+        attn_norm's weight (and centring) is folded into W_V (``W_V_in``) and its per-key r into the
+        pattern, so the last product accumulates straight into ``acc``: no elementwise pass over [B, T', d]."""
         B, Tp, _ = g.shape
         nq, nkv, hd = self.n_q, self.n_kv, self.hd
+        grp = nq // nkv
         # heads as the bmm batch and (B, hd) as columns: nq matmuls of (T'×T')·(T'×B·hd), far fewer and
         # larger than B·nq tiny ones
         g_o = (g @ layer.W_O).view(B, Tp, nq, hd).permute(2, 1, 0, 3).reshape(nq, Tp, B * hd)
-        P_t = layer.pattern_t[:, p0:, p0:]
         if p0:  # u_h = Σ_q P_h[q, 0] g_o[q, h]; the first token's edge gets u_h · v0_h
             u = torch.bmm(layer.pattern_t[:, :1, p0 : p0 + Tp], g_o).view(nq, B, hd)
             tok0 += (u * v0[:, None, :]).sum((0, 2))
-        g_v = _causal_transpose_product(P_t, g_o, Tp).view(nq, Tp, B, hd)  # (nq, T', B, hd)
-        if nkv != nq:  # grouped-query attention: query heads share a value head
-            g_v = g_v.view(nkv, nq // nkv, Tp, B, hd).sum(1)
-        g_v = g_v.permute(2, 1, 0, 3).reshape(B, Tp, nkv * hd)
-        return g_v @ layer.W_V
+        r = layer.attn_norm.r[p0 : p0 + Tp]
+        if Tp <= CAUSAL_BLOCK:
+            # one product per value head: its query heads' patterns side by side (keys scaled by r) times
+            # their g_o stacked (a view), so grouped-query attention needs no sum over the group
+            P_s = layer.pattern_t[:, p0 : p0 + Tp, p0 : p0 + Tp] * r[None, :, None]  # (nq, key, query)
+            P_cat = P_s.view(nkv, grp, Tp, Tp).transpose(1, 2).reshape(nkv, Tp, grp * Tp)
+            g_v = torch.bmm(P_cat, g_o.reshape(nkv, grp * Tp, B * hd)).view(nkv, Tp, B, hd)  # a view unless B = 1
+            g_v = g_v.permute(2, 1, 0, 3).reshape(B * Tp, nkv * hd)
+        else:
+            g_v = _causal_transpose_product(layer.pattern_t[:, p0:, p0:], g_o, Tp).view(nq, Tp, B, hd)
+            if nkv != nq:  # grouped-query attention: query heads share a value head
+                g_v = g_v.view(nkv, grp, Tp, B, hd).sum(1)
+            # the per-key r applied while laying the result out by rows
+            g_v = (g_v.permute(2, 1, 0, 3) * r[None, :, None, None]).reshape(B * Tp, nkv * hd)
+        acc2 = acc.view(B * Tp, -1)
+        torch.addmm(acc2, g_v, layer.W_V_in, out=acc2)  # (out=, not addmm_: the profiler counts its FLOPs)
 
-    def _attention_transpose_one(self, layer: _Layer, v: Tensor, c: Tensor, Tp: int, p0: int = 0,
-                                 tok0: Tensor | None = None, v0: Tensor | None = None) -> Tensor:
+    def _attention_transpose_one(self, layer: _Layer, v: Tensor, c: Tensor, acc: Tensor, p0: int = 0,
+                                 tok0: Tensor | None = None, v0: Tensor | None = None) -> None:
         """:meth:`_attention_transpose` of a g that is nonzero at one position per row, g[b] = e_{c_b}⊗v[b]
         (v [B, d], c [B]): a row's first layer. Pᵀ then spreads each head's part over the keys as an
         outer product, so the value projection is applied once per head before the spread:
         2·B·(d·q + q·d + T'·n_q·d) FLOPs instead of 2·B·T'·(d·q + kv·d) (q = n_q·hd, kv = n_kv·hd).
-        Returns keys p0 … Tp − 1; with p0 = 1, key 0's share goes to ``tok0``."""
-        B = v.shape[0]
+        acc [B, T', d] (keys p0 … p0 + T' − 1) gets the result; with p0 = 1, key 0's share goes to ``tok0``."""
+        B, Tp = v.shape[0], p0 + acc.shape[1]
         g_o = (v @ layer.W_O).view(B, self.n_q, self.hd).transpose(0, 1)  # (nq, B, hd)
-        u = torch.bmm(g_o, layer.W_V_heads)  # (nq, B, d): each head's value-side write of row b
+        u = torch.bmm(g_o, layer.W_V_heads_in)  # (nq, B, d): each head's value-side write of row b
         if p0:
             tok0 += (layer.pattern_t[:, 0, c] * (g_o * v0[:, None, :]).sum(-1)).sum(0)
-        coef = layer.pattern_t[:, p0:Tp, c].permute(2, 1, 0)  # (B, T' − p0, nq): P[h, c_b, s]
-        return torch.bmm(coef, u.transpose(0, 1))  # (B, T' − p0, d)
+        # (B, T' − p0, nq): P[h, c_b, s]·r[s]
+        coef = (layer.pattern_t[:, p0:Tp, c] * layer.attn_norm.r[p0:Tp, None]).permute(2, 1, 0)
+        torch.baddbmm(acc, coef, u.transpose(0, 1), out=acc)
 
     def backward(self, reads: list[tuple[int, int, Tensor]]) -> tuple[Tensor, Tensor]:
         """``reads[b] = (layer, pos, vector)``: row b reads ``vector`` at the MLP input x̃ of ``layer``
@@ -181,7 +212,7 @@ class LinearBackward:
 
         g_emb, tok0 = self.backward_into([reads[b] for b in order], put)
         out = torch.zeros(B, T, d, dtype=g_emb.dtype, device=g_emb.device)
-        out[where, p0:] = g_emb
+        out[where, p0 : p0 + g_emb.shape[1]] = g_emb
         self.last_token0 = None
         if tok0 is not None:
             self.last_token0 = torch.empty_like(tok0)
@@ -194,7 +225,7 @@ class LinearBackward:
         ``sink(l, g)`` gets layer l's write gradient g [n, T' − p0, d] at positions p0 … T' − 1 for the
         first n rows, those reading above layer l (the others have none there), with T' = highest read
         position + 1 (later positions have none), as the pass reaches it, top layer first; g is only
-        valid during the call. Returns the layer-0 input gradient [B, T − p0, d] at positions p0 … T − 1
+        valid during the call. Returns the layer-0 input gradient [B, T' − p0, d] at positions p0 … T' − 1
         and, with position 0 skipped, the first token's edge [B] (else None).
 
         Rows join the pass at their own layer (sorted, the rows at or above a layer are a prefix of the
@@ -241,21 +272,19 @@ class LinearBackward:
                     g[:n_w] += lay.mlp_norm.transpose(g_write @ lay.W_skip, p0)
             if n > n_w:  # this layer's reads
                 g[torch.arange(n_w, n, device=dev), at[n_w:n]] += lay.mlp_norm.transpose_at(vec[n_w:n], pos[n_w:n])
-            # h_mid = h + post_attn(attention(attn_norm(h)))
-            g_mid = g[:n]
-            g_att = lay.post_attn.transpose(g_mid, p0) if lay.post_attn is not None else g_mid
-            att = torch.empty_like(g_mid)
-            if n_spread:
-                att[:n_spread] = self._attention_transpose(lay, g_att[:n_spread], p0, None if tok0 is None else tok0[:n_spread], v0)
+            # h_mid = h + post_attn(attention(attn_norm(h))): the attention's share accumulates into g
+            g_att = lay.post_attn.transpose(g[:n], p0) if lay.post_attn is not None else g[:n]
             if n > n_spread:
                 fresh = torch.arange(n_spread, n, device=dev)
-                att[n_spread:] = self._attention_transpose_one(lay, g_att[fresh, at[n_spread:n]], pos[n_spread:n], Tp, p0,
-                                                               None if tok0 is None else tok0[n_spread:n], v0)
-            g_mid += lay.attn_norm.transpose(att, p0)
+                self._attention_transpose_one(lay, g_att[fresh, at[n_spread:n]], pos[n_spread:n], g[n_spread:n], p0,
+                                              None if tok0 is None else tok0[n_spread:n], v0)
+            if n_spread:
+                self._attention_transpose(lay, g_att[:n_spread], g[:n_spread], p0,
+                                          None if tok0 is None else tok0[:n_spread], v0)
             self.flops += self._layer_flops(n_spread, P, skip=False) + self._layer_flops(n - n_spread, Tp, skip=False, one=True)
             if n_w and lay.W_skip is not None:
                 self.flops += 2 * n_w * P * d * d
-        return _pad(g, self.T - p0), tok0
+        return g, tok0
 
     def _layer_flops(self, B: int, Tp: int, skip: bool, one: bool = False) -> int:
         """``Tp``: positions carried (``one``: the highest read position + 1)."""
@@ -287,10 +316,3 @@ def _causal_transpose_product(P_t: Tensor, g: Tensor, Tp: int) -> Tensor:
         j1 = min(j0 + CAUSAL_BLOCK, Tp)
         torch.bmm(P_t[:, j0:j1, j0:Tp], g[:, j0:Tp], out=out[:, j0:j1])
     return out
-
-
-def _pad(x: Tensor, T: int) -> Tensor:
-    """[B, T', d] → [B, T, d] with zeros at positions ≥ T' (they get no gradient: causal attention)."""
-    if x.shape[1] == T:
-        return x
-    return torch.cat([x, x.new_zeros(x.shape[0], T - x.shape[1], x.shape[2])], dim=1)

@@ -99,17 +99,31 @@ class AttributionStats:
 
 
 @dataclass(eq=False)
+class _Bucket:
+    """Positions of one layer whose groups (features at a (layer, position)) are padded to one width:
+    ``W`` [m, d, k + 1] the writes a_s·W_dec[f] of each position's features, zero-padded to k, and the
+    group's error vector ε[l, c] as column k, so that one batched matmul contracts them all."""
+
+    pos: np.ndarray  # [m] positions, ascending
+    pos_t: Tensor  # the same on the device
+    W: Tensor  # [m, d, k + 1]
+    err_col: Tensor  # [m] node index of the error node at (layer, pos)
+    f_pos: np.ndarray  # [n_f] positions of the bucket's features, ascending
+    f_node: Tensor  # [n_f] their candidate (node) index
+    f_slot: Tensor  # [n_f] their column in the bucket's [m·(k + 1)] result: index in pos · (k + 1) + column
+
+
+@dataclass(eq=False)
 class _Candidates:
     """All active features (candidates for nodes) and their writes, grouped for the contraction.
 
     Candidate index space: features (sorted by layer, pos, id) | errors L×T | tokens T — the same
-    order as a full NodeLayout without logits. Feature writes a_s·W_dec[f] are stored per (layer,
-    position) group, zero-padded to the layer's largest group, with the group's error vector ε[l, c]
-    as one more column: ``w_pad[l]`` [T, d, k_l + 1], so that one batched matmul per layer contracts
-    every feature and error source of that layer. (Padding to each layer's own largest group, not the
-    prompt's, halves the padded work on real prompts: group sizes differ far more across layers than
-    within one.) ``local`` [n_feat] is a feature's flat index into its layer's [T·(k_l + 1)] result;
-    ``group`` [n_feat] is layer·T + pos (sorted).
+    order as a full NodeLayout without logits. Feature writes are kept per layer in a few
+    :class:`_Bucket` s of positions with similar group sizes (≤ 3 per layer, chosen to minimise the
+    padded work): group sizes differ across positions by up to ~4× on real prompts, and padding every
+    position to its layer's largest group did 2.5× the needed multiply-adds (and held 2.5× the memory)
+    at 32 tokens. ``group`` [n_feat] is layer·T + pos (sorted); ``bucket``/``index``/``column``
+    [n_feat] locate each feature's write: ``buckets[layer][bucket].W[index, :, column]``.
     """
 
     layer: np.ndarray
@@ -118,22 +132,44 @@ class _Candidates:
     layout: NodeLayout  # full layout with all candidates (and the logits)
     layer_start: np.ndarray  # [L+1] first candidate index of each layer
     group: np.ndarray  # [n_feat] layer·T + pos
-    w_pad: list[Tensor]  # per layer [T, d, k_l + 1]
-    local: Tensor  # [n_feat] int64
-    within: Tensor  # [n_feat] int64, column of a feature in its group
-    err_index: Tensor  # [L·T] node index of the error node at (layer, pos), layer-major
+    buckets: list[list[_Bucket]]  # per layer
+    bucket: np.ndarray  # [n_feat]
+    index: np.ndarray  # [n_feat]
+    column: np.ndarray  # [n_feat]
     tok_index: Tensor  # [T] node index of the token node at pos
 
     def writes(self, idx: np.ndarray) -> Tensor:
         """Writes [len(idx), d] of candidate features ``idx``."""
         idx = np.asarray(idx)
-        dev = self.w_pad[0].device
-        out = self.w_pad[0].new_empty(len(idx), self.w_pad[0].shape[1])
-        for l in np.unique(self.layer[idx]):
-            m = np.flatnonzero(self.layer[idx] == l)
-            p = torch.as_tensor(self.pos[idx[m]], device=dev)
-            out[torch.as_tensor(m, device=dev)] = self.w_pad[l][p, :, self.within[torch.as_tensor(idx[m], device=dev)]]
+        W0 = self.buckets[0][0].W
+        out = W0.new_empty(len(idx), W0.shape[1])
+        for i, j in enumerate(idx):
+            out[i] = self.buckets[self.layer[j]][self.bucket[j]].W[self.index[j], :, self.column[j]]
         return out
+
+
+def _plan_buckets(counts: np.ndarray, most: int = 3) -> list[np.ndarray]:
+    """Positions split into ≤ ``most`` buckets by group size, minimising Σ_bucket |bucket|·(its largest
+    group + 1) (the padded multiply-adds); split points searched among ≤ 64 quantiles of the sorted
+    sizes. Returns each bucket's positions, ascending."""
+    order = np.argsort(counts, kind="stable")
+    k1 = counts[order] + 1
+    n = len(k1)
+    cand = np.unique(np.linspace(0, n, min(n, 64) + 1).round().astype(np.int64))[1:-1]  # split indices
+    best, cuts = n * int(k1[-1]), []
+    for a in cand:  # two buckets: [0, a) [a, n)
+        c = a * int(k1[a - 1]) + (n - a) * int(k1[-1])
+        if c < best:
+            best, cuts = c, [a]
+    if most >= 3 and len(cand) > 1:  # three: [0, a) [a, b) [b, n)
+        A, B = np.meshgrid(cand, cand, indexing="ij")
+        c = A * k1[A - 1] + (B - A) * k1[B - 1] + (n - B) * int(k1[-1])
+        c = np.where(B > A, c, np.iinfo(np.int64).max)
+        i = np.unravel_index(np.argmin(c), c.shape)
+        if c[i] < best:
+            best, cuts = c[i], [int(A[i]), int(B[i])]
+    edges = [0, *cuts, n]
+    return [np.sort(order[edges[i] : edges[i + 1]]) for i in range(len(edges) - 1)]
 
 
 def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
@@ -146,26 +182,38 @@ def _candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> _Candidates:
     layout = NodeLayout.build(L, T, layer, pos, feat, n_logits)
     group = layer * T + pos
     counts = np.bincount(group, minlength=L * T).reshape(L, T)
-    k_layer = np.maximum(1, counts.max(axis=1))  # [L] each layer's largest group
     first = np.concatenate([[0], np.cumsum(counts.ravel())[:-1]])
     within = np.arange(len(group)) - first[group]
-    local = torch.as_tensor(pos * (k_layer[layer] + 1) + within, device=dev)
     starts = np.searchsorted(layer, np.arange(L + 1))
-    w_pad = []
+    err_node = np.asarray(layout.error_index(*np.divmod(np.arange(L * T), T)), dtype=np.int64).reshape(L, T)
+    bucket = np.zeros(len(group), dtype=np.int64)
+    index = np.zeros(len(group), dtype=np.int64)
+    buckets = []
     for l in range(L):
-        k = int(k_layer[l])
-        wl = act.new_zeros(T, d, k + 1)
-        wl[:, :, k] = run.error[l]
         s, e = int(starts[l]), int(starts[l + 1])
-        if e > s:
-            f = torch.as_tensor(feat[s:e], device=dev)
-            p = torch.as_tensor(pos[s:e], device=dev)
-            wl[p, :, torch.as_tensor(within[s:e], device=dev)] = act[l, p, f][:, None] * ts[l].W_dec[f].detach()
-        w_pad.append(wl)
-    err_index = torch.as_tensor(layout.error_index(*np.divmod(np.arange(L * T), T)), device=dev)
+        f_layer = np.arange(s, e)
+        mine = []
+        for b, P in enumerate(_plan_buckets(counts[l])):
+            k = max(1, int(counts[l, P].max()))
+            slot_of_pos = np.full(T, -1)
+            slot_of_pos[P] = np.arange(len(P))
+            f = f_layer[slot_of_pos[pos[s:e]] >= 0]  # this bucket's features (ascending: sorted by pos)
+            bucket[f], index[f] = b, slot_of_pos[pos[f]]
+            W = act.new_zeros(len(P), d, k + 1)
+            W[:, :, k] = run.error[l, torch.as_tensor(P, device=dev)]
+            if len(f):
+                ft = torch.as_tensor(feat[f], device=dev)
+                pt = torch.as_tensor(pos[f], device=dev)
+                W[torch.as_tensor(index[f], device=dev), :, torch.as_tensor(within[f], device=dev)] = (
+                    act[l, pt, ft][:, None] * ts[l].W_dec[ft].detach())
+            mine.append(_Bucket(
+                pos=P, pos_t=torch.as_tensor(P, device=dev), W=W,
+                err_col=torch.as_tensor(err_node[l, P], device=dev), f_pos=pos[f],
+                f_node=torch.as_tensor(f, device=dev),
+                f_slot=torch.as_tensor(index[f] * (k + 1) + within[f], device=dev)))
+        buckets.append(mine)
     tok_index = torch.as_tensor(layout.token_index(np.arange(T)), device=dev)
-    return _Candidates(layer, pos, feat, layout, starts, group, w_pad, local, torch.as_tensor(within, device=dev),
-                       err_index, tok_index)
+    return _Candidates(layer, pos, feat, layout, starts, group, buckets, bucket, index, within, tok_index)
 
 
 def _physical_memory() -> int:
@@ -205,38 +253,66 @@ def _batches(idx: np.ndarray, cand: _Candidates, B: int):
 
 
 class _Contraction:
-    """Rows [B, n_src] over candidate sources, filled layer by layer from the gradient at each MLP write
+    """Rows [n, n_src] over candidate sources, filled layer by layer from the gradient at each MLP write
     (:meth:`layer`, ``g`` [n, T' − p0, d] at positions p0 … T' − 1: later positions have none) and at
     the layer-0 input (:meth:`embedding`). Only the positions carried are contracted (p0 = 1: position
-    0 has no feature or error sources; the first token's edge comes from the engine)."""
+    0 has no feature or error sources; the first token's edge comes from the engine).
 
-    def __init__(self, run: CleanRun, cand: _Candidates, B: int, n_src: int, p0: int = 0) -> None:
-        self.run, self.cand, self.p0 = run, cand, p0
-        self.rows = run.h0.new_zeros(B, n_src)
+    One buffer serves every batch (a fresh [B, n_src] per batch cost ~2 s of page faults at 32 tokens).
+    :meth:`start` zeroes what a batch reads but does not write: everything, unless ``skips_above`` (the
+    store does not read a row's features at or above its layer) and the batch reaches no lower position
+    than every batch since the last full zeroing — then stale values can only sit in the error columns
+    of layers at or above a row's layer, and only those are zeroed."""
+
+    def __init__(self, run: CleanRun, cand: _Candidates, B: int, n_src: int, p0: int = 0,
+                 skips_above: bool = False) -> None:
+        self.run, self.cand, self.p0, self.skips_above = run, cand, p0, skips_above
+        self.buf = run.h0.new_zeros(B, n_src)
+        self.rows = self.buf
+        self.reach = 0  # highest T' written since the buffer was last zeroed whole
         self.flops = 0
+
+    def start(self, n: int, Tp: int) -> None:
+        """Rows for a batch of ``n`` reads at positions < ``Tp``."""
+        lay = self.cand.layout
+        if self.skips_above and Tp >= self.reach:
+            self.buf[:n, lay.errors].zero_()
+        else:
+            self.buf.zero_()
+            self.reach = 0
+        self.reach = max(self.reach, Tp)
+        self.rows = self.buf[:n]
 
     def layer(self, l: int, g: Tensor) -> None:
         """``g`` [n, T' − p0, d]: the first n rows (the others have no gradient at this layer)."""
-        cand, T, p0 = self.cand, self.cand.layout.n_pos, self.p0
         n, P, d = g.shape
+        p0 = self.p0
         Tp = p0 + P
-        w = cand.w_pad[l][p0:Tp]  # (P, d, k_l + 1)
-        k1 = w.shape[-1]
-        self.flops += 2 * P * n * d * k1
-        out = torch.bmm(g.transpose(0, 1), w)  # (P, n, k_l + 1)
-        self.rows[:n, cand.err_index[l * T + p0 : l * T + Tp]] = out[:, :, -1].T
-        s = int(np.searchsorted(cand.group, l * T + p0))
-        e = int(np.searchsorted(cand.group, l * T + Tp))  # features of layer l at positions p0 … T' − 1
-        if e > s:
-            flat = out.permute(1, 0, 2).reshape(n, P * k1)  # (n, P·(k_l+1))
-            self.rows[:n, s:e] = flat[:, cand.local[s:e] - p0 * k1]
+        rows = self.rows[:n]
+        g_t = g.transpose(0, 1)  # (P, n, d), a view
+        for bk in self.cand.buckets[l]:
+            i0, i1 = np.searchsorted(bk.pos, [p0, Tp])
+            if i1 == i0:
+                continue
+            k1 = bk.W.shape[-1]
+            # the carried positions are p0 … T' − 1: a bucket holding all of them takes g as it is
+            gb = g_t if i1 - i0 == P else g_t.index_select(0, bk.pos_t[i0:i1] - p0)
+            out = torch.bmm(gb, bk.W[i0:i1])  # (m, n, k + 1)
+            self.flops += 2 * (i1 - i0) * n * d * k1
+            flat = out.permute(1, 0, 2).reshape(n, (i1 - i0) * k1)
+            rows.index_copy_(1, bk.err_col[i0:i1], flat[:, k1 - 1 :: k1])
+            f0, f1 = np.searchsorted(bk.f_pos, [p0, Tp])
+            if f1 > f0:
+                rows.index_copy_(1, bk.f_node[f0:f1], flat.index_select(1, bk.f_slot[f0:f1] - i0 * k1))
 
     def embedding(self, g_emb: Tensor, tok0: Tensor | None = None) -> Tensor:
-        """``g_emb`` [B, T − p0, d]; ``tok0`` [B]: the first token's edge when position 0 is skipped."""
-        p0 = self.p0
-        self.rows[:, self.cand.tok_index[p0:]] = torch.einsum("btd,td->bt", g_emb, self.run.h0[p0:])
+        """``g_emb`` [n, T' − p0, d] (T' ≤ T: tokens at later positions get no gradient, their edges stay
+        0); ``tok0`` [n]: the first token's edge when position 0 is skipped. Returns the rows."""
+        p0, P = self.p0, g_emb.shape[1]
+        tok = self.cand.tok_index
+        self.rows[:, tok[p0 : p0 + P]] = torch.einsum("btd,td->bt", g_emb, self.run.h0[p0 : p0 + P])
         if p0:
-            self.rows[:, self.cand.tok_index[0]] = tok0
+            self.rows[:, tok[0]] = tok0
         self.flops += 2 * g_emb.numel()
         return self.rows
 
@@ -390,18 +466,17 @@ def _attribute(
     store = RowStore(lay.n_nodes, cfg.store_threshold, np_dt, np.r_[cand.layer, np.full(lay.n_nodes - n_feat, L)],
                      slots=slots)
 
-    contraction_flops = 0
+    # with slots the store skips a row's features at or above its layer (zero_from below)
+    con = _Contraction(run, cand, B, n_src, engine.p0, skips_above=slots is not None)
 
     def compute(target_idx: np.ndarray, reads: list[tuple[int, int, Tensor]]) -> None:
-        nonlocal contraction_flops
-        con = _Contraction(run, cand, len(reads), n_src, engine.p0)
+        con.start(len(reads), max(c for _, c, _ in reads) + 1)
         g_emb, tok0 = engine.backward_into(reads, con.layer)
         # a feature row has no entries at features of its own layer or above (columns up to n_feat)
         zero_from = np.full(len(target_idx), n_feat)
         f = target_idx < n_feat
         zero_from[f] = cand.layer_start[cand.layer[target_idx[f]]]
         store.add(target_idx, con.embedding(g_emb, tok0), zero_from, n_feat)
-        contraction_flops += con.flops
 
     logit_nodes = np.asarray(lay.logit_index(np.arange(K)), dtype=np.int64).reshape(-1)
 
@@ -471,7 +546,7 @@ def _attribute(
         backward_passes=engine.passes,
         seconds=time.perf_counter() - t0,
         backward_gflop=engine.flops / 1e9 if hasattr(engine, "flops") else None,
-        contraction_gflop=contraction_flops / 1e9,
+        contraction_gflop=con.flops / 1e9,
         batch_size=B,
     )
     return AttributionGraph(
