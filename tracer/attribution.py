@@ -140,15 +140,25 @@ class _Candidates:
 
     def writes(self, idx: np.ndarray) -> Tensor:
         """Writes [len(idx), d] of candidate features ``idx``."""
-        idx = np.asarray(idx)
+        idx = np.asarray(idx, dtype=np.int64)
         W0 = self.buckets[0][0].W
         out = W0.new_empty(len(idx), W0.shape[1])
-        for i, j in enumerate(idx):
-            out[i] = self.buckets[self.layer[j]][self.bucket[j]].W[self.index[j], :, self.column[j]]
+        key = self.layer[idx].astype(np.int64) * _BUCKETS + self.bucket[idx]
+        for k in np.unique(key):  # one gather per (layer, bucket)
+            m = np.flatnonzero(key == k)
+            bk = self.buckets[self.layer[idx[m[0]]]][self.bucket[idx[m[0]]]]
+            j = idx[m]
+            dev = bk.W.device
+            out[torch.as_tensor(m, device=dev)] = bk.W[torch.as_tensor(self.index[j], device=dev), :,
+                                                       torch.as_tensor(self.column[j], device=dev)]
         return out
 
 
-def _plan_buckets(counts: np.ndarray, most: int = 3) -> list[np.ndarray]:
+_BUCKETS = 3
+"""Most buckets of positions per layer in the contraction."""
+
+
+def _plan_buckets(counts: np.ndarray, most: int = _BUCKETS) -> list[np.ndarray]:
     """Positions split into ≤ ``most`` buckets by group size, minimising Σ_bucket |bucket|·(its largest
     group + 1) (the padded multiply-adds); split points searched among ≤ 64 quantiles of the sorted
     sizes. Returns each bucket's positions, ascending."""
@@ -157,7 +167,7 @@ def _plan_buckets(counts: np.ndarray, most: int = 3) -> list[np.ndarray]:
     n = len(k1)
     cand = np.unique(np.linspace(0, n, min(n, 64) + 1).round().astype(np.int64))[1:-1]  # split indices
     best, cuts = n * int(k1[-1]), []
-    for a in cand:  # two buckets: [0, a) [a, n)
+    for a in cand if most >= 2 else ():  # two buckets: [0, a) [a, n)
         c = a * int(k1[a - 1]) + (n - a) * int(k1[-1])
         if c < best:
             best, cuts = c, [a]
