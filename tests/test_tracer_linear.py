@@ -173,7 +173,7 @@ def test_contraction_rows_equal_gradient_dot_writes_with_the_buffer_reused(arch)
     eng = LinearBackward(rm, run, skip_position0=True)
     gen = torch.Generator().manual_seed(5)
     con = _Contraction(run, cand, 6, n_src, eng.p0, skips_above=True)
-    feats = torch.arange(n_feat)
+    w = cand.writes(np.arange(n_feat))  # every feature's write a_s·W_dec[f]
     for c_max, n in [(T - 1, 6), (3, 4), (T - 1, 6), (T - 1, 5)]:
         layers = torch.randint(1, L + 1, (n,), generator=gen).sort(descending=True).values
         reads = [(int(l), int(torch.randint(1, c_max + 1, (1,), generator=gen)) if i else c_max,
@@ -183,7 +183,6 @@ def test_contraction_rows_equal_gradient_dot_writes_with_the_buffer_reused(arch)
         rows = con.embedding(g_emb, tok0).clone()
         grads, emb = LinearBackward(rm, run).backward(reads)
         ref = torch.zeros(n, n_src, dtype=torch.float64)
-        w = cand.writes(feats.numpy())
         for j in range(n_feat):
             l, p = int(cand.layer[j]), int(cand.pos[j])
             if l < grads.shape[0]:

@@ -72,9 +72,8 @@ class _Layer:
     W_O: Tensor  # [d, n_q·hd]
     W_skip: Tensor | None  # [d, d] (y = x̃ W_skipᵀ)
     pattern_t: Tensor  # [n_q, T, T] the frozen pattern transposed (a view): P_t[h, key, query]
-    W_V_heads: Tensor  # [n_q, hd, d] each query head's value projection (GQA: its group's, repeated)
     W_V_in: Tensor  # [n_kv·hd, d] W_V with attn_norm's transpose folded in (its r[key] is applied apart)
-    W_V_heads_in: Tensor  # [n_q, hd, d] the same per query head
+    W_V_heads_in: Tensor  # [n_q, hd, d] the same per query head (GQA: its group's, repeated)
 
 
 class LinearBackward:
@@ -103,7 +102,6 @@ class LinearBackward:
                     W_O=W_O.detach(),
                     W_skip=None if tc.W_skip is None else tc.W_skip.detach(),
                     pattern_t=run.patterns[i].transpose(1, 2),  # a view: BLAS reads it transposed, no copy
-                    W_V_heads=W_V.detach().view(self.n_kv, self.hd, -1).repeat_interleave(grp, 0),
                     W_V_in=W_V_in,
                     W_V_heads_in=W_V_in.view(self.n_kv, self.hd, -1).repeat_interleave(grp, 0),
                 )
@@ -134,9 +132,11 @@ class LinearBackward:
         linear part there is one closed recurrence (attention with its pattern weight, skip, norms).
         The first token's edge from a row is then Σ_layers Σ_h Σ_q P_h[q, 0]·(g_o[q, h] · v0_h)."""
         r = run.h0[0].to(self.final_norm.scale.dtype)
+        grp = self.n_q // self.n_kv
         out = []
         for i, lay in enumerate(self.layers):
-            vh = lay.W_V_heads @ lay.attn_norm.forward_at(r, 0)  # (nq, hd)
+            # (nq, hd): each query head's value (GQA: its group's)
+            vh = (lay.W_V @ lay.attn_norm.forward_at(r, 0)).view(self.n_kv, self.hd).repeat_interleave(grp, 0)
             out.append(vh)
             att = lay.W_O @ (vh * run.patterns[i][:, 0, 0, None].to(vh.dtype)).reshape(-1)
             r = r + (lay.post_attn.forward_at(att, 0) if lay.post_attn is not None else att)
