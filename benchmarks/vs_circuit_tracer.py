@@ -399,6 +399,8 @@ def main() -> None:
     ap.add_argument("--targets", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--save-dense", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warmup_tokens < 0 or args.warmup_tokens == 1:
+        ap.error(f"--warmup-tokens {args.warmup_tokens}; allowed: 0 (no warm-up) or ≥ 2 (a prompt needs 2 tokens)")
     if args.child:
         if args.child != "prepare":
             (args.tokens,) = args.tokens
