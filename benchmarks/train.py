@@ -1,14 +1,21 @@
-"""Transcoder-training throughput on SmolLM2-135M (all 30 layers): sparse vs dense TopK kernels.
+"""Transcoder-training throughput on SmolLM2-135M, all 30 layers, fp32 vs bf16 side by side in one run.
 
-Measures, each run in its own process so that peak RSS is per run:
-  - model forward (activation streaming, every layer's MLP in/out, position 0 and outliers dropped), tokens/s
-  - trainer steps on all layers at once (F, k, batch below), tokens/s, for sparse and dense kernels;
-    the ``interleaved`` run alternates sparse and dense steps on one buffer (the fair speed ratio on a
-    shared machine), the ``sparse`` / ``dense`` runs give each kernel's own peak RSS
-  - end-to-end tokens/s = 1 / (1/forward + 1/trainer) (the two run one after the other)
-and peak RSS. Prints a table and writes benchmarks/results/train.json.
+Each dtype runs in its own process (so peak RSS is its own) and measures, with the default recipe of
+``TrainConfig`` unless overridden:
+  - forward alone: the activation-harvesting model forward (every layer's MLP in/out, position 0 and
+    outliers dropped, gathered into the shuffle buffer), tokens/s
+  - step alone: trainer steps on all 30 layers on that buffer, tokens/s (the first step is a warm-up)
+  - end to end: the real training loop (``fit``: buffer reads and steps one after the other) over
+    ``--buffers`` shuffle buffers, tokens/s, and its ratio to 1 / (1/forward + 1/step)
+  - peak RSS of the process
+``fp32`` runs the model forward and the trainer's products in float32; ``bf16`` both in bfloat16
+(weights, gradients and Adam state stay float32 in both). ``--modes kernels`` times one layer's sparse
+vs dense TopK kernels at 1 and 2 threads instead. Prints a table and writes benchmarks/results/train.json.
 
-    python benchmarks/train.py [--features 4608] [--k 32] [--batch 1024] [--steps 6]
+    python benchmarks/train.py [--features F] [--k K] [--batch B] [--buffer-tokens N] [--buffers 2]
+
+Needs the default model (``make model``); builds a small stdlib-only corpus in runs/corpus-bench on
+first use (~15 s, no network).
 """
 
 from __future__ import annotations
@@ -26,47 +33,62 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "runs" / "corpus-smollm2"
+CORPUS = ROOT / "runs" / "corpus-bench"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def measure(mode: str, args) -> dict:
-    """``sparse`` / ``dense``: forward + that trainer alone (its peak RSS). ``interleaved``: both trainers
-    on the same buffer, steps alternating, so that load from other processes hits both alike."""
+def _config(args, dtype: str, n_tokens: int):
+    from sparsetrace.transcoders.train import TrainConfig
+
+    over = {"n_tokens": n_tokens, "shuffle_buffer_tokens": args.buffer_tokens, "progress": False,
+            "model_dtype": dtype, "matmul_dtype": dtype, "checkpoint_every_tokens": 0, "log_every_steps": 10**9}
+    for name in ("features", "k", "batch"):
+        if getattr(args, name) is not None:
+            over[{"features": "n_features", "batch": "batch_tokens"}.get(name, name)] = getattr(args, name)
+    return TrainConfig(**over)
+
+
+def measure(tag: str, args) -> dict:
+    """One dtype: forward alone, step alone, then the real loop, in this process."""
+    from sparsetrace._memory import keep_freed_memory
     from sparsetrace.tracer.models import load_model
     from sparsetrace.tracer.training import ModelActivationSource
     from sparsetrace.transcoders.data import open_corpus
-    from sparsetrace.transcoders.train import TrainConfig, Trainer
+    from sparsetrace.transcoders.train import Trainer, fit
 
+    keep_freed_memory()  # as train_transcoders does
     lm = load_model(None, device="cpu")
+    dtype = DTYPES[tag]
+    lm.to(dtype=getattr(torch, dtype))
     corpus = open_corpus(args.corpus)
-    modes = ["sparse", "dense"] if mode == "interleaved" else [mode]
-    cfgs = {m: TrainConfig(n_features=args.features, k=args.k, batch_tokens=args.batch, sparse_kernels=(m == "sparse"),
-                           shuffle_buffer_tokens=args.batch * args.steps, progress=False) for m in modes}
-    cfg = cfgs[modes[0]]
-    src = ModelActivationSource(lm, corpus, list(range(lm.n_layers)), ctx_len=cfg.ctx_len,
-                                model_batch=cfg.model_batch, outlier_factor=cfg.outlier_factor)
+    cfg = _config(args, dtype, args.buffer_tokens * args.buffers)
+    L = lm.n_layers
+    src = ModelActivationSource(lm, corpus, list(range(L)), ctx_len=cfg.ctx_len, model_batch=cfg.model_batch,
+                                outlier_factor=cfg.outlier_factor, reuse_buffer=True)
+    src.read(cfg.batch_tokens)  # warm-up forward (first-call costs)
     t = time.perf_counter()
-    x, y = src.read(args.batch * args.steps)
+    x, y = src.read(args.buffer_tokens)
     fwd_tps = x.shape[1] / (time.perf_counter() - t)
-    trainers = {m: Trainer(cfgs[m], lm.n_layers, lm.d_model) for m in modes}
-    spent = {m: 0.0 for m in modes}
-    for tr in trainers.values():
-        tr.initialize(x, y)
-        tr.step(x[:, : args.batch], y[:, : args.batch])  # warm-up step (allocations, first-call costs)
-    for s in range(1, args.steps):
-        b = slice(s * args.batch, (s + 1) * args.batch)
-        for m, tr in trainers.items():
-            t = time.perf_counter()
-            stats = tr.step(x[:, b], y[:, b])
-            spent[m] += time.perf_counter() - t
-    out = {"mode": mode, "forward_tokens_per_s": fwd_tps,
-           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    for m in modes:
-        tps = (args.steps - 1) * args.batch / spent[m]
-        out[f"{m}_train_tokens_per_s"] = tps
-        out[f"{m}_step_s"] = spent[m] / (args.steps - 1)
-        out[f"{m}_end_to_end_tokens_per_s"] = 1 / (1 / fwd_tps + 1 / tps)
-    return out
+    trainer = Trainer(cfg, L, lm.d_model)
+    trainer.initialize(x, y)
+    B = cfg.batch_tokens
+    n_steps = min(args.steps, x.shape[1] // B)
+    trainer.step(x[:, :B], y[:, :B])  # warm-up step
+    t = time.perf_counter()
+    for s in range(1, n_steps):
+        trainer.step(x[:, s * B : (s + 1) * B], y[:, s * B : (s + 1) * B])
+    step_tps = (n_steps - 1) * B / (time.perf_counter() - t)
+    del x, y
+    src.seek(0)
+    t = time.perf_counter()
+    res = fit(Trainer(cfg, L, lm.d_model), src)
+    e2e_s = time.perf_counter() - t
+    return {"dtype": tag, "model_dtype": dtype, "matmul_dtype": dtype, "n_features": trainer.n_features, "k": cfg.k,
+            "batch_tokens": B, "buffer_tokens": args.buffer_tokens, "threads": torch.get_num_threads(),
+            "forward_tokens_per_s": fwd_tps, "step_tokens_per_s": step_tps,
+            "parts_tokens_per_s": 1 / (1 / fwd_tps + 1 / step_tps),
+            "end_to_end_tokens": res.tokens, "end_to_end_seconds": e2e_s, "end_to_end_tokens_per_s": res.tokens / e2e_s,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def kernel_speed(features: int, k: int, d: int = 576, n_tokens: int = 2048, reps: int = 9) -> dict:
@@ -88,69 +110,82 @@ def kernel_speed(features: int, k: int, d: int = 576, n_tokens: int = 2048, reps
             if rep:  # the first round is a warm-up
                 times[m].append(time.perf_counter() - t)
             W_enc.grad = b_enc.grad = W_dec.grad = None
-    # Medians: robust to load spikes from other processes on a shared machine.
-    med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
+    med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}  # medians: robust to load spikes
     return {"n_tokens": n_tokens, "d": d, "n_features": features, "k": k,
-            "sparse_ms": 1000 * med["sparse"], "dense_ms": 1000 * med["dense"],
-            "speedup": med["dense"] / med["sparse"]}
+            "sparse_ms": 1000 * med["sparse"], "dense_ms": 1000 * med["dense"], "speedup": med["dense"] / med["sparse"]}
+
+
+def _ensure_corpus(path: Path) -> None:
+    if (path / "manifest.json").is_file():
+        return
+    if path != CORPUS:
+        sys.exit(f"--corpus {str(path)!r} is not a built corpus; build one with `sparsetrace corpus --out {path}`")
+    from sparsetrace.tracer.models import load_model
+    from sparsetrace.transcoders.data import build_corpus
+
+    print(f"building a stdlib-only benchmark corpus in {path} (once)", flush=True)
+    build_corpus(path, load_model(None, device="cpu").tokenizer, debian_packages=(), max_tokens=3_000_000)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--features", type=int, default=4608)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=6, help="steps per mode (first one is a warm-up)")
-    ap.add_argument("--corpus", default=str(CORPUS))
-    ap.add_argument("--modes", default="interleaved,sparse,dense")
+    ap.add_argument("--features", type=int, default=None, help="latents per layer (default: TrainConfig's)")
+    ap.add_argument("--k", type=int, default=None, help="TopK k (default: TrainConfig's)")
+    ap.add_argument("--batch", type=int, default=None, help="tokens per optimiser step (default: TrainConfig's)")
+    ap.add_argument("--buffer-tokens", type=int, default=16384, help="shuffle buffer (forward-alone sample)")
+    ap.add_argument("--buffers", type=int, default=2, help="shuffle buffers in the end-to-end loop")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps in step-alone (+1 warm-up)")
+    ap.add_argument("--corpus", type=Path, default=CORPUS)
+    ap.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16; or 'kernels'")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from sparsetrace.transcoders.train import TrainConfig
+
+    cfg = TrainConfig()
     if args.modes == "kernels":
-        # Kernel parity of speed at 1 and 2 threads: on a loaded 2-core machine, 2-thread OpenMP regions
-        # stall whenever one thread is descheduled, which hurts the many small sparse ops most.
         runs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            runs.append({"threads": threads, "load_average": os.getloadavg()[0], **kernel_speed(args.features, args.k)})
+            runs.append({"threads": threads, "load_average": os.getloadavg()[0],
+                         **kernel_speed(args.features or cfg.features_for(576), args.k or cfg.k)})
             r = runs[-1]
             print(f"threads={threads} load={r['load_average']:.1f}: sparse {r['sparse_ms']:.0f} ms, "
                   f"dense {r['dense_ms']:.0f} ms, speed-up {r['speedup']:.2f}×")
-        _write(ROOT / "benchmarks" / "results" / "train_kernels.json", {"benchmark": "train-kernels", "runs": runs})
+        _write(args.out.with_name("train_kernels.json"), {"benchmark": "train-kernels", "runs": runs})
         return
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
+    modes = args.modes.split(",")
+    bad = [m for m in modes if m not in DTYPES]
+    if bad:
+        sys.exit(f"--modes {args.modes!r}: unknown {bad}; allowed: a comma list of {', '.join(DTYPES)}, or 'kernels'")
+    _ensure_corpus(args.corpus)
     rows = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, "-W", "ignore", __file__, "--child", mode, "--features", str(args.features),
-               "--k", str(args.k), "--batch", str(args.batch), "--steps", str(args.steps), "--corpus", args.corpus]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    kern = kernel_speed(args.features, args.k)
-    print(f"load average {os.getloadavg()[0]:.1f} (shared machine: absolute numbers are noisy)")
-    print(f"kernels, one layer, {kern['n_tokens']} tokens, F={args.features}, d=576, k={args.k}, forward+backward: "
-          f"sparse {kern['sparse_ms']:.0f} ms, dense {kern['dense_ms']:.0f} ms, speed-up {kern['speedup']:.2f}×")
-    print(f"SmolLM2-135M, 30 layers, F={args.features}, k={args.k}, batch={args.batch} tokens, "
-          f"{torch.get_num_threads()} threads, fp32")
-    print(f"{'run':12s} {'kernels':8s} {'forward tok/s':>14s} {'trainer tok/s':>14s} {'end-to-end':>11s} {'s/step':>8s} {'peak RSS GB':>12s}")
+    for mode in modes:
+        cmd = [sys.executable, "-W", "ignore", __file__, "--child", mode, "--buffer-tokens", str(args.buffer_tokens),
+               "--buffers", str(args.buffers), "--steps", str(args.steps), "--corpus", str(args.corpus)]
+        for name in ("features", "k", "batch"):
+            if getattr(args, name) is not None:
+                cmd += [f"--{name}", str(getattr(args, name))]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"the {mode} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    r0 = rows[0]
+    print(f"SmolLM2-135M, 30 layers, F={r0['n_features']}, k={r0['k']}, batch={r0['batch_tokens']} tokens, "
+          f"buffer={r0['buffer_tokens']}, {r0['threads']} threads; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'dtype':6s} {'forward tok/s':>14s} {'step tok/s':>11s} {'1/(1/f+1/s)':>12s} {'end-to-end':>11s} "
+          f"{'e2e/parts':>10s} {'peak RSS GB':>12s}")
     for r in rows:
-        for m in ("sparse", "dense"):
-            if f"{m}_step_s" in r:
-                print(f"{r['mode']:12s} {m:8s} {r['forward_tokens_per_s']:14.0f} {r[m + '_train_tokens_per_s']:14.0f} "
-                      f"{r[m + '_end_to_end_tokens_per_s']:11.0f} {r[m + '_step_s']:8.2f} {r['peak_rss_gb']:12.2f}")
-    inter = [r for r in rows if r["mode"] == "interleaved"]
-    if inter:
-        r = inter[0]
-        print(f"sparse/dense trainer speed-up (interleaved, same buffer): "
-              f"{r['sparse_train_tokens_per_s'] / r['dense_train_tokens_per_s']:.2f}×")
-    result = {
-        "benchmark": "train", "model": "SmolLM2-135M-Instruct", "n_layers": 30, "n_features": args.features,
-        "k": args.k, "batch_tokens": args.batch, "steps": args.steps, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "rows": rows, "kernels": kern,
-        # The machine is shared: other processes' load makes absolute numbers noisy; compare rows of one run.
-        "load_average_after": os.getloadavg(),
-    }
-    _write(ROOT / "benchmarks" / "results" / "train.json", result)
+        print(f"{r['dtype']:6s} {r['forward_tokens_per_s']:14.0f} {r['step_tokens_per_s']:11.0f} "
+              f"{r['parts_tokens_per_s']:12.0f} {r['end_to_end_tokens_per_s']:11.0f} "
+              f"{r['end_to_end_tokens_per_s'] / r['parts_tokens_per_s']:10.2f} {r['peak_rss_gb']:12.2f}")
+    result = {"benchmark": "train", "model": "SmolLM2-135M-Instruct", "n_layers": 30, "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(), "rows": rows,
+              "load_average_after": os.getloadavg()}
+    _write(args.out, result)
 
 
 def _write(path: Path, obj: dict) -> None:

@@ -139,7 +139,7 @@ def test_bfloat16_model_forward_trains_as_well_and_hands_the_model_back_in_float
         fvu[dt] = evaluate_transcoders(lm, ts, corpus, n_sequences=8, ctx_len=32, batch=4).fvu
     assert fvu["bfloat16"] != fvu["float32"]  # it really read other activations
     assert max(abs(a - b) for a, b in zip(fvu["bfloat16"], fvu["float32"])) < 0.05, fvu
-    with pytest.raises(Exception, match="model_dtype='float16'; allowed: float32, bfloat16"):
+    with pytest.raises(Exception, match="model_dtype='float16'; allowed: auto, float32, bfloat16"):
         TrainConfig(model_dtype="float16")
 
 

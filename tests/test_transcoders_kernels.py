@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sparsetrace.transcoders.kernels import dense_decode, sparse_decode, topk_encode, topk_encode_dense
+from sparsetrace.transcoders.kernels import dense_decode, low_matmul, sparse_decode, topk_encode, topk_encode_dense
 
 
 def _inputs(L=3, N=50, F=40, d=12, seed=0, dtype=torch.float64):
@@ -72,3 +72,46 @@ def test_sparse_path_is_deterministic():
     b = _run(topk_encode, sparse_decode, inputs, 8)
     for ga, gb in zip(a[3], b[3]):
         assert torch.equal(ga, gb)
+
+
+def test_bfloat16_selection_returns_exact_values_of_near_top_latents_and_their_gradients():
+    """select_dtype=bfloat16: the latents are picked from a bf16 product, but (1) the values returned are
+    the exact fp32 pre-activations of the picked latents, (2) every picked latent is within the bf16
+    rounding bound of the true k-th value (and most rows pick exactly the true top-k), (3) gradients
+    are those of the exact pre-activations at the picked ids."""
+    x, W_enc, b_enc, _, _ = _inputs(L=2, N=400, F=256, d=64, dtype=torch.float32, seed=5)
+    k = 8
+    x.requires_grad_(True)
+    W_enc.requires_grad_(True)
+    b_enc.requires_grad_(True)
+    vals, idx = topk_encode(x, W_enc, b_enc, k, select_dtype=torch.bfloat16)
+    pre = torch.baddbmm(b_enc.unsqueeze(1), x, W_enc.transpose(1, 2))  # the exact fp32 pre-activations
+    assert_close(vals, pre.gather(-1, idx), rtol=1e-5, atol=1e-5)
+    # bf16 rounds each input to 2^-8 relative: |pre_bf16 - pre| <= ~2^-7 (|x|·|W| + |b|) per entry
+    bound = 2.0**-7 * (torch.bmm(x.abs(), W_enc.abs().transpose(1, 2)) + b_enc.abs().unsqueeze(1))
+    kth = pre.topk(k, dim=-1).values[..., -1:]
+    picked_bound = bound.gather(-1, idx).max(-1, keepdim=True).values + bound.max(-1, keepdim=True).values
+    assert (pre.gather(-1, idx) >= kth - picked_bound).all()
+    same = (idx.sort(-1).values == pre.topk(k, dim=-1).indices.sort(-1).values).all(-1)
+    assert same.float().mean() > 0.8, same.float().mean()
+    g = torch.randn(vals.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((vals * g).sum(), (x, W_enc, b_enc))
+    ref = torch.autograd.grad((pre.gather(-1, idx) * g).sum(), (x, W_enc, b_enc))
+    for a, b in zip(grads, ref):
+        assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_low_matmul_rounds_inputs_to_bfloat16_forward_and_backward():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 24, generator=g, requires_grad=True)
+    W = torch.randn(2, 20, 24, generator=g, requires_grad=True)
+    up = torch.randn(2, 30, 20, generator=g)
+    out = low_matmul(x, W, torch.bfloat16)
+    assert out.dtype == torch.float32
+    r = lambda t: t.detach().bfloat16().double()  # noqa: E731 - the rounded inputs, products in fp64
+    assert_close(out.double(), torch.bmm(r(x), r(W).transpose(1, 2)), rtol=2**-7, atol=1e-2)
+    assert not torch.equal(out, torch.bmm(x, W.transpose(1, 2)))  # it really ran in bf16
+    gx, gW = torch.autograd.grad((out * up).sum(), (x, W))
+    assert_close(gx.double(), torch.bmm(r(up), r(W)), rtol=2**-7, atol=1e-2)
+    assert_close(gW.double(), torch.bmm(r(up).transpose(1, 2), r(x)), rtol=2**-7, atol=1e-2)
+    assert torch.equal(low_matmul(x, W, torch.float32), torch.bmm(x, W.transpose(1, 2)))

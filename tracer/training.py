@@ -20,13 +20,15 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sparsetrace._memory import keep_freed_memory
 from sparsetrace.errors import ConfigError
 from sparsetrace.transcoders.data import Corpus
 from sparsetrace.transcoders.io import atomic_write, load_transcoders
 from sparsetrace.transcoders.model import Transcoder, TranscoderSet, TranscoderSetConfig
 from sparsetrace.transcoders.train import FitResult, TrainConfig, Trainer, fit
 
-from .models import LoadedModel, collect_mlp_io
+from ._hooks import hooks
+from .models import LoadedModel
 
 __all__ = ["ModelActivationSource", "train_transcoders", "checkpoint_transcoders", "outlier_mask", "LOG_FILE"]
 
@@ -36,9 +38,13 @@ LOG_FILE = "train_log.jsonl"
 def outlier_mask(x: Tensor, y: Tensor, factor: float) -> Tensor:
     """[N] bool, True = keep: a token whose x̃ or y norm exceeds ``factor`` × that layer's median norm at
     ANY layer is dropped for all layers (x, y: [L, N, d]), so every layer sees the same tokens."""
-    keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
-    for t in (x, y):
-        n = t.norm(dim=-1)  # (L, N)
+    return _keep_by_norm(x.norm(dim=-1), y.norm(dim=-1), factor)
+
+
+def _keep_by_norm(nx: Tensor, ny: Tensor, factor: float) -> Tensor:
+    """:func:`outlier_mask` from the norms ``[L, N]`` of x̃ and y."""
+    keep = torch.ones(nx.shape[1], dtype=torch.bool, device=nx.device)
+    for n in (nx, ny):
         med = n.median(dim=1, keepdim=True).values
         keep &= (n <= factor * med).all(dim=0)
     return keep
@@ -62,6 +68,7 @@ class ModelActivationSource:
         model_batch: int,
         outlier_factor: float,
         split: str = "train",
+        reuse_buffer: bool = False,
     ) -> None:
         self.lm, self.corpus, self.collect = lm, corpus, list(collect)
         keep = self.collect if keep is None else list(keep)
@@ -72,34 +79,80 @@ class ModelActivationSource:
         self.ctx_len, self.model_batch, self.outlier_factor, self.split = ctx_len, model_batch, outlier_factor, split
         self.bos = lm.tokenizer.bos_token_id if lm.prepend_bos else None
         self.position = 0
+        self._stage: tuple[Tensor, Tensor] | None = None
+        self.reuse_buffer = reuse_buffer
+        self._buf: tuple[Tensor, Tensor] | None = None
 
     def seek(self, position: int) -> None:
         self.position = int(position)
 
     def read(self, n_tokens: int) -> tuple[Tensor, Tensor]:
+        """Up to ``n_tokens`` tokens' ``(x̃, y)``, float32 ``[L_keep, n, d]``, from whole sequences.
+
+        Each forward's hooks copy the MLP inputs/outputs into one reused float32 staging buffer (no
+        per-layer tensors kept alive, so the model's own allocations are recycled), and the kept tokens
+        are gathered from it straight into the returned buffer: two copies per activation in all.
+        With ``reuse_buffer`` the result is a view of one buffer that the next call overwrites (a shuffle
+        buffer of 30 layers is ~9 GB: touching fresh pages each time cost more than the copies)."""
         L, d = len(self.keep_pos), self.lm.d_model
         # Filled in place: collecting chunks and concatenating would hold the buffer twice at its peak.
-        X = torch.empty(L, n_tokens, d)
-        Y = torch.empty(L, n_tokens, d)
+        if self.reuse_buffer and self._buf is not None and self._buf[0].shape[1] >= n_tokens:
+            X, Y = self._buf
+        else:
+            self._buf = None  # the old buffer is freed before the new one is allocated
+            X, Y = torch.empty(L, n_tokens, d), torch.empty(L, n_tokens, d)
+            if self.reuse_buffer:
+                self._buf = (X, Y)
         n = 0
         while n < n_tokens:
             ids = self.corpus.sequences(self.split, self.position, self.model_batch, self.ctx_len, self.bos)
             if len(ids) == 0:
                 break
             self.position += len(ids)
-            x, y = collect_mlp_io(self.lm, torch.from_numpy(ids), self.collect)  # (L_all, B, T, d) each
-            # Position 0 is the attention sink (DESIGN.md §3): never trained on.
-            x = x[:, :, 1:].reshape(x.shape[0], -1, x.shape[-1]).float()  # (L_all, B·(T−1), d)
-            y = y[:, :, 1:].reshape(y.shape[0], -1, y.shape[-1]).float()
-            keep = outlier_mask(x, y, self.outlier_factor)
-            x, y = x[self.keep_pos][:, keep], y[self.keep_pos][:, keep]
+            sx, sy, rows = self._harvest(torch.from_numpy(ids))
             # Tokens past n_tokens are dropped, not carried over: buffers then start at sequence
             # boundaries, which is what makes a checkpoint (taken between buffers) resumable bit for bit.
-            take = min(x.shape[1], n_tokens - n)
-            X[:, n : n + take] = x[:, :take].cpu()
-            Y[:, n : n + take] = y[:, :take].cpu()
+            rows = rows[: n_tokens - n]
+            take = len(rows)
+            for j, src in enumerate(self.keep_pos.tolist()):
+                torch.index_select(sx[src], 0, rows, out=X[j, n : n + take])
+                torch.index_select(sy[src], 0, rows, out=Y[j, n : n + take])
             n += take
         return X[:, :n], Y[:, :n]
+
+    def _harvest(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One forward of ``ids [B, T]`` → staged ``x̃, y [L_all, B·T, d]`` (float32, views of a reused
+        buffer) and the flat rows to keep: position 0 (the attention sink, DESIGN.md §3) and outlier
+        tokens left out, in sequence order."""
+        B, T = ids.shape
+        L, d = len(self.collect), self.lm.d_model
+        if self._stage is None or self._stage[0].shape[1] < B * T:
+            self._stage = (torch.empty(L, B * T, d), torch.empty(L, B * T, d))
+        sx, sy = (s[:, : B * T] for s in self._stage)
+        last = max(self.collect)
+
+        class _Stop(Exception):
+            pass
+
+        def make(j: int, layer: int):
+            def hook(module, args, output):
+                sx[j].view(B, T, d).copy_(args[0])
+                sy[j].view(B, T, d).copy_(output)
+                if layer == last:
+                    raise _Stop
+
+            return hook
+
+        specs = [(self.lm.adapter.mlp(self.lm.model, l), "forward", make(j, l)) for j, l in enumerate(self.collect)]
+        with torch.no_grad(), hooks(specs):
+            try:
+                self.lm.adapter.decoder(self.lm.model)(input_ids=ids.to(self.lm.device), use_cache=False)
+            except _Stop:
+                pass
+        rows = torch.arange(B * T).view(B, T)[:, 1:].reshape(-1)  # position 0 is never trained on
+        nx, ny = (torch.linalg.vector_norm(s, dim=-1).view(L, B, T)[:, :, 1:].reshape(L, -1) for s in (sx, sy))
+        keep = _keep_by_norm(nx, ny, self.outlier_factor)
+        return sx, sy, rows[keep]
 
 
 def _dist() -> tuple[int, int, Any]:
@@ -124,6 +177,8 @@ def train_transcoders(
     ``torch.distributed`` is initialised, the layers are split round-robin across ranks; call it on
     every rank with the same arguments. Returns the saved set (as loaded back from ``out_dir``).
     """
+    keep_freed_memory()  # large per-step tensors reuse freed heap blocks instead of faulting pages in
+    config = config.resolved(lm.device)  # "auto" dtypes → this machine's; the run records the result
     rank, world, dist = _dist()
     layers = list(config.layers) if config.layers is not None else list(range(lm.n_layers))
     bad = [l for l in layers if not 0 <= l < lm.n_layers]
@@ -142,6 +197,7 @@ def train_transcoders(
     source = ModelActivationSource(
         lm, corpus, collect=layers, keep=mine,
         ctx_len=config.ctx_len, model_batch=config.model_batch, outlier_factor=config.outlier_factor,
+        reuse_buffer=True,
     )
     reduce = None
     if dist is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "topk_encode_dense",
     "sparse_decode",
     "dense_decode",
+    "low_matmul",
 ]
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -84,18 +85,28 @@ def _gather_dot(weight: Tensor, rows: Tensor, vec: Tensor) -> Tensor:
 
 class _TopKEncode(torch.autograd.Function):
     """pre = x W_encᵀ + b_enc; returns its top-k values/ids, and optionally the top ``k_aux`` among the
-    latents marked in ``aux_mask`` (AuxK, Gao et al. 2024 §A.2) from the same pre-activations."""
+    latents marked in ``aux_mask`` (AuxK, Gao et al. 2024 §A.2) from the same pre-activations.
+
+    With ``low`` (a dtype, e.g. bfloat16) the dense product that *selects* the latents runs in that
+    dtype; the selected top-k values are then recomputed exactly in x's dtype (one sampled product), so
+    only the choice of latents near the k-th place can differ from a full-precision product. AuxK
+    values stay in ``low`` precision (they only feed the auxiliary loss)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, aux_mask, k_aux):  # noqa: D401 - autograd signature
+    def forward(ctx, x, W_enc, b_enc, k, aux_mask, k_aux, low):  # noqa: D401 - autograd signature
         # x (L,N,d) · W_enc (L,F,d) → pre (L,N,F): the one dense product of the step.
-        pre = torch.baddbmm(b_enc.unsqueeze(1), x, W_enc.transpose(1, 2))
+        if low is None:
+            pre = torch.baddbmm(b_enc.unsqueeze(1), x, W_enc.transpose(1, 2))
+        else:
+            pre = torch.bmm(x.to(low), W_enc.to(low).transpose(1, 2)).add_(b_enc.to(low).unsqueeze(1))
         vals, idx = pre.topk(k, dim=-1, sorted=False)
+        if low is not None:
+            vals = _exact_pre(x, W_enc, b_enc, idx)
         outs = [vals, idx]
         if aux_mask is not None:
             masked = pre.masked_fill_(~aux_mask.unsqueeze(1), float("-inf"))  # in place: pre is no longer needed
             a_vals, a_idx = masked.topk(k_aux, dim=-1, sorted=False)
-            outs += [a_vals, a_idx]
+            outs += [a_vals.to(x.dtype), a_idx]
             ctx.mark_non_differentiable(idx, a_idx)
         else:
             ctx.mark_non_differentiable(idx)
@@ -129,21 +140,33 @@ class _TopKEncode(torch.autograd.Function):
             gW = _scatter_rows(L * F, flat, gf, xf).view(L, F, d)
         if ctx.needs_input_grad[2]:
             gb = gf.new_zeros(L * F).index_add_(0, flat.reshape(-1), gf.reshape(-1)).view(L, F)
-        return gx, gW, gb, None, None, None
+        return gx, gW, gb, None, None, None, None
+
+
+def _exact_pre(x: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
+    """pre[l,n,j] = x[l,n] · W_enc[l, idx[l,n,j]] + b_enc[l, idx[l,n,j]] in x's dtype → [L,N,k]."""
+    L, N, k = idx.shape
+    F, d = W_enc.shape[1], W_enc.shape[2]
+    dots = _gather_dot(W_enc.reshape(L * F, d), _flat_idx(idx, F), x.reshape(L * N, d)).view(L, N, k)
+    return dots + b_enc.gather(1, idx.reshape(L, N * k)).view(L, N, k)
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None = None, k_aux: int = 0
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None = None, k_aux: int = 0,
+    select_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, ...]:
     """Sparse-backward TopK encoder over a stack of layers.
 
     x [L,N,d], W_enc [L,F,d], b_enc [L,F]; returns ``(vals [L,N,k], idx [L,N,k])`` and, with
     ``aux_mask`` [L,F] (bool, True = eligible), also ``(aux_vals [L,N,k_aux], aux_idx)``. Values are the
-    raw pre-activations (apply ReLU outside); masked-out aux entries are ``-inf``.
+    raw pre-activations (apply ReLU outside); masked-out aux entries are ``-inf``. ``select_dtype``
+    (e.g. ``torch.bfloat16``): the dense product that picks the latents runs in it, the returned top-k
+    values are still exact in x's dtype.
     """
+    low = None if select_dtype is None or select_dtype == x.dtype else select_dtype
     if aux_mask is None:
-        return _TopKEncode.apply(x, W_enc, b_enc, k, None, 0)
-    return _TopKEncode.apply(x, W_enc, b_enc, k, aux_mask, k_aux)
+        return _TopKEncode.apply(x, W_enc, b_enc, k, None, 0, low)
+    return _TopKEncode.apply(x, W_enc, b_enc, k, aux_mask, k_aux, low)
 
 
 def topk_encode_dense(
@@ -192,3 +215,28 @@ def dense_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     L, N, _ = acts.shape
     code = acts.new_zeros(L, N, W_dec.shape[1]).scatter(-1, idx, acts)
     return torch.bmm(code, W_dec)
+
+
+class _LowMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, low):
+        xl, Wl = x.to(low), W.to(low)
+        ctx.save_for_backward(xl, Wl)
+        return torch.bmm(xl, Wl.transpose(1, 2)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        xl, Wl = ctx.saved_tensors
+        gl = g.to(xl.dtype)
+        gx = torch.bmm(gl, Wl).to(g.dtype) if ctx.needs_input_grad[0] else None
+        gW = torch.bmm(gl.transpose(1, 2), xl).to(g.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gW, None
+
+
+def low_matmul(x: Tensor, W: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """x [L,N,i] · W [L,o,i]ᵀ → [L,N,o] in x's dtype, the products (forward and backward) run with
+    inputs rounded to ``dtype`` (e.g. bfloat16, accumulated in fp32 by the CPU kernels); ``None`` or
+    x's own dtype: a plain ``bmm``."""
+    if dtype is None or dtype == x.dtype:
+        return torch.bmm(x, W.transpose(1, 2))
+    return _LowMatmul.apply(x, W, dtype)

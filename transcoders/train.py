@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -33,14 +33,29 @@ from torch import Tensor
 from sparsetrace.errors import ConfigError, FormatError
 
 from .io import _write_json, atomic_write, read_safetensors
-from .kernels import dense_decode, sparse_decode, topk_encode, topk_encode_dense
+from .kernels import dense_decode, low_matmul, sparse_decode, topk_encode, topk_encode_dense
 from .model import ACTIVATIONS, Transcoder
 
 __all__ = ["TrainConfig", "Trainer", "StepStats", "ActivationSource", "fit", "FitResult", "CHECKPOINT_DIR"]
 
 CHECKPOINT_DIR = "checkpoint"
-MODEL_DTYPES = ("float32", "bfloat16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
 SKIP_INITS = ("zero", "lstsq")
+
+
+def fast_dtype(device: str | torch.device = "cpu") -> str:
+    """``bfloat16`` where matrix products in it are native (a CUDA device that supports it; a CPU
+    with AVX512-BF16 or AMX-BF16), else ``float32`` (bf16 products would be emulated, slower)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if dev.type != "cpu":
+        return "float32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 @dataclass(frozen=True)
@@ -49,8 +64,9 @@ class TrainConfig:
 
     n_features: int | None = None
     """Latents per layer; ``None`` → ``expansion_factor × d_model``."""
-    expansion_factor: int = 8
-    """Used when ``n_features`` is None (DESIGN.md §9: 4–8× d_model)."""
+    expansion_factor: int = 4
+    """Used when ``n_features`` is None (4–8× d_model is usual). 4× is the default because a shipped set
+    must stay ≤ 200 MB: 30 SmolLM2 layers × (2·2304·576 + 576²) fp16 weights = 179 MB."""
     activation: str = "topk"
     """``topk`` (Gao et al. 2024), ``relu`` (+ L1 penalty) or ``jumprelu`` (straight-through threshold)."""
     k: int = 32
@@ -95,10 +111,15 @@ class TrainConfig:
     """Tokens per sequence fed to the model (BOS included when the model wants one)."""
     model_batch: int = 8
     """Sequences per model forward."""
-    model_dtype: str = "float32"
-    """dtype of the model forward that reads the activations (``float32`` | ``bfloat16``); the
-    transcoders always train in float32. ``bfloat16`` runs that forward ~1.75× faster on CPUs with
-    AVX512-BF16/AMX (and on GPUs), at bf16 rounding of x̃ and y (relative 2⁻⁸)."""
+    model_dtype: str = "auto"
+    """dtype of the model forward that reads the activations (``auto`` | ``float32`` | ``bfloat16``);
+    the transcoders always train in float32. ``bfloat16`` runs that forward ~1.75× faster on CPUs with
+    AVX512-BF16/AMX (and on GPUs), at bf16 rounding of x̃ and y (relative 2⁻⁸). ``auto``: bfloat16
+    where the hardware has it (:func:`fast_dtype`), else float32; runs record the resolved value."""
+    matmul_dtype: str = "auto"
+    """dtype of the trainer's two dense products (``auto`` | ``float32`` | ``bfloat16``): the encoder
+    product that selects the top-k latents (the selected values are recomputed in fp32) and the skip
+    path, forward and backward. Weights, gradients and Adam state stay float32."""
     checkpoint_every_tokens: int = 100_000
     """Checkpoint at the first buffer boundary after this many tokens since the last one; 0 = never."""
     log_every_steps: int = 10
@@ -113,8 +134,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
-        if self.model_dtype not in MODEL_DTYPES:
-            raise ConfigError(f"model_dtype={self.model_dtype!r}; allowed: {', '.join(MODEL_DTYPES)}")
+        for name in ("model_dtype", "matmul_dtype"):
+            if getattr(self, name) not in MODEL_DTYPES:
+                raise ConfigError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(MODEL_DTYPES)}")
         if self.skip_init not in SKIP_INITS:
             raise ConfigError(f"skip_init={self.skip_init!r}; allowed: {', '.join(SKIP_INITS)}")
         positive = ("expansion_factor", "k", "n_tokens", "batch_tokens", "dead_tokens", "shuffle_buffer_tokens",
@@ -146,6 +168,11 @@ class TrainConfig:
         if self.layers is not None:
             if len(self.layers) == 0 or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
                 raise ConfigError(f"layers={self.layers}; allowed: distinct non-negative layer ids, or None")
+
+    def resolved(self, device: str | torch.device = "cpu") -> "TrainConfig":
+        """This config with every ``auto`` dtype replaced by :func:`fast_dtype` of ``device``."""
+        auto = {n: fast_dtype(device) for n in ("model_dtype", "matmul_dtype") if getattr(self, n) == "auto"}
+        return replace(self, **auto) if auto else self
 
     def features_for(self, d_model: int) -> int:
         return self.n_features if self.n_features is not None else self.expansion_factor * d_model
@@ -243,6 +270,7 @@ class Trainer:
         self, config: TrainConfig, n_layers: int, d_in: int, d_out: int | None = None, layer_ids: list[int] | None = None
     ) -> None:
         d_out = d_in if d_out is None else d_out
+        config = config.resolved("cpu")  # the trainer's tensors live on the CPU
         self.config, self.n_layers, self.d_in, self.d_out = config, n_layers, d_in, d_out
         self.layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
         if len(self.layer_ids) != n_layers:
@@ -335,6 +363,7 @@ class Trainer:
         """Normalised x̃ [L,N,d] → (ŷ [L,N,d], l0 [L], penalty (scalar), AuxK context or None,
         fired [L,F] bool). Pure: the dead-latent counters are updated by :meth:`step`."""
         cfg, p = self.config, self.params
+        low = getattr(torch, cfg.matmul_dtype)
         aux = None
         if cfg.activation == "topk":
             dead = self.since_fired >= cfg.dead_tokens
@@ -342,8 +371,11 @@ class Trainer:
             # contribute exactly 0), so layers stay independent of each other.
             k_aux = min(cfg.k_aux or self.d_in // 2, self.n_features)
             use_aux = cfg.auxk_coef > 0 and bool(dead.any())
-            encode, decode = (topk_encode, sparse_decode) if cfg.sparse_kernels else (topk_encode_dense, dense_decode)
-            outs = encode(xn, p["W_enc"], p["b_enc"], cfg.k, dead if use_aux else None, k_aux)
+            decode = sparse_decode if cfg.sparse_kernels else dense_decode
+            if cfg.sparse_kernels:
+                outs = topk_encode(xn, p["W_enc"], p["b_enc"], cfg.k, dead if use_aux else None, k_aux, select_dtype=low)
+            else:
+                outs = topk_encode_dense(xn, p["W_enc"], p["b_enc"], cfg.k, dead if use_aux else None, k_aux)
             vals, idx = outs[0], outs[1]
             acts = torch.relu(vals)
             yhat = decode(acts, idx, p["W_dec"])
@@ -372,7 +404,7 @@ class Trainer:
                 l0 = (code > 0).sum(-1).double().mean(-1)
         yhat = yhat + p["b_dec"].unsqueeze(1)
         if "W_skip" in p:
-            yhat = yhat + torch.bmm(xn, p["W_skip"].transpose(1, 2))
+            yhat = yhat + low_matmul(xn, p["W_skip"], low)
         return yhat, l0, penalty, aux, fired
 
     def step(self, x: Tensor, y: Tensor) -> StepStats:
