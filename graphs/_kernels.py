@@ -2,17 +2,21 @@
 
 Array-only: every function takes and returns plain numpy arrays; validation and wrapping live in
 ``prune.py``. Each kernel has a parity test against the dense numpy reference in
-``tests/reference/influence_naive.py`` (STYLE.md §7, §8), and the test-suite is also run once with
-``NUMBA_DISABLE_JIT=1`` so these lines are measured as plain Python.
+``tests/reference/influence_naive.py`` (STYLE.md §7, §8); tests/test_numba_cache.py runs those parity
+tests again with ``NUMBA_DISABLE_JIT=1`` (these lines as plain Python) and with ``NUMBA_BOUNDSCHECK=1``.
+
+Kernels are ``sparsetrace._numba.kernel`` functions: cached per CPU and thread count, compiled under a
+cross-process lock; none calls a parallel kernel (issue 20).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from sparsetrace._numba import kernel
 
 
-@njit(cache=True)
+@kernel
 def reverse_topological_order(indptr, indices, n):
     """Kahn's algorithm on the reversed edges: a node is emitted once every node it feeds has been.
 
@@ -42,7 +46,7 @@ def reverse_topological_order(indptr, indices, n):
     return order, tail
 
 
-@njit(cache=True)
+@kernel
 def row_denominators(indptr, indices, data, remainder, node_mask):
     """Per target row: Σ|A[t, s]| over kept sources s, plus the row's stored ``remainder``.
 
@@ -64,7 +68,7 @@ def row_denominators(indptr, indices, data, remainder, node_mask):
     return out
 
 
-@njit(cache=True)
+@kernel
 def influence_sweep(indptr, indices, data, denom, w, order, node_mask):
     """I = wᵀ(Â + Â² + …) in one pass: I_s = Σ_t (I_t + w_t)·Â[t, s], targets visited before sources.
 
@@ -87,7 +91,7 @@ def influence_sweep(indptr, indices, data, denom, w, order, node_mask):
     return infl
 
 
-@njit(cache=True)
+@kernel
 def edge_scores(indptr, indices, data, denom, infl, w, node_mask):
     """score[e] = Â[t, s]·(I_t + w_t) for every stored entry e = (t, s); 0 where t or s is pruned."""
     n = indptr.shape[0] - 1
@@ -102,7 +106,7 @@ def edge_scores(indptr, indices, data, denom, infl, w, node_mask):
     return out
 
 
-@njit(cache=True)
+@kernel
 def prune_to_fixed_point(indptr, indices, node_mask, edge_mask, protected, needs_input):
     """Drop nodes without a kept out-edge (unless ``protected``) and nodes flagged ``needs_input``
     without a kept in-edge, drop the edges that touch them, and repeat until nothing changes.
@@ -135,7 +139,7 @@ def prune_to_fixed_point(indptr, indices, node_mask, edge_mask, protected, needs
     return sweeps
 
 
-@njit(cache=True)
+@kernel
 def induced_entries(indptr, indices, node_mask):
     """The stored entries (t, s) with both t and s in ``node_mask``: ``(sub_indptr [n+1], entry [E'])``,
     ``entry`` indexing the original arrays row by row (rows outside the mask are empty), so that the

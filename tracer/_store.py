@@ -7,6 +7,8 @@ normalisation, hence Â, is unchanged for every kept entry (issue 8, item 5).
 
 ``influence`` (the row budget's ranking) is one reverse-topological sweep over the stored rows (numba,
 O(stored entries)); the depth-iterated reference it replaced is kept in tests/reference/.
+
+The numba kernels are in ``_store_kernels.py`` (array-only, torch-free).
 """
 
 from __future__ import annotations
@@ -16,129 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numba import njit, prange
 from torch import Tensor
 
 from sparsetrace.graphs import Adjacency
 from sparsetrace.graphs.graph import index_dtype
 
+from ._store_kernels import _compact, _compress, _cuts, _fill_slots, _place, _push_rows
+
 __all__ = ["RowStore"]
-
-
-@njit(cache=True)
-def _push_rows(infl, w, targets, starts, ends, cols, vals, remainder, rows):
-    """For each local row r in ``rows`` (target t = targets[r], entries starts[r]:ends[r]): push
-    (I_t + w_t)·|A[t, s]| / Σ|A[t, ·]| to every stored source s. The caller visits targets before their
-    sources (layer descending)."""
-    for r in rows:
-        t = targets[r]
-        denom = remainder[t]
-        for e in range(starts[r], ends[r]):
-            denom += abs(np.float64(vals[e]))
-        if denom == 0.0:
-            continue
-        push = (infl[t] + w[t]) / denom
-        if push == 0.0:
-            continue
-        for e in range(starts[r], ends[r]):
-            infl[cols[e]] += push * abs(np.float64(vals[e]))
-
-
-@njit(cache=True, parallel=True)
-def _cuts(blk, threshold):
-    """Per row of a dense block [b, n]: entries with |w| ≤ cut are dropped (threshold · max|row|; 0: only zeros)."""
-    b, n = blk.shape
-    cut = np.zeros(b)
-    if threshold > 0:
-        for i in prange(b):
-            m = 0.0
-            for j in range(n):
-                a = abs(np.float64(blk[i, j]))
-                if a > m:
-                    m = a
-            cut[i] = threshold * m
-    return cut
-
-
-@njit(cache=True, parallel=True)
-def _fill_slots(blk, cut, cols, vals, starts, limits, skip_lo, skip_hi):
-    """Row i's kept entries (columns ascending) go to cols/vals[starts[i] : limits[i]], rows in
-    parallel (each has its own slot). Columns skip_lo[i] ≤ j < skip_hi of row i are known to be zero
-    and not read. Returns the entries written per row and the dropped absolute mass per row (float64)."""
-    b, n = blk.shape
-    counts = np.zeros(b, dtype=np.int64)
-    dropped = np.zeros(b)
-    over = np.zeros(b, dtype=np.bool_)
-    for i in prange(b):
-        e = starts[i]
-        lim = limits[i]
-        c = cut[i]
-        dr = 0.0
-        for seg in range(2):
-            j0 = 0 if seg == 0 else max(skip_hi, skip_lo[i])
-            j1 = min(skip_lo[i], n) if seg == 0 else n
-            for j in range(j0, j1):
-                v = blk[i, j]
-                a = abs(np.float64(v))
-                if a > c:
-                    if e >= lim:
-                        over[i] = True
-                        break
-                    cols[e] = j
-                    vals[e] = v
-                    e += 1
-                else:
-                    dr += a
-        counts[i] = e - starts[i]
-        dropped[i] = dr
-    if over.any():
-        raise ValueError("row store capacity exceeded")
-    return counts, dropped
-
-
-@njit(cache=True)
-def _compact(cols, vals, starts, counts):
-    """Move row r's ``counts[r]`` entries from ``starts[r]`` (ascending) to right after row r−1's, in
-    place (every move is leftward, rows in order); returns the number of entries."""
-    e = 0
-    for r in range(len(starts)):
-        s, c = starts[r], counts[r]
-        if s != e:
-            for k in range(c):
-                cols[e + k] = cols[s + k]
-                vals[e + k] = vals[s + k]
-        e += c
-    return e
-
-
-@njit(cache=True)
-def _compress(blk, threshold):
-    """CSR of a dense block [b, n] in new arrays (int32 columns): per row, the entries with
-    |w| > threshold · max|row| (threshold 0: the nonzero ones), and the dropped absolute mass per row."""
-    cut = _cuts(blk, threshold)
-    b, n = blk.shape
-    indptr = np.zeros(b + 1, dtype=np.int64)
-    for i in range(b):
-        kept = 0
-        for j in range(n):
-            if abs(np.float64(blk[i, j])) > cut[i]:
-                kept += 1
-        indptr[i + 1] = indptr[i] + kept
-    cols = np.empty(indptr[-1], dtype=np.int32)
-    vals = np.empty(indptr[-1], dtype=blk.dtype)
-    _, dropped = _fill_slots(blk, cut, cols, vals, indptr[:-1], indptr[1:], np.full(b, n, dtype=np.int64), n)
-    return indptr, cols, vals, dropped
-
-
-@njit(cache=True)
-def _place(dst_indptr, new_rows, src_indptr, src_cols, src_vals, cols, vals):
-    """Copy each source row r's entries into destination row new_rows[r]'s slots."""
-    for r in range(len(new_rows)):
-        s0, s1 = src_indptr[r], src_indptr[r + 1]
-        d0 = dst_indptr[new_rows[r]]
-        for k in range(s1 - s0):
-            cols[d0 + k] = src_cols[s0 + k]
-            vals[d0 + k] = src_vals[s0 + k]
 
 
 def _buffer(n: int, dtype, prefault: bool) -> np.ndarray:
