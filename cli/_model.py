@@ -11,6 +11,7 @@ import click
 
 from sparsetrace.errors import ConfigError
 from sparsetrace.tracer.evaluate import evaluate_transcoders
+from sparsetrace.transcoders.data import GENERAL_PACKAGES
 from sparsetrace.transcoders.train import MODEL_DTYPES, TrainConfig
 
 from ._common import (
@@ -62,22 +63,40 @@ def _open_corpus(path: Path):
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Corpus folder (tokens.bin, docs.bin, manifest.json; reused when the recipe is unchanged).")
 @click.option("--debian/--no-debian", default=True, show_default=True,
-              help="Debian documentation packages (apt-get download; nothing is installed).")
-@click.option("--package", "packages", multiple=True, metavar="NAME", help="Only these Debian packages (repeatable).")
+              help="Debian packages: documentation and general-domain text (apt-get download; nothing is installed).")
+@click.option("--package", "packages", multiple=True, metavar="NAME",
+              help="Only these Debian documentation packages (repeatable; general-domain ones by --general-package).")
+@click.option("--general/--no-general", default=True, show_default=True,
+              help="The general-domain Debian text packages: literature, quotations, a gazetteer, histories.")
+@click.option("--general-package", "general_packages", multiple=True, type=click.Choice(list(GENERAL_PACKAGES)),
+              help="Only these general-domain packages (repeatable).")
 @click.option("--stdlib/--no-stdlib", default=True, show_default=True, help="The Python standard library's source.")
 @click.option("--text", "texts", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Your own .txt/.md/.jsonl file or folder (repeatable).")
 @click.option("--max-tokens-per-source", type=click.IntRange(1), default=None, help="Cap per source.")
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on the whole corpus.")
-@click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
-              show_default=True, help="Share of documents held out for evaluation.")
+@click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.01,
+              show_default=True, help="Share of documents held out for evaluation (1: all of them).")
+@click.option("--heldout-only", is_flag=True,
+              help="An evaluation corpus: every document held out, from the --text files only (default: the "
+              "shipped general-domain set, facts/names/stories/grammar/reasoning/code).")
 @model_options()
 @output_options
-def corpus(out_dir, debian, packages, stdlib, texts, max_tokens_per_source, max_tokens, heldout_fraction, model,
-           device, dtype, seed, as_json, quiet):
+@click.pass_context
+def corpus(ctx, out_dir, debian, packages, general, general_packages, stdlib, texts, max_tokens_per_source, max_tokens,
+           heldout_fraction, heldout_only, model, device, dtype, seed, as_json, quiet):
     """Build a tokenised training corpus for MODEL's tokenizer."""
-    from sparsetrace.transcoders.data import build_corpus
+    from sparsetrace.transcoders.data import GENERAL_HELDOUT, build_corpus
 
+    if heldout_only:
+        given = ["/".join(p.opts + p.secondary_opts) for p in ctx.command.params
+                 if p.name in ("debian", "packages", "general", "general_packages", "stdlib", "heldout_fraction")
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--heldout-only takes its text from --text only; drop {', '.join(given)}")
+        debian, stdlib, heldout_fraction, texts = False, False, 1.0, texts or (GENERAL_HELDOUT,)
+    if general_packages and not (debian and general):
+        raise click.UsageError("--general-package needs --debian and --general (both on by default)")
     out = Output(as_json, quiet)
     check_writable_parent(out_dir, "--out")
     lm = load_lm(model, device, "float32", out)
@@ -85,14 +104,17 @@ def corpus(out_dir, debian, packages, stdlib, texts, max_tokens_per_source, max_
         raise ConfigError(f"model {lm.model_id!r} has no tokenizer; a corpus needs one")
     c = build_corpus(
         out_dir, lm.tokenizer, debian_packages=(list(packages) or None) if debian else (),
+        general_packages=(list(general_packages) or None) if debian and general else (),
         stdlib=stdlib, extra_paths=texts, max_tokens_per_source=max_tokens_per_source, max_tokens=max_tokens,
         heldout_fraction=heldout_fraction, seed=seed, progress=out.say,
     )
     m = c.manifest
-    data = {"out": str(out_dir), "n_tokens": m["n_tokens"], "n_documents": m["n_documents"], "sources": m["sources"]}
+    data = {"out": str(out_dir), "n_tokens": m["n_tokens"], "n_documents": m["n_documents"], "sources": m["sources"],
+            "heldout_tokens": m["n_tokens"] - m["heldout_start_token"], "heldout_documents": m["heldout_documents"]}
     out.result(data, lambda: "\n".join(
         [f"{name}: {v['tokens']:,} tokens, {v['documents']:,} documents" for name, v in m["sources"].items()]
-        + [f"total {m['n_tokens']:,} tokens in {m['n_documents']:,} documents → {out_dir}"]
+        + [f"total {m['n_tokens']:,} tokens in {m['n_documents']:,} documents → {out_dir}",
+           f"held out: {data['heldout_tokens']:,} tokens in {data['heldout_documents']:,} documents"]
     ))
 
 
@@ -113,6 +135,14 @@ def corpus(out_dir, debian, packages, stdlib, texts, max_tokens_per_source, max_
 @click.option("--model-batch", type=click.IntRange(1), default=default_of(T, "model_batch"), show_default=True)
 @click.option("--model-dtype", type=click.Choice(list(MODEL_DTYPES)), default=default_of(T, "model_dtype"),
               show_default=True, help="dtype of the model forward that reads the activations (transcoders train in float32).")
+@click.option("--matmul-dtype", type=click.Choice(list(MODEL_DTYPES)), default=default_of(T, "matmul_dtype"),
+              show_default=True, help="dtype of the trainer's dense products (weights and Adam state stay float32); "
+              "auto: bfloat16 where the hardware has it.")
+@click.option("--warmup-steps", type=click.IntRange(0), default=default_of(T, "warmup_steps"), show_default=True)
+@click.option("--decay-fraction", type=click.FloatRange(0, 1), default=default_of(T, "decay_fraction"), show_default=True,
+              help="Final fraction of the steps over which the learning rate decays linearly to 0.")
+@click.option("--auxk-coef", type=click.FloatRange(0), default=default_of(T, "auxk_coef"), show_default=True,
+              help="Weight of the AuxK loss (0: off).")
 @click.option("--shuffle-buffer-tokens", type=click.IntRange(1), default=default_of(T, "shuffle_buffer_tokens"), show_default=True)
 @click.option("--checkpoint-every-tokens", type=click.IntRange(0), default=default_of(T, "checkpoint_every_tokens"), show_default=True)
 @click.option("--layers", default=None, metavar="0,1,…", help="Layers to train (default: all).")
@@ -122,8 +152,8 @@ def corpus(out_dir, debian, packages, stdlib, texts, max_tokens_per_source, max_
 @model_options(dtypes=("float32",), dtype_default="float32")
 @output_options
 def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip, n_tokens, batch_tokens, lr, ctx_len,
-          model_batch, model_dtype, shuffle_buffer_tokens, checkpoint_every_tokens, layers, resume, run_eval, model, device, dtype,
-          seed, as_json, quiet):
+          model_batch, model_dtype, matmul_dtype, warmup_steps, decay_fraction, auxk_coef, shuffle_buffer_tokens,
+          checkpoint_every_tokens, layers, resume, run_eval, model, device, dtype, seed, as_json, quiet):
     """Train one transcoder per MLP layer of MODEL on a corpus (resumable)."""
     import torch
 
@@ -134,7 +164,8 @@ def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip
     cfg = TrainConfig(
         n_features=n_features, expansion_factor=expansion_factor, activation=activation, k=k, skip=skip,
         n_tokens=n_tokens, batch_tokens=batch_tokens, lr=lr, ctx_len=ctx_len, model_batch=model_batch,
-        model_dtype=model_dtype, shuffle_buffer_tokens=shuffle_buffer_tokens, checkpoint_every_tokens=checkpoint_every_tokens,
+        model_dtype=model_dtype, matmul_dtype=matmul_dtype, warmup_steps=warmup_steps, decay_fraction=decay_fraction,
+        auxk_coef=auxk_coef, shuffle_buffer_tokens=shuffle_buffer_tokens, checkpoint_every_tokens=checkpoint_every_tokens,
         layers=parse_layers(layers), seed=seed, progress=not quiet,
     )
     c = _open_corpus(corpus_dir)

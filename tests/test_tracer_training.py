@@ -214,3 +214,31 @@ def test_checkpoint_transcoders_for_a_run_in_progress(reference_run):
     assert not torch.equal(ts[0].W_dec, final[0].W_dec)  # an earlier state than the end of the run
     x = torch.randn(3, 32)
     assert ts[0](x).shape == (3, 32) and torch.isfinite(ts[0](x)).all()
+
+
+def test_bad_inputs_fail_with_one_line_and_leave_the_last_checkpoint_untouched(corpus, reference_run, tmp_path):
+    """Too few tokens for the budget is refused up front; a corrupt checkpoint is named, not crashed on,
+    and the files of the last good checkpoint stay as they were."""
+    import shutil
+
+    from sparsetrace.errors import ConfigError, FormatError
+
+    sys.path.insert(0, str(JOB.parent))
+    from _transcoder_job import job_config
+
+    lm = tiny_lm()
+    cfg = job_config(N_TOKENS)
+    too_many = TrainConfig(**{**cfg.to_dict(), "layers": None, "n_tokens": 10**9})
+    with pytest.raises(ConfigError, match=r"n_tokens=1,000,000,000: the corpus's train split has [\d,]+ trainable tokens"):
+        train_transcoders(lm, corpus, too_many, tmp_path / "big")
+    assert not (tmp_path / "big" / "checkpoint").exists()
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run, out)
+    latest = json.loads((out / "checkpoint" / "latest.json").read_text())["checkpoint"]
+    ckpt = out / "checkpoint" / latest / "rank0.safetensors"
+    before = ckpt.read_bytes()
+    ckpt.write_bytes(before[: len(before) // 2])  # truncated, as a crash mid-copy would leave it
+    with pytest.raises(FormatError, match="is not a readable safetensors file"):
+        train_transcoders(lm, corpus, cfg, out, resume=True)
+    assert ckpt.read_bytes() == before[: len(before) // 2]  # nothing rewritten or deleted
+    assert json.loads((out / "checkpoint" / "latest.json").read_text())["checkpoint"] == latest

@@ -186,6 +186,13 @@ def train_transcoders(
         raise ConfigError(f"layers={config.layers}; allowed: ids in 0..{lm.n_layers - 1}")
     if len(layers) < world:
         raise ConfigError(f"{len(layers)} layers cannot be split over world_size={world} ranks")
+    bos = lm.tokenizer.bos_token_id if lm.prepend_bos else None
+    available = corpus.n_sequences("train", config.ctx_len, bos) * (config.ctx_len - 1)  # position 0 is never trained on
+    if available < config.n_tokens:
+        raise ConfigError(
+            f"n_tokens={config.n_tokens:,}: the corpus's train split has {available:,} trainable tokens at "
+            f"ctx_len={config.ctx_len} (before outliers are dropped); allowed: at most that, or a larger corpus"
+        )
     positions = list(range(rank, len(layers), world))
     mine = [layers[i] for i in positions]
     out = Path(out_dir)

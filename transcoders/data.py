@@ -1,16 +1,18 @@
 """A tokenised training corpus built offline (DESIGN.md §9, §10).
 
-Sources: Debian documentation packages (English prose, reference text and code), fetched with
-``apt-get download`` and unpacked with ``dpkg-deb -x`` into a cache folder (nothing is installed); the
-Python standard library's source from the running interpreter; and any user ``.txt`` / ``.jsonl``
-files or folders. Text is stripped of HTML / man-page markup, cut into documents of at most
+Sources: Debian documentation packages (English prose, reference text and code) and Debian packages of
+general-domain text (literature, a Bible, quotations, a gazetteer, nation histories, game narrative; issue 22),
+fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into a cache folder (nothing is
+installed); the Python standard library's source from the running interpreter; and any user ``.txt`` /
+``.jsonl`` files or folders. Text is stripped of HTML / man-page markup, cut into documents of at most
 ``doc_chars`` characters, tokenised once with the tokenizer passed in, shuffled at document level with a
 fixed seed and written as one flat token array (``tokens.bin``, uint16 or uint32, read as a memmap) with
 document offsets (``docs.bin``, int64) and ``manifest.json`` (token counts per source, held-out split).
 Documents are separated by the tokenizer's EOS (when it has one).
 
 Sequences for training are consecutive ``ctx_len`` windows over the training part of the token array;
-the last ``heldout_fraction`` of the shuffled documents is the held-out split for evaluation.
+the last ``heldout_fraction`` of the shuffled documents is the held-out split for evaluation
+(``heldout_fraction=1``: an evaluation-only corpus, e.g. of :data:`GENERAL_HELDOUT`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ import numpy as np
 
 from sparsetrace.errors import ConfigError, FormatError
 
+from . import _textformats as tf
 from .io import atomic_write
 
 __all__ = [
     "DEBIAN_PACKAGES",
+    "GENERAL_PACKAGES",
+    "GENERAL_HELDOUT",
     "Corpus",
     "build_corpus",
     "open_corpus",
@@ -59,6 +64,26 @@ DEBIAN_PACKAGES: dict[str, tuple[str, ...]] = {
                  "/usr/share/doc/rust-doc/html/rust-by-example/"),
 }
 """The Debian sources a default corpus draws from (DESIGN.md §10 measured ≈57M SmolLM2 tokens for a superset)."""
+
+# Issue 22: researchers trace facts, names, stories and grammar, which documentation rarely has. Each was
+# judged on its text (natural English sentences, not word lists or tables); docs/training.md lists the
+# packages looked at and rejected. Tables (countries, cities) are turned into sentences.
+GENERAL_PACKAGES: dict[str, tuple[str, ...]] = {
+    "fortunes": ("/usr/share/games/fortunes/",),  # quotations, jokes, verse (fortunes-min is the small subset)
+    "dict-devil": ("/usr/share/dictd/devil.dict",),  # Bierce, The Devil's Dictionary: definitions as prose
+    "r-cran-janeaustenr": ("/janeaustenr/data/Rdata.",),  # Jane Austen's six novels (R data)
+    "r-cran-tokenizers": ("/tokenizers/data/Rdata.",),  # Moby-Dick (R data)
+    "sword-text-web": ("/modules/texts/ztext/",),  # the World English Bible (SWORD zText)
+    "dasher-data": ("/usr/share/dasher/training_english_GB.txt",),  # mixed English sentences
+    "miscfiles": ("/usr/share/state/", "/usr/share/misc/countries", "/usr/share/misc/cities.dat"),
+    "freeciv-data": ("/usr/share/games/freeciv/nation/",),  # a history paragraph, leaders, cities per nation
+    "endless-sky-data": ("/usr/share/games/endless-sky/data/",),  # dialogue and story text with names
+}
+"""General-domain Debian text packages, drawn by default beside :data:`DEBIAN_PACKAGES` (issue 22)."""
+
+GENERAL_HELDOUT = Path(__file__).parent / "heldout" / "general.jsonl"
+"""A hand-written general-domain evaluation set (facts, names, stories, grammar, reasoning, code; issue 22),
+``{"text", "kind"}`` per line; ``sparsetrace corpus --heldout-only`` turns it into a held-out-only corpus."""
 
 _SKIP_SUFFIXES = {
     ".png", ".jpg", ".jpeg", ".gif", ".svg", ".ico", ".woff", ".woff2", ".ttf", ".otf", ".eot", ".js", ".css",
@@ -193,13 +218,46 @@ def fetch_debian_package(package: str, cache_dir: Path) -> Path:
 
 def _debian_files(package: str, cache_dir: Path) -> list[Path]:
     root = fetch_debian_package(package, cache_dir)
-    keep = DEBIAN_PACKAGES.get(package, ("",))
+    keep = {**DEBIAN_PACKAGES, **GENERAL_PACKAGES}.get(package, ("",))
     files = []
     for p in sorted(root.rglob("*")):
         rel = "/" + str(p.relative_to(root))
         if p.is_file() and not p.is_symlink() and any(k in rel for k in keep):
             files.append(p)
     return files
+
+
+def debian_file_texts(path: Path) -> list[str]:
+    """Texts of one file of an unpacked Debian package, read by its format: fortune databases, SWORD zText
+    (read from its ``.bzs`` index), R lazy-load data (from ``Rdata.rdx``), Freeciv nations, Endless Sky data,
+    the miscfiles gazetteer tables; anything else as :func:`file_to_text` reads it."""
+    s, name = path.as_posix(), path.name
+    if "/games/fortunes/" in s:
+        src = None if path.suffix or name in _FORTUNE_SKIP else _read_text(path)
+        return ["\n\n".join(tf.fortune_texts(src))] if src else []
+    if "/ztext/" in s:
+        if path.suffix != ".bzs":
+            return []  # .bzz is read through its .bzs index; .bzv (the verse index) is not needed
+        return tf.ztext_books(path.read_bytes(), path.with_suffix(".bzz").read_bytes())
+    if name.startswith("Rdata."):
+        if name != "Rdata.rdx":
+            return []
+        texts = tf.rdata_texts(path.read_bytes(), path.with_suffix(".rdb").read_bytes())
+        return [tf.unwrap_prose(tf.strip_gutenberg(texts[k])) for k in sorted(texts)]
+    if "/freeciv/nation/" in s and path.suffix == ".ruleset":
+        text = tf.freeciv_nation_text(_read_text(path) or "")
+        return [text] if text else []
+    if "/endless-sky/data/" in s:
+        return ["\n\n".join(tf.endless_sky_texts(_read_text(path) or ""))] if path.suffix == ".txt" else []
+    if s.endswith("/misc/countries.gz"):
+        return [tf.countries_text(_read_text(path) or "")]
+    if s.endswith("/misc/cities.dat.gz"):
+        return [tf.cities_text(_read_text(path) or "")]
+    text = file_to_text(path)
+    return [text] if text else []
+
+
+_FORTUNE_SKIP = {"ascii-art"}  # pictures drawn in characters, not text
 
 
 def _stdlib_files(include_tests: bool = False) -> list[Path]:
@@ -299,6 +357,7 @@ def build_corpus(
     tokenizer: Any,
     *,
     debian_packages: Iterable[str] | None = None,
+    general_packages: Iterable[str] | None = None,
     stdlib: bool = True,
     stdlib_tests: bool = False,
     extra_paths: Iterable[str | os.PathLike] = (),
@@ -312,15 +371,25 @@ def build_corpus(
 ) -> Corpus:
     """Build (or reuse, when ``out_dir`` already has an identical manifest) a tokenised corpus.
 
-    ``debian_packages`` defaults to :data:`DEBIAN_PACKAGES` (pass ``()`` for none); a source stops at
+    ``debian_packages`` defaults to :data:`DEBIAN_PACKAGES` (pass ``()`` for none); ``general_packages``
+    (names from :data:`GENERAL_PACKAGES`) defaults to all of them when ``debian_packages`` is left at its
+    default and to none when Debian packages are chosen by name (``()`` for none). A source stops at
     ``max_tokens_per_source`` tokens (files visited in a seeded random order so a cap is a sample, not a
-    prefix) and the whole corpus at ``max_tokens``. ``tokenizer`` is a HF tokenizer (``__call__`` →
+    prefix) and the whole corpus at ``max_tokens``. ``heldout_fraction=1`` holds out every document (an
+    evaluation-only corpus: its train split is empty). ``tokenizer`` is a HF tokenizer (``__call__`` →
     ``input_ids``, ``eos_token_id``, ``name_or_path``).
     """
     out_dir = Path(out_dir)
     packages = list(DEBIAN_PACKAGES) if debian_packages is None else list(debian_packages)
-    if not 0 < heldout_fraction < 1:
-        raise ConfigError(f"heldout_fraction={heldout_fraction}; allowed: strictly between 0 and 1")
+    if general_packages is None:
+        general = list(GENERAL_PACKAGES) if debian_packages is None else []
+    else:
+        general = list(general_packages)
+    for name in general:
+        if name not in GENERAL_PACKAGES:
+            raise ConfigError(f"general_packages: {name!r} is not one; allowed: {', '.join(GENERAL_PACKAGES)}")
+    if not 0 < heldout_fraction <= 1:
+        raise ConfigError(f"heldout_fraction={heldout_fraction}; allowed: 0 < heldout_fraction ≤ 1")
     for name, v in (("max_tokens_per_source", max_tokens_per_source), ("max_tokens", max_tokens), ("doc_chars", doc_chars)):
         if v is not None and v <= 0:
             raise ConfigError(f"{name}={v}; allowed: a positive integer or None")
@@ -332,6 +401,7 @@ def build_corpus(
         "tokenizer": str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__)),
         "vocab_size": len(tokenizer),
         "debian_packages": packages,
+        "general_packages": general,
         "stdlib": stdlib,
         "stdlib_tests": stdlib_tests,
         "extra_paths": [str(p.resolve()) for p in extra],
@@ -351,8 +421,8 @@ def build_corpus(
     eos = getattr(tokenizer, "eos_token_id", None)
 
     sources: list[tuple[str, Callable[[], Iterator[str]]]] = []
-    for pkg in packages:
-        sources.append((pkg, lambda pkg=pkg: _file_texts(_debian_files(pkg, cache), rng)))
+    for pkg in packages + [g for g in general if g not in packages]:
+        sources.append((pkg, lambda pkg=pkg: _package_texts(_debian_files(pkg, cache), rng)))
     if stdlib:
         sources.append(("python-stdlib", lambda: _file_texts(_stdlib_files(stdlib_tests), rng)))
     for p in extra:
@@ -374,6 +444,11 @@ def build_corpus(
     if not docs:
         raise ConfigError("the corpus is empty: no source produced any text")
     return _write_corpus(out_dir, docs, rng, counts, recipe, tokenizer, heldout_fraction)
+
+
+def _package_texts(files: list[Path], rng: np.random.Generator) -> Iterator[str]:
+    for i in rng.permutation(len(files)):
+        yield from (t for t in debian_file_texts(files[i]) if t)
 
 
 def _file_texts(files: list[Path], rng: np.random.Generator) -> Iterator[str]:
@@ -419,8 +494,8 @@ def _write_corpus(out_dir, docs, rng, counts, recipe, tokenizer, heldout_fractio
     order = rng.permutation(len(docs))
     lengths = np.array([len(docs[i]) for i in order], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    n_held = max(1, int(round(len(docs) * heldout_fraction)))
-    if n_held >= len(docs):
+    n_held = len(docs) if heldout_fraction >= 1 else max(1, int(round(len(docs) * heldout_fraction)))
+    if n_held >= len(docs) and heldout_fraction < 1:
         raise ConfigError(f"only {len(docs)} documents: too few for a held-out split of {heldout_fraction}")
     heldout_start = int(offsets[len(docs) - n_held])
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
