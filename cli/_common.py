@@ -388,30 +388,50 @@ def prune_and_score(graph, node_threshold: float | None, edge_threshold: float |
     return pruned, result
 
 
-def write_graph_outputs(folder: Path, full, pruned, picture: bool, out: "Output") -> list[str]:
-    """Every file of a graph folder: full and pruned graph, pictures, viewer, frontend JSON, card."""
-    from sparsetrace.graphs.card import card_markdown
+def write_graph_outputs(folder: Path, full, pruned, picture: bool, out: "Output", figure=None, result=None,
+                        full_picture: bool = False) -> list[str]:
+    """Every file of a graph folder: full and pruned graph, the compact figure and its spec, the full
+    picture (``full_picture``), viewer, frontend JSON, card. The figure is chosen first (cli._graph.
+    trace_figure) so that its nodes and scores are recorded in both graphs and their cards."""
+    from sparsetrace.graphs.card import attach_card, card_markdown
     from sparsetrace.graphs.export import to_circuit_tracer_json
     from sparsetrace.graphs.html import write_html
 
+    from ._graph import _default_title, trace_figure, write_figure
+
+    import time
+
     labels = labels_of(pruned)
+    title = _default_title(pruned)
+    fig = None
+    figure_files: list[str] = []
+    if picture:
+        out.say("drawing the figure")
+        t0 = time.perf_counter()
+        fig = trace_figure(full if full is not None else pruned, pruned, result, figure, title)
+        names = [folder / f"graph{s}" for s in (".png", ".svg")]  # PDF: `render`/`figure` (font subsetting costs ~2 s)
+        figure_files = [Path(p).name for p in write_figure(fig, names, folder / "graph.spec.json", "graph.safetensors",
+                                                           figure.width, 200)]
+        for g in (full, pruned):
+            if g is not None:
+                g.metadata["figure"]["seconds"] = round(time.perf_counter() - t0, 3)
+    for g in (full, pruned):
+        if g is not None:
+            attach_card(g)
     written = []
     if full is not None:
         full.save(folder / "graph.safetensors")
         written.append("graph.safetensors")
     pruned.save(folder / "graph.pruned.safetensors")
     written.append("graph.pruned.safetensors")
-    if picture:
+    written += figure_files
+    if full_picture:
         from sparsetrace.graphs.render import render
 
-        title = (pruned.prompt or "attribution graph")[:80]
-        if (pruned.metadata.get("transcoder_source") or {}).get("random"):
-            title += "  [RANDOM untrained transcoders]"
-        for suffix in (".png", ".svg"):
-            out.say(f"rendering graph{suffix}")
-            render(pruned, folder / f"graph{suffix}", labels=labels, title=title)
-            written.append(f"graph{suffix}")
-    write_html(pruned, folder / "graph.html", labels=labels)
+        out.say("rendering graph.full.svg")
+        render(pruned, folder / "graph.full.svg", labels=labels, title=title)
+        written.append("graph.full.svg")
+    write_html(pruned, folder / "graph.html", labels=labels, spec=fig.spec if fig is not None else None)
     written.append("graph.html")
     ct = to_circuit_tracer_json(pruned, slug_of(pruned.prompt), labels=labels)
     ct["metadata"]["provenance"] = pruned.metadata.get("card")

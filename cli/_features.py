@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
 
 from sparsetrace.errors import ConfigError
-from sparsetrace.tracer.features import FeatureStatsConfig
+from sparsetrace.tracer.features import FeatureStatsConfig, LabelConfig
 
 from ._common import (
     parse_layers,
@@ -50,11 +51,17 @@ def _stats_options(fn):
 @transcoder_option()
 @_stats_options
 @click.option("--layers", default=None, metavar="0,1,…", help="Only these layers (default: all, in one pass).")
+@click.option("--heldout-sequences", "n_heldout", type=click.IntRange(0), default=default_of(LabelConfig, "n_heldout"),
+              show_default=True, help="Held-out sequences the labels are scored on (0: unscored labels).")
 @model_options(dtypes=("float32", "float64"), dtype_default="float32")
 @output_options
-def stats(corpus_path, cache, transcoders, n_sequences, ctx_len, batch, top_k, layers, model, device, dtype, seed, as_json, quiet):
-    """Compute (or resume) feature statistics: density, histograms, top contexts, for every layer."""
-    from sparsetrace.tracer.features import compute_feature_stats, open_sample
+def stats(corpus_path, cache, transcoders, n_sequences, ctx_len, batch, top_k, layers, n_heldout, model, device, dtype, seed,
+          as_json, quiet):
+    """Compute (or resume) feature statistics: density, histograms, top contexts, for every layer; then
+    label every feature that fired (whole words at its top contexts) and score the labels on held-out
+    text (feature_labels.json.gz). `trace` reads them from --feature-stats DIR, or from the transcoder
+    set's own feature_stats/ folder."""
+    from sparsetrace.tracer.features import compute_feature_labels, compute_feature_stats, open_sample, save_feature_labels
 
     out = Output(as_json, quiet)
     check_writable_parent(cache, "--out")
@@ -66,15 +73,27 @@ def stats(corpus_path, cache, transcoders, n_sequences, ctx_len, batch, top_k, l
     sample = open_sample(corpus_path, lm, ctx_len)
     with out.progress() as bars:
         st = compute_feature_stats(lm, ts, sample, cfg, cache=cache, progress=bars)
+        labels = compute_feature_labels(lm, ts, st, sample, LabelConfig(n_heldout=n_heldout), progress=bars)
+    save_feature_labels(labels, cache)
     dens = st.fire_count / max(st.n_tokens, 1)
+    scored = [x for x in labels.labels.values() if x.precision is not None and x.recall is not None]
     data = {"out": str(cache), "layers": st.layers, "n_tokens": st.n_tokens, "sequences": st.position,
             "sample": st.sample, "dead_fraction": [float((d == 0).mean()) for d in dens],
-            "mean_density": [float(d.mean()) for d in dens]}
+            "mean_density": [float(d.mean()) for d in dens], "labels": len(labels.labels),
+            "labels_heldout": labels.heldout,
+            "label_precision_median": float(np.median([x.precision for x in scored])) if scored else None,
+            "label_recall_median": float(np.median([x.recall for x in scored])) if scored else None}
     out.result(data, lambda: (
         f"{st.position} sequences, {st.n_tokens:,} tokens from {st.sample}\n"
         f"never fired on the sample, per layer: {', '.join(f'{x:.2f}' for x in data['dead_fraction'])}\n"
-        f"wrote {cache}"
+        f"{len(labels.labels):,} labels, scored on {labels.heldout}"
+        + (f"; median precision {data['label_precision_median']:.2f}, recall {data['label_recall_median']:.2f}" if scored else "")
+        + f"\nwrote {cache}"
     ))
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _bar(count: int, top: int, width: int = 30) -> str:
@@ -95,6 +114,9 @@ def _context_text(ctx, color: bool) -> str:
 
 def _report_text(r, color: bool) -> str:
     lines = [f"feature L{r.layer}.{r.feature}: {r.label}"]
+    if r.label_score is not None:
+        p, rc = r.label_score
+        lines.append(f"label score on held-out text: precision {_pct(p)}, recall {_pct(rc)}")
     if r.density is not None:
         lines.append(
             f"density {r.density:.4f} over {r.n_tokens:,} tokens; mean activation when active "
@@ -134,7 +156,13 @@ def _report_text(r, color: bool) -> str:
 def show(layer, feature, transcoders, stats_dir, corpus_path, n_sequences, ctx_len, batch, top_k, n_tokens, window,
          model, device, dtype, seed, as_json, quiet):
     """Inspect feature FEATURE of layer LAYER: contexts, histogram, density, token lenses, label."""
-    from sparsetrace.tracer.features import compute_feature_stats, inspect_feature, load_feature_stats, open_sample
+    from sparsetrace.tracer.features import (
+        compute_feature_stats,
+        inspect_feature,
+        load_feature_labels,
+        load_feature_stats,
+        open_sample,
+    )
 
     out = Output(as_json, quiet)
     if transcoders is None:
@@ -146,9 +174,10 @@ def show(layer, feature, transcoders, stats_dir, corpus_path, n_sequences, ctx_l
         raise ConfigError(f"LAYER={layer}; allowed: 0..{ts.n_layers - 1}")
     if feature >= ts.n_features:
         raise ConfigError(f"FEATURE={feature}; allowed: 0..{ts.n_features - 1} (the set has {ts.n_features} per layer)")
-    st = sample = None
+    st = sample = labels = None
     if stats_dir is not None:
         st = load_feature_stats(stats_dir)
+        labels = load_feature_labels(stats_dir)
         path = corpus_path or (Path(st.sample_path) if st.sample_path else None)
         if path is not None and path.exists():
             sample = open_sample(path, lm, st.config.ctx_len, st.sample_split)
@@ -157,5 +186,5 @@ def show(layer, feature, transcoders, stats_dir, corpus_path, n_sequences, ctx_l
         sample = open_sample(corpus_path, lm, ctx_len)
         with out.progress() as bars:
             st = compute_feature_stats(lm, ts, sample, cfg, progress=bars)
-    report = inspect_feature(lm, ts, layer, feature, st, sample, n_tokens=n_tokens, window=window)
+    report = inspect_feature(lm, ts, layer, feature, st, sample, n_tokens=n_tokens, window=window, labels=labels)
     out.result(report.to_dict(), lambda: _report_text(report, color=True))

@@ -85,50 +85,244 @@ def prune(graph, out_path, node_threshold, edge_threshold, as_json, quiet):
     ))
 
 
+# ---- figures ---------------------------------------------------------------------------------------
+LABEL_CHOICES = ("auto", "contexts", "ids")
+
+
+def _figure_options(fn):
+    """--max-nodes, --width, --labels, --title, --dpi (defaults from FigureConfig)."""
+    from sparsetrace.graphs.figure import FigureConfig
+
+    opts = [
+        click.option("--max-nodes", type=click.IntRange(1), default=default_of(FigureConfig, "max_nodes"), show_default=True,
+                     help="Node budget of the automatic figure: features, supernodes and error nodes (tokens and logits are extra)."),
+        click.option("--width", type=click.FloatRange(1, 20), default=None, show_default="7, or the spec's",
+                     help="Figure width in inches (7: a two-column page, 3.3: one column)."),
+        click.option("--labels", "label_mode", type=click.Choice(LABEL_CHOICES), default="auto", show_default=True,
+                     help="auto: the graph's labels; contexts: require labels from feature statistics; ids: node ids only."),
+        click.option("--title", default=None, help="Figure title (default: the spec's, else the prompt)."),
+        click.option("--dpi", type=click.IntRange(1), default=200, show_default=True, help="PNG resolution."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _check_labels(g, mode: str) -> None:
+    """--labels contexts needs labels made from feature statistics; --labels ids drops every label."""
+    from sparsetrace.graphs.figure import node_texts
+
+    if mode == "contexts" and not any(t.source == "statistics" for t in node_texts(g).values()):
+        raise ConfigError(
+            "--labels contexts: this graph has no labels from feature statistics (its labels come from the token lens "
+            "or are missing); allowed: --labels auto or ids, or retrace with --feature-stats DIR "
+            "(computed by `sparsetrace features stats`)"
+        )
+    if mode == "ids":
+        g.metadata.pop("feature_info", None)
+        g.metadata.pop("feature_labels", None)
+
+
+def _figure_sources(graph: Path, node_threshold: float, edge_threshold: float, out):
+    """(base, candidates, pruned, name): the graph whose edges a figure draws — a trace folder's full
+    graph, else the file — the nodes the automatic figure may choose from, and the pruned graph (the
+    viewer's)."""
+    from sparsetrace.graphs import AttributionGraph
+    from sparsetrace.graphs.figure import mask_of
+
+    if graph.is_dir():
+        pruned, _ = _load(graph, prefer_pruned=True)
+        full_path = graph / "graph.safetensors"
+        if full_path.is_file():
+            base = AttributionGraph.load(full_path)
+            return base, mask_of(base, pruned), pruned, str(full_path)
+        return pruned, None, pruned, str(graph / "graph.pruned.safetensors")
+    g, _ = _load(graph, prefer_pruned=True)
+    if _is_pruned(g):
+        return g, None, g, str(graph)
+    out.say(f"pruning first (node {node_threshold}, edge {edge_threshold})")
+    pruned, result = prune_and_score(g, node_threshold, edge_threshold)
+    return g, result.node_mask, pruned, str(graph)
+
+
+def make_figure(base, spec, width: float, influence=None, where: str = "spec"):
+    """The :class:`Figure` of ``spec`` on ``base`` (scores included)."""
+    from sparsetrace.graphs.figure import FigureConfig, build_figure
+
+    return build_figure(base, spec, FigureConfig(width=width), influence=influence, where=where)
+
+
+def write_figure(fig, paths: list[Path], spec_path: Path | None, graph_name: str | None, width: float, dpi: int) -> list[str]:
+    """Draw ``fig`` to every path and save its spec; everything is rendered before anything is written,
+    and a failure leaves none of the files."""
+    from sparsetrace.graphs._paper import figure_bytes
+    from sparsetrace.graphs.figure import spec_info
+
+    blobs = figure_bytes(fig, sorted({p.suffix.lower()[1:] for p in paths}), width, dpi)
+    files: list[tuple[Path, bytes]] = [(p, blobs[p.suffix.lower()[1:]]) for p in paths]
+    if spec_path is not None:
+        info = spec_info(fig, graph_name)
+        info["width"] = width
+        files.append((spec_path, (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode()))
+    done: list[Path] = []
+    try:
+        for p, data in files:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            from sparsetrace._atomic import atomic_write
+
+            atomic_write(p, lambda tmp, data=data: Path(tmp).write_bytes(data))
+            done.append(p)
+    except BaseException:
+        for p in done:
+            p.unlink(missing_ok=True)
+        raise
+    return [str(p) for p, _ in files]
+
+
+def trace_figure(base, pruned, result, cfg, title: str):
+    """The automatic figure of a fresh trace (base: the full graph, candidates: the pruning's node mask),
+    recorded in both graphs' metadata as ``figure`` (nodes drawn and the subgraph's scores)."""
+    from sparsetrace.graphs.figure import auto_spec
+
+    cand = result.node_mask if result is not None and base is not pruned else None
+    influence = result.node_influence if result is not None and base is not pruned else None
+    spec = auto_spec(base, cfg, influence=influence, candidates=cand, title=title)
+    fig = make_figure(base, spec, cfg.width, influence=influence)
+    record = {"nodes": len(fig.units), "edges": int(len(fig.src)), "max_nodes": cfg.max_nodes,
+              "scores": fig.scores.to_dict() if fig.scores is not None else None, "spec": "graph.spec.json"}
+    for g in {id(base): base, id(pruned): pruned}.values():
+        g.metadata["figure"] = dict(record)
+    return fig
+
+
+def _spec_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.stem + ".spec.json")
+
+
+def _check_figure_paths(paths: list[Path]) -> None:
+    from sparsetrace.graphs._paper import FORMATS as PICTURES
+
+    for p in paths:
+        if p.suffix.lower() not in PICTURES:
+            raise ConfigError(f"--out {str(p)!r}; allowed suffixes: {', '.join(PICTURES)}")
+        check_writable_parent(p, "--out")
+
+
+def _default_title(g) -> str:
+    title = (g.prompt or "attribution graph")[:80]
+    if (g.metadata.get("transcoder_source") or {}).get("random"):
+        title += "  [RANDOM untrained transcoders]"
+    return title
+
+
+def _scores_text(sc) -> str:
+    return "n/a" if sc is None else f"replacement {sc.replacement:.3f}, completeness {sc.completeness:.3f}"
+
+
 @click.command()
 @GRAPH_ARG
 @click.option("--out", "-o", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Picture file: .png, .svg or .pdf.")
+              help="Picture file: .png, .svg or .pdf (its spec is written beside it as NAME.spec.json).")
+@_figure_options
+@click.option("--full", is_flag=True, help="Draw every node of the pruned graph with graphviz instead of the compact figure.")
 @click.option("--node-threshold", type=FRACTION, default=default_of(PruneConfig, "node_threshold"), show_default=True,
               help="Used when GRAPH is not pruned yet.")
 @click.option("--edge-threshold", type=FRACTION, default=default_of(PruneConfig, "edge_threshold"), show_default=True,
               help="Used when GRAPH is not pruned yet.")
-@click.option("--title", default=None, help="Picture title (default: the prompt).")
-@click.option("--dpi", type=click.IntRange(1), default=150, show_default=True, help="PNG resolution.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the self-contained HTML viewer here.")
 @output_options
-def render(graph, out_path, node_threshold, edge_threshold, title, dpi, html_path, as_json, quiet):
-    """Draw GRAPH (pruned first when it is not) as a PNG, SVG or PDF picture with graphviz."""
+def render(graph, out_path, max_nodes, width, label_mode, title, dpi, full, node_threshold, edge_threshold, html_path,
+           as_json, quiet):
+    """Draw GRAPH as a compact circuit figure (PNG, SVG or PDF): the most influential nodes within a
+    budget, errors collapsed per position, related features merged into supernodes, strongest edges;
+    --full draws the whole pruned graph instead. A trace folder's figure is drawn from its pruned
+    graph's nodes with the full graph's edges."""
+    from sparsetrace.graphs.figure import FigureConfig, auto_spec
     from sparsetrace.graphs.html import write_html
-    from sparsetrace.graphs.render import FORMATS as PICTURES
-    from sparsetrace.graphs.render import render as draw
+    from sparsetrace.graphs.render import render as draw_full
 
     out = Output(as_json, quiet)
-    if out_path.suffix.lower() not in PICTURES:
-        raise ConfigError(f"--out {str(out_path)!r}; allowed suffixes: {', '.join(PICTURES)}")
-    check_writable_parent(out_path, "--out")
-    check_dot(True)
-    g, _ = _load(graph, prefer_pruned=True)
-    if not _is_pruned(g):
-        out.say(f"pruning first (node {node_threshold}, edge {edge_threshold})")
-        g, _ = prune_and_score(g, node_threshold, edge_threshold)
-    if title is None:
-        title = (g.prompt or "attribution graph")[:80]
-        if (g.metadata.get("transcoder_source") or {}).get("random"):
-            title += "  [RANDOM untrained transcoders]"
-    labels = labels_of(g)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    draw(g, out_path, labels=labels, title=title, dpi=dpi)
+    _check_figure_paths([out_path])
     if html_path is not None:
         check_writable_parent(html_path, "--html")
-        try:
-            write_html(g, html_path, labels=labels, title=title)
-        except BaseException:
-            out_path.unlink(missing_ok=True)  # all or nothing
-            raise
-    data = {"out": str(out_path), "html": str(html_path) if html_path else None, "nodes": g.n_nodes, "edges": g.adjacency.nnz}
-    out.result(data, f"wrote {out_path}" + (f" and {html_path}" if html_path else "") + f" ({g.n_nodes} nodes, {g.adjacency.nnz} edges)")
+    if full:
+        check_dot(True)
+    width = width if width is not None else default_of(FigureConfig, "width")
+    cfg = FigureConfig(max_nodes=max_nodes, width=width)
+    base, cand, pruned, name = _figure_sources(graph, node_threshold, edge_threshold, out)
+    _check_labels(base, label_mode)
+    if pruned is not base:
+        _check_labels(pruned, label_mode)
+    title = title if title is not None else _default_title(base)
+    written: list[str] = []
+    spec = None
+    try:
+        if full:
+            draw_full(pruned, out_path, labels=labels_of(pruned), title=title, dpi=dpi)
+            written.append(str(out_path))
+            fig = None
+        else:
+            spec = auto_spec(base, cfg, candidates=cand, title=title)
+            fig = make_figure(base, spec, width)
+            written += write_figure(fig, [out_path], _spec_path(out_path), name, width, dpi)
+        if html_path is not None:
+            write_html(pruned, html_path, labels=labels_of(pruned), title=title, spec=spec)
+            written.append(str(html_path))
+    except BaseException:
+        for f in written:
+            Path(f).unlink(missing_ok=True)  # all or nothing
+        raise
+    data = {"out": str(out_path), "files": written, "html": str(html_path) if html_path else None}
+    if fig is not None:
+        data.update(nodes=len(fig.units), edges=int(len(fig.src)), scores=fig.scores.to_dict() if fig.scores else None)
+        text = f"wrote {', '.join(written)} ({len(fig.units)} nodes, {len(fig.src)} edges; subgraph {_scores_text(fig.scores)})"
+    else:
+        text = f"wrote {', '.join(written)}"
+    out.result(data, text)
+
+
+@click.command()
+@GRAPH_ARG
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Figure spec (JSON or YAML): nodes, groups, labels, title, width, max_edges (see docs/figures.md). "
+              "Default: the automatic figure.")
+@click.option("--out", "-o", "out_paths", required=True, multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Figure file(s): .png, .svg or .pdf (repeatable); the spec is saved beside the first as NAME.spec.json.")
+@_figure_options
+@output_options
+def figure(graph, spec_path, out_paths, max_nodes, width, label_mode, title, dpi, as_json, quiet):
+    """Draw exactly the nodes and groups a figure spec lists, with group-to-group edges the sum of the
+    direct edges between their members, and report the subgraph's replacement and completeness scores
+    (features not drawn are folded into error nodes, as pruning's scores do; docs/design.md)."""
+    from sparsetrace.graphs.figure import FigureConfig, FigureSpec, auto_spec
+
+    out = Output(as_json, quiet)
+    paths = list(out_paths)
+    _check_figure_paths(paths)
+    spec = FigureSpec.load(spec_path) if spec_path is not None else None
+    base, cand, _, name = _figure_sources(graph, default_of(PruneConfig, "node_threshold"),
+                                          default_of(PruneConfig, "edge_threshold"), out)
+    _check_labels(base, label_mode)
+    width = width if width is not None else (spec.width if spec is not None and spec.width else default_of(FigureConfig, "width"))
+    if spec is None:
+        spec = auto_spec(base, FigureConfig(max_nodes=max_nodes, width=width), candidates=cand)
+    import dataclasses
+
+    spec = dataclasses.replace(spec, title=title if title is not None else (spec.title if spec.title is not None else _default_title(base)))
+    where = f"spec {spec_path.name}" if spec_path is not None else "spec"
+    fig = make_figure(base, spec, width, where=where)
+    files = write_figure(fig, paths, _spec_path(paths[0]), name, width, dpi)
+    stored = base.metadata.get("scores") or {}
+    data = {"files": files, "nodes": len(fig.units), "edges": int(len(fig.src)),
+            "scores": fig.scores.to_dict() if fig.scores else None, "graph_scores": stored}
+    lines = [f"drew {len(fig.units)} nodes and {len(fig.src)} edges of {fig.n_graph_nodes:,} nodes",
+             f"subgraph scores: {_scores_text(fig.scores)}"]
+    for k in ("full", "pruned"):
+        if k in stored:
+            lines.append(f"  ({k} graph: replacement {stored[k]['replacement']:.3f}, completeness {stored[k]['completeness']:.3f})")
+    lines.append(f"wrote {', '.join(files)}")
+    out.result(data, "\n".join(lines))
 
 
 def _export_text(g, fmt: str) -> str:

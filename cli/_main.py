@@ -12,6 +12,7 @@ COMMANDS = {
     "trace": "sparsetrace.cli._trace:trace",
     "prune": "sparsetrace.cli._graph:prune",
     "render": "sparsetrace.cli._graph:render",
+    "figure": "sparsetrace.cli._graph:figure",
     "export": "sparsetrace.cli._graph:export",
     "card": "sparsetrace.cli._graph:card",
     "intervene": "sparsetrace.cli._interventions:intervene",

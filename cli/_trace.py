@@ -3,12 +3,14 @@ frontend JSON and provenance card. Option defaults come from AttributionConfig a
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import click
 
 from sparsetrace.errors import ConfigError
+from sparsetrace.graphs.figure import FigureConfig
 from sparsetrace.graphs.prune import PruneConfig
 from sparsetrace.tracer.attribution import AttributionConfig
 
@@ -16,7 +18,6 @@ from ._common import (
     shipped_set,
     Output,
     atomic_folder,
-    check_dot,
     check_writable_parent,
     default_of,
     load_lm,
@@ -32,6 +33,10 @@ from ._common import (
 
 A = AttributionConfig
 P = PruneConfig
+F = FigureConfig
+STATS_FOLDER = "feature_stats"
+"""The statistics a transcoder set ships inside its own folder (used when --feature-stats is not given)."""
+LABEL_MODES = ("auto", "contexts", "lens")
 FRACTION = click.FloatRange(0, 1, min_open=True)
 
 
@@ -59,18 +64,29 @@ FRACTION = click.FloatRange(0, 1, min_open=True)
 @click.option("--edge-threshold", type=FRACTION, default=default_of(P, "edge_threshold"), show_default=True,
               help="Pruning: cumulative score share of kept edges.")
 @click.option("--feature-stats", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Feature statistics cache (`sparsetrace features stats`) for node labels.")
-@click.option("--picture/--no-picture", default=True, show_default=True, help="Render graph.png and graph.svg (needs graphviz).")
+              help=f"Feature statistics (`sparsetrace features stats`) for node labels (default: the transcoder set's "
+              f"{STATS_FOLDER}/ folder when it has one).")
+@click.option("--labels", "label_mode", type=click.Choice(LABEL_MODES), default="auto", show_default=True,
+              help="auto: from feature statistics when there are some, else the token lens; contexts: require "
+              "statistics; lens: the token lens only.")
+@click.option("--picture/--no-picture", default=True, show_default=True,
+              help="Draw the compact figure: graph.png, graph.svg and its spec graph.spec.json (PDF: `sparsetrace render`).")
+@click.option("--max-nodes", type=click.IntRange(1), default=default_of(F, "max_nodes"), show_default=True,
+              help="Figure node budget: features, supernodes and error nodes (tokens and logits are extra).")
+@click.option("--width", type=click.FloatRange(1, 20), default=default_of(F, "width"), show_default=True,
+              help="Figure width in inches (7: a two-column page, 3.3: one column).")
+@click.option("--full", is_flag=True, help="Also draw every node of the pruned graph: graph.full.svg (needs graphviz).")
 @model_options(dtypes=("float32", "float64"), dtype_default=default_of(A, "dtype"))
 @output_options
 def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_logits, desired_logit_prob, batch_size,
-          max_feature_nodes, store_threshold, node_threshold, edge_threshold, feature_stats, picture, model, device,
-          dtype, seed, as_json, quiet):
+          max_feature_nodes, store_threshold, node_threshold, edge_threshold, feature_stats, label_mode, picture,
+          max_nodes, width, full, model, device, dtype, seed, as_json, quiet):
     """Trace PROMPT into an attribution graph folder.
 
-    Writes graph.safetensors (full graph), graph.pruned.safetensors, graph.png and graph.svg (pruned),
-    graph.html (viewer), frontend.json (circuit-tracer / Neuronpedia format) and card.md (provenance),
-    and prints the top logits, node counts, scores and time.
+    Writes graph.safetensors (full graph), graph.pruned.safetensors, the compact figure graph.png and
+    graph.svg with its spec graph.spec.json, graph.html (viewer), frontend.json (circuit-tracer /
+    Neuronpedia format) and card.md (provenance), and prints the top logits, node counts, scores and
+    time.
     """
     t0 = time.perf_counter()
     out = Output(as_json, quiet)
@@ -80,7 +96,11 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
         raise ConfigError("PROMPT is empty; give some text to trace")
     ids = parse_token_ids(token_ids) if token_ids is not None else None
     check_writable_parent(out_dir, "--out")
-    check_dot(picture)
+    if picture and full and shutil.which("dot") is None:
+        raise ConfigError("graphviz's `dot` binary was not found; --full draws the full picture with it: install it "
+                          "(`apt-get install graphviz`), or drop --full (or pass --no-picture)")
+    fig_cfg = FigureConfig(max_nodes=max_nodes, width=width)
+    stats_dir, auto_stats = _stats_folder(feature_stats, transcoders, model, label_mode)
     cfg = AttributionConfig(
         max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob, batch_size=batch_size,
         max_feature_nodes=max_feature_nodes, dtype=dtype, device=device, store_threshold=store_threshold,
@@ -96,11 +116,14 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
         shipped_set(model)  # fail before the model loads
     lm = load_lm(model, device, "float32", out)
     ts, source = resolve_transcoders(transcoders, lm, model, seed)
-    stats = None
-    if feature_stats is not None:
-        from sparsetrace.tracer.features import load_feature_stats
+    stats = labels = None
+    if stats_dir is not None:
+        from sparsetrace.tracer.features import load_feature_labels, load_feature_stats
 
-        stats = load_feature_stats(feature_stats)
+        stats, labels = load_feature_stats(stats_dir), load_feature_labels(stats_dir)
+        if label_mode == "contexts" and labels is None:
+            raise ConfigError(f"--labels contexts: the feature statistics in {str(stats_dir)!r} have no labels "
+                              "(feature_labels.json.gz); rerun `sparsetrace features stats` on them, or use --labels auto")
     spec = list(targets) + list(target_ids) or None
     out.say(f"tracing with {source['description']}")
     with out.progress() as bars:
@@ -112,28 +135,79 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
     graph.metadata["transcoder_source"] = {**source, "spec": transcoders, "seed": seed, "model_arg": model}
     out.say("pruning and scoring")
     pruned, result = prune_and_score(graph, node_threshold, edge_threshold)
-    _label(lm, ts, graph, pruned, stats)
+    _label(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats, out)
+    t_pic = time.perf_counter()
     with atomic_folder(out_dir) as tmp:
-        written = write_graph_outputs(tmp, graph, pruned, picture, out)
+        written = write_graph_outputs(tmp, graph, pruned, picture, out, figure=fig_cfg, result=result, full_picture=full)
+    t_pic = time.perf_counter() - t_pic
     total = time.perf_counter() - t0
     data = _summary(graph, pruned, out_dir, written, t_attr, total)
+    data["seconds"]["outputs"] = round(t_pic, 3)
+    data["figure"] = pruned.metadata.get("figure")
     out.result(data, lambda: _text(data))
 
 
-def _label(lm, ts, graph, pruned, stats) -> None:
-    """Automatic labels for the pruned graph's features, stored in both graphs' metadata."""
+def _stats_folder(given: Path | None, transcoders: str | None, model: str | None, mode: str) -> tuple[Path | None, bool]:
+    """The feature statistics to label with, and whether they were picked up from the set's folder."""
+    from sparsetrace.tracer.features import META_FILE
+
+    from ._common import default_set_dir
+
+    if mode == "lens":
+        return None, False
+    if given is not None:
+        return given, False
+    set_dir = None
+    if transcoders is None and model is None:
+        set_dir = default_set_dir()
+    elif transcoders is not None and not transcoders.startswith("random:"):
+        set_dir = Path(transcoders)
+    cand = set_dir / STATS_FOLDER if set_dir is not None else None
+    if cand is not None and (cand / META_FILE).is_file():
+        return cand, True
+    if mode == "contexts":
+        where = f" and {str(cand)!r} does not exist" if cand is not None else " (random transcoders ship none)"
+        raise ConfigError(
+            f"--labels contexts needs feature statistics: no --feature-stats DIR was given{where}; allowed: "
+            "--labels auto or lens, or compute statistics with `sparsetrace features stats --out DIR`"
+        )
+    return None, False
+
+
+def _label(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats: bool, out) -> None:
+    """Labels of the pruned graph's features (tracer.features.describe_features), stored in both graphs'
+    metadata: ``feature_info`` (label, words, contexts, score, promoted tokens), the short
+    ``feature_labels``, where they came from, and the decoder cosines the figure merges by."""
     from sparsetrace.graphs import NodeKind
-    from sparsetrace.tracer.features import feature_labels
+    from sparsetrace.tracer.features import decoder_cosines, describe_features
 
     lay = pruned.layout
     feat = lay.kind == NodeKind.FEATURE
     keys = [(int(l), int(f)) for l, f in zip(lay.layer[feat], lay.feature[feat]) if f >= 0]
-    labels = feature_labels(lm, ts, keys, stats)
-    stored = {f"{l}.{f}": text for (l, f), text in labels.items()}
-    graph.metadata["feature_labels"] = stored
-    pruned.metadata["feature_labels"] = stored
-    graph.metadata["feature_labels_source"] = "feature statistics + logit lens" if stats is not None else "logit lens only"
-    pruned.metadata["feature_labels_source"] = graph.metadata["feature_labels_source"]
+    try:
+        info = describe_features(lm, ts, keys, stats, labels)
+    except ConfigError as exc:
+        if not auto_stats:
+            raise
+        out.say(f"warning: not using {stats_dir} ({exc}); labels come from the token lens")
+        stats = labels = None
+        info = describe_features(lm, ts, keys)
+    source = {
+        "source": "token lens (no feature statistics)" if stats is None else (
+            "feature statistics" + ("" if labels is not None else " (top tokens only: no feature_labels.json.gz)")),
+        "statistics": str(stats_dir) if stats is not None else None,
+        "sample": stats.sample if stats is not None else None,
+        "sample_tokens": stats.n_tokens if stats is not None else None,
+        "heldout": labels.heldout if labels is not None else None,
+        "heldout_tokens": labels.heldout_tokens if labels is not None else None,
+    }
+    cos = {"floor": 0.5, "pairs": [list(p) for p in decoder_cosines(ts, keys, 0.5)]}
+    for g in (graph, pruned):
+        g.metadata["feature_info"] = {f"{l}.{f}": d for (l, f), d in info.items()}
+        g.metadata["feature_labels"] = {f"{l}.{f}": d["short"] for (l, f), d in info.items()}
+        g.metadata["feature_labels_source"] = source["source"]
+        g.metadata["labels"] = source
+        g.metadata["decoder_cosine"] = cos
 
 
 def _counts(g) -> dict:
@@ -173,7 +247,8 @@ def _text(d: dict) -> str:
         f"{p['nodes']} nodes ({p['features']} features, {p['errors']} errors), {p['edges']} edges",
         f"scores: replacement {full.get('replacement', float('nan')):.3f}, completeness {full.get('completeness', float('nan')):.3f} "
         f"(pruned: {prn.get('replacement', float('nan')):.3f}, {prn.get('completeness', float('nan')):.3f})",
-        f"time: attribution {d['seconds']['attribution']:.1f} s, total {d['seconds']['total']:.1f} s",
+        f"time: attribution {d['seconds']['attribution']:.1f} s, files {d['seconds'].get('outputs', 0):.1f} s, "
+        f"total {d['seconds']['total']:.1f} s",
         f"wrote {d['out']}/: {', '.join(d['files'])}",
     ]
     return "\n".join(lines)

@@ -19,4 +19,11 @@ from .export import from_networkx as from_networkx
 from .export import to_circuit_tracer_json as to_circuit_tracer_json
 from .export import to_networkx as to_networkx
 from .html import write_html as write_html
+from .figure import FigureConfig as FigureConfig
+from .figure import FigureGroup as FigureGroup
+from .figure import FigureSpec as FigureSpec
+from .figure import auto_spec as auto_spec
+from .figure import build_figure as build_figure
+from .figure import draw_figure as draw_figure
+from .figure import subgraph_scores as subgraph_scores
 from .card import build_card as build_card

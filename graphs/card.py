@@ -124,6 +124,45 @@ def _scores_section(meta: Mapping[str, Any]) -> dict[str, Any]:
             "replacement": _get(s, "pruned", "replacement"),
             "completeness": _get(s, "pruned", "completeness"),
         },
+        "figure": {
+            "nodes": _get(meta, "figure", "nodes"),
+            "replacement": _get(meta, "figure", "scores", "replacement"),
+            "completeness": _get(meta, "figure", "scores", "completeness"),
+        },
+    }
+
+
+N_LABELS = 15
+"""Feature labels listed in a card (the most influential features of the graph)."""
+
+
+def _labels_section(graph: AttributionGraph) -> dict[str, Any]:
+    """Where the feature labels came from, and the most influential features' labels with their held-out
+    scores (issue 19: a label is a hypothesis, so it carries its measured precision and recall)."""
+    meta = graph.metadata
+    src = meta.get("labels") or {}
+    info = meta.get("feature_info") or {}
+    lay = graph.layout
+    infl = meta.get("node_influence")
+    rows = []
+    feats = [i for i in range(lay.features.start, lay.features.stop) if lay.feature[i] >= 0]
+    if infl is not None and len(infl) == graph.n_nodes:
+        feats.sort(key=lambda i: (-float(infl[i]), i))
+    for i in feats:
+        d = info.get(f"{lay.layer[i]}.{lay.feature[i]}")
+        if d is None:
+            continue
+        rows.append({"node": lay.node_id(i), "label": d.get("label", NOT_RECORDED), "source": d.get("source", NOT_RECORDED),
+                     "precision": d.get("precision"), "recall": d.get("recall")})
+        if len(rows) == N_LABELS:
+            break
+    return {
+        "source": src.get("source", meta.get("feature_labels_source", NOT_RECORDED)),
+        "statistics": src.get("statistics") or NOT_RECORDED,
+        "sample_tokens": src.get("sample_tokens") or NOT_RECORDED,
+        "scored_on": src.get("heldout") or NOT_RECORDED,
+        "score": "precision = P(fires | the token's word is a label word), recall = P(label word | fires), on held-out tokens",
+        "features": rows if rows else NOT_RECORDED,
     }
 
 
@@ -208,6 +247,7 @@ def build_card(graph: AttributionGraph) -> dict[str, Any]:
         "feature_selection": _selection_section(meta),
         "scores": _scores_section(meta),
         "error_node_share": _error_share(meta),
+        "labels": _labels_section(graph),
         "validation": validation if validation else NOT_RECORDED,
         "limitations": _limitations(meta, transcoders),
         "claims": _claims(meta, validation),
@@ -247,6 +287,26 @@ def _table(rows: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _score(x: Any) -> str:
+    return "n/a" if not isinstance(x, (int, float)) or isinstance(x, bool) else f"{x:.2f}"
+
+
+def _labels_markdown(lab: Mapping[str, Any]) -> list[str]:
+    if not lab:
+        return []
+    lines = ["## Feature labels", "", f"Source: {_fmt(lab.get('source', NOT_RECORDED))}."]
+    if lab.get("scored_on", NOT_RECORDED) != NOT_RECORDED:
+        lines.append(f"Scored on {_fmt(lab['scored_on'])}: {_fmt(lab.get('score', ''))}.")
+    lines.append("")
+    rows = lab.get("features")
+    if isinstance(rows, list) and rows:
+        lines += ["| node | label | precision | recall |", "|---|---|---|---|"]
+        lines += [f"| {r['node']} | {_fmt(r['label'])} | {_score(r.get('precision'))} | {_score(r.get('recall'))} |" for r in rows]
+    else:
+        lines.append(f"- {NOT_RECORDED}")
+    return lines + [""]
+
+
 def card_markdown(card: Mapping[str, Any]) -> str:
     """The card as a markdown document (what ``card.md`` holds and the CLI prints)."""
     lines = ["# Provenance card", ""]
@@ -265,10 +325,15 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         lines += [f"## {title}", "", *_table(card.get(key) or {}), ""]
     sc = card.get("scores") or {}
     lines += ["## Graph scores", "", "| graph | replacement | completeness |", "|---|---|---|"]
-    for name, key in (("full", "full_graph"), ("pruned", "pruned_graph")):
+    for name, key in (("full", "full_graph"), ("pruned", "pruned_graph"), ("figure", "figure")):
         s = sc.get(key) or {}
+        if key == "figure" and s.get("nodes", NOT_RECORDED) == NOT_RECORDED:
+            continue
+        if key == "figure":
+            name = f"figure ({_fmt(s['nodes'])} nodes)"
         lines.append(f"| {name} | {_fmt(s.get('replacement', NOT_RECORDED))} | {_fmt(s.get('completeness', NOT_RECORDED))} |")
     lines += ["", f"Error-node share of influence: {_fmt(card.get('error_node_share', NOT_RECORDED))}", ""]
+    lines += _labels_markdown(card.get("labels") or {})
     lines += ["## Validation performed", ""]
     val = card.get("validation", NOT_RECORDED)
     if isinstance(val, list) and val:

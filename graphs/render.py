@@ -1,6 +1,7 @@
-"""Static pictures of attribution graphs for papers (graphviz), and the notebook ``_repr_svg_``.
+"""The full picture of a (pruned) attribution graph with graphviz (``render --full``), and the notebook
+``_repr_svg_``. The compact figure for papers is graphs/figure.py (choice) and graphs/_paper.py (drawing).
 
-Layout (shared with the HTML viewer): x is the token position — one column per position, the token
+Layout: x is the token position — one column per position, the token
 string under it — and y the layer, embeddings at the bottom and logits at the top. Only layers that hold
 a node get a row, so a 26-layer model with a 30-node circuit stays compact. Nodes sharing a (layer,
 position) cell sit side by side; a column is as wide as its fullest cell. Positions are pinned and drawn

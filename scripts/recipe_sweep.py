@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-# name → overrides of TrainConfig (on top of BASE)
+# The base recipe of the sweep: TrainConfig's defaults with these changes (the candidate for the long run).
+BASE: dict = {"batch_tokens": 1024}
+# name → overrides on top of BASE; one factor at a time
 GRID: dict[str, dict] = {
     "base": {},
     "batch256": {"batch_tokens": 256},
     "batch512": {"batch_tokens": 512},
     "batch2048": {"batch_tokens": 2048},
+    "batch4096": {"batch_tokens": 4096},
     "lr_x0.5": {"lr_scale": 0.5},
     "lr_x2": {"lr_scale": 2.0},
     "constant_lr": {"decay_fraction": 0.0},
@@ -91,7 +94,7 @@ def run_one(name: str, over: dict, lm, corpus, X, Y, layers, args) -> dict:
     from sparsetrace.transcoders.model import TranscoderSet, TranscoderSetConfig
     from sparsetrace.transcoders.train import TrainConfig, Trainer, fit
 
-    over = dict(over)
+    over = {**BASE, **over}
     lr_scale = over.pop("lr_scale", 1.0)
     base = TrainConfig(n_tokens=X.shape[1], progress=False, checkpoint_every_tokens=0, log_every_steps=50, **over)
     cfg = TrainConfig(**{**base.to_dict(), "layers": None, "lr": base.lr_for(base.features_for(lm.d_model)) * lr_scale})
@@ -108,7 +111,7 @@ def run_one(name: str, over: dict, lm, corpus, X, Y, layers, args) -> dict:
     ev = evaluate_transcoders(lm, ts, corpus, n_sequences=args.eval_sequences, ctx_len=128, batch=8, layers=layers)
     return {"name": name, "budget": X.shape[1], "overrides": {**over, "lr_scale": lr_scale}, "lr": cfg.lr, "batch_tokens": cfg.batch_tokens,
             "k": cfg.k, "tokens": res.tokens, "steps": res.steps, "train_seconds": train_s,
-            "eval_seconds": time.perf_counter() - t, "layers": layers, "fvu": ev.fvu, "l0": ev.l0,
+            "eval_seconds": time.perf_counter() - t, "eval_sequences": args.eval_sequences, "layers": layers, "fvu": ev.fvu, "l0": ev.l0,
             "dead_fraction": ev.dead_fraction, "kl": ev.kl, "delta_ce": ev.delta_ce,
             "mean_fvu": sum(ev.fvu) / len(ev.fvu), "mean_kl": sum(ev.kl) / len(ev.kl),
             "train_fvu_last": log[-1]["fvu"] if log else None}
@@ -121,7 +124,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=500_000, help="training tokens per config (the same for all)")
     ap.add_argument("--layers", default="4,15,26")
     ap.add_argument("--configs", default=",".join(GRID), help=f"comma list of {', '.join(GRID)}")
-    ap.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences of 128 tokens")
+    ap.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences of 128 tokens")
     args = ap.parse_args()
     names = args.configs.split(",")
     bad = [n for n in names if n not in GRID]

@@ -85,7 +85,7 @@ def test_features_stats_and_show(env, tmp_path):
     r = run("features", "stats", "--corpus", corpus, "--out", tmp_path / "fs", "--n-sequences", "8", "--ctx-len", "12", *common, "--json", "-q")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["n_tokens"] == 8 * 11
-    assert files_under(tmp_path / "fs") == {"feature_stats.safetensors", "feature_stats.json"}
+    assert files_under(tmp_path / "fs") == {"feature_stats.safetensors", "feature_stats.json", "feature_labels.json.gz"}
     r = run("features", "show", "0", "1", "--stats", tmp_path / "fs", *common)
     assert r.exit_code == 0, r.output
     assert "feature L0.1:" in r.stdout and "top output tokens (W_U·d_f)" in r.stdout
@@ -95,7 +95,7 @@ def test_features_stats_and_show(env, tmp_path):
     r = run("trace", "the cat sat", "--out", tmp_path / "t", "--feature-stats", tmp_path / "fs", *common, "--no-picture", "-q")
     assert r.exit_code == 0, r.output
     meta = AttributionGraph.load(tmp_path / "t" / "graph.pruned.safetensors").metadata
-    assert meta["feature_labels_source"] == "feature statistics + logit lens"
+    assert meta["feature_labels_source"] == "feature statistics"
 
 
 def test_intervene_reports_causal_effects(env):

@@ -13,7 +13,9 @@ from sparsetrace.tracer.attribution import AttributionConfig
 from _cli_common import files_under, one_line_error, run
 from _cli_fixtures import save_tiny_model
 
-FILES = {"graph.safetensors", "graph.pruned.safetensors", "graph.png", "graph.svg", "graph.html", "frontend.json", "card.md"}
+FILES = {"graph.safetensors", "graph.pruned.safetensors", "graph.png", "graph.svg", "graph.spec.json", "graph.html",
+         "frontend.json", "card.md"}
+PICTURES = {"graph.png", "graph.svg", "graph.spec.json"}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_trace_text_output_and_token_ids(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     for key in ("top logits:", "graph:", "pruned (node 0.8, edge 0.98):", "scores: replacement", "time: attribution"):
         assert key in r.stdout
-    assert files_under(tmp_path / "g") == FILES - {"graph.png", "graph.svg"}
+    assert files_under(tmp_path / "g") == FILES - PICTURES
 
 
 def test_trace_replaces_an_existing_folder(tiny, tmp_path):
@@ -72,7 +74,7 @@ def test_trace_replaces_an_existing_folder(tiny, tmp_path):
     r = run("trace", "the cat sat", "-m", tiny, "-t", "random:16:2", "--out", out, "--no-picture", "-q")
     assert r.exit_code == 0, r.output
     assert "stale.txt" not in files_under(out)
-    assert files_under(tmp_path) == {"g"} | {f"g/{f}" for f in FILES - {"graph.png", "graph.svg"}}
+    assert files_under(tmp_path) == {"g"} | {f"g/{f}" for f in FILES - PICTURES}
 
 
 def _option_defaults(command) -> dict:

@@ -95,3 +95,31 @@ def test_card_module_is_torch_free():
 
     code = "import sys; import sparsetrace.graphs.card; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_labels_are_listed_with_their_scores_by_influence():
+    g = _recorded_graph()
+    p = apply_prune(g, prune(g, 1.0, 1.0))
+    lay = p.layout
+    infl = p.metadata["node_influence"]
+    feats = [i for i in range(lay.features.start, lay.features.stop)]
+    p.metadata["feature_info"] = {
+        f"{lay.layer[i]}.{lay.feature[i]}": {"label": f"word{k} — …[word{k}]…", "source": "statistics",
+                                             "precision": 0.5 + 0.1 * k, "recall": None if k == 0 else 0.25}
+        for k, i in enumerate(feats)
+    }
+    p.metadata["labels"] = {"source": "feature statistics", "statistics": "/stats", "heldout": "8 held-out sequences"}
+    p.metadata["figure"] = {"nodes": 3, "scores": {"replacement": 0.25, "completeness": 0.5}}
+    card = build_card(p)
+    rows = card["labels"]["features"]
+    order = sorted(feats, key=lambda i: (-infl[i], i))
+    assert [r["node"] for r in rows] == [lay.node_id(i) for i in order]
+    assert card["labels"]["source"] == "feature statistics" and card["labels"]["scored_on"] == "8 held-out sequences"
+    assert card["scores"]["figure"] == {"nodes": 3, "replacement": 0.25, "completeness": 0.5}
+    md = card_markdown(card)
+    assert "## Feature labels" in md and "Scored on 8 held-out sequences" in md
+    k0 = feats.index(order[0])
+    assert f"| {lay.node_id(order[0])} | word{k0} — …[word{k0}]… | {0.5 + 0.1 * k0:.2f} | {'n/a' if k0 == 0 else '0.25'} |" in md
+    assert "| figure (3 nodes) | 0.25 | 0.5 |" in md
+    # without labels the card says so
+    assert build_card(golden_graph())["labels"]["features"] == NOT_RECORDED

@@ -127,3 +127,97 @@ def test_bad_inputs(setup, tmp_path):
         load_feature_stats(tmp_path)
     with pytest.raises(ConfigError, match="n_sequences=0"):
         FeatureStatsConfig(n_sequences=0)
+
+
+# ---- labels (issue 19) -----------------------------------------------------------------------------
+def test_word_spans_join_sub_words():
+    from sparsetrace.tracer.features import word_spans
+
+    toks = [" The", " cap", "ital", " of", " France", ",", "\n", "2", "0", "2", "4", "(", "x", ")"]
+    spans = word_spans(toks)
+    assert spans[1] == spans[2] == (1, 3)  # " cap" + "ital" is one word
+    assert spans[4] == (4, 5) and spans[5] == (5, 6) and spans[6] == (6, 7)
+    assert spans[7] == spans[10] == (7, 11)  # digits glued together
+    assert spans[11] == (11, 12) and spans[12] == (12, 13) and spans[13] == (13, 14)
+
+
+@torch.no_grad()
+def test_labels_are_whole_words_scored_on_heldout_text(setup, tmp_path):
+    from sparsetrace.tracer.features import (
+        LabelConfig,
+        compute_feature_labels,
+        load_feature_labels,
+        save_feature_labels,
+        word_spans,
+    )
+
+    lm, ts, sample, _ = setup
+    st = compute_feature_stats(lm, ts, sample, CFG)
+    labels = compute_feature_labels(lm, ts, st, sample, LabelConfig(n_heldout=6, batch=4))
+    assert set(labels.labels) == {(l, int(f)) for l in range(lm.n_layers) for f in np.flatnonzero(st.fire_count[l] > 0)}
+    # held-out text: the sample's sequences after the 16 the statistics used
+    ids = torch.as_tensor(sample.ids(16, 6))
+    assert labels.heldout_tokens == ids.numel() - len(ids)
+    x, _ = collect_mlp_io(lm, ids, list(range(lm.n_layers)))
+    # the tiny word-level tokenizer decodes "the cat" as "the cat": every token is a word
+    assert lm.tokenizer.decode(lm.tokenizer("the cat", add_special_tokens=False)["input_ids"]) == "the cat"
+    words = []
+    for row in ids.tolist():
+        toks = lm.token_strings(row)
+        words.append(["".join(toks[a:b]).strip().lower() for a, b in word_spans(toks, spaced=True)])
+    words = np.array(words)[:, 1:].reshape(-1)
+    vocab = set(w for row in sample.ids(0, 16).tolist() for w in lm.token_strings(row))
+    for (layer, f), lab in labels.labels.items():
+        assert lab.words and all(w.lower() in {v.strip().lower() for v in vocab} for w in lab.words)  # whole words of the text
+        fires = (ts[layer].encode(x[layer])[:, 1:, f] > 0).reshape(-1).numpy()
+        is_word = np.isin(words, [w.lower() for w in lab.words])
+        assert lab.n_fires == fires.sum() and lab.n_word == is_word.sum()
+        tp = (fires & is_word).sum()
+        assert lab.precision == (pytest.approx(tp / is_word.sum()) if is_word.sum() else None)
+        assert lab.recall == (pytest.approx(tp / fires.sum()) if fires.sum() else None)
+        assert lab.contexts and all(c.startswith("…") and "[" in c for c in lab.contexts)
+    # each context brackets the whole word at one of the feature's top-activating tokens
+    l, f = next(iter(labels.labels))
+    tops = set()
+    for v, s, p in zip(st.top_val[l, f], st.top_seq[l, f], st.top_pos[l, f]):
+        if v > 0:
+            tops.add(lm.token_strings(sample.ids(int(s), 1)[0])[int(p)].strip())
+    assert all(c[c.index("[") + 1 : c.index("]")] in tops for c in labels.labels[(l, f)].contexts)
+    save_feature_labels(labels, tmp_path)
+    back = load_feature_labels(tmp_path)
+    assert back.labels == labels.labels and back.heldout == labels.heldout
+    assert (tmp_path / "feature_labels.json.gz").read_bytes() == save_feature_labels(labels, tmp_path).read_bytes()
+    assert load_feature_labels(tmp_path / "nothing-here") is None
+
+
+@torch.no_grad()
+def test_describe_features_sources(setup):
+    from sparsetrace.tracer.features import LabelConfig, compute_feature_labels, decoder_cosines, describe_features
+
+    lm, ts, sample, _ = setup
+    st = compute_feature_stats(lm, ts, sample, CFG)
+    labels = compute_feature_labels(lm, ts, st, sample, LabelConfig(n_heldout=2))
+    key = next(iter(labels.labels))
+    d = describe_features(lm, ts, [key, (0, 31)], st, labels)[key]
+    lab = labels.labels[key]
+    assert d["source"] == "statistics" and d["short"] == " / ".join(lab.words)
+    assert d["label"].startswith(f"{d['short']} — {lab.contexts[0]}")
+    assert (d["precision"], d["recall"], d["contexts"]) == (lab.precision, lab.recall, list(lab.contexts))
+    assert d["density"] == pytest.approx(st.density(*key))
+    # promoted tokens are words seen (at least twice) in the statistics' sample
+    assert labels.vocabulary and all(t.lower() in labels.vocabulary for t in d["promoted"])
+    seen = [w.strip().lower() for row in sample.ids(0, 16).tolist() for w in lm.token_strings(row)]
+    assert labels.vocabulary == {w for w in set(seen) if seen.count(w) >= 2 and w.isalpha()}
+    # no statistics: the token lens, which says so, and never a sub-word fragment
+    lens = describe_features(lm, ts, [key])[key]
+    assert lens["source"] == "token lens" and "(token lens: no feature statistics)" in lens["label"]
+    assert all(t.isalpha() for t in lens["promoted"])
+    # decoder cosines of every pair above the floor, against torch
+    keys = [(0, f) for f in range(8)] + [(1, 3)]
+    pairs = decoder_cosines(ts, keys, floor=-1.0)
+    assert len(pairs) == len(keys) * (len(keys) - 1) // 2
+    a, b, c = pairs[0]
+    la, fa = map(int, a.split("."))
+    lb, fb = map(int, b.split("."))
+    assert c == pytest.approx(float(torch.nn.functional.cosine_similarity(ts[la].W_dec[fa], ts[lb].W_dec[fb], dim=0)), abs=1e-4)
+    assert all(p[2] >= 0.3 for p in decoder_cosines(ts, keys, floor=0.3))

@@ -46,6 +46,15 @@ __all__ = [
     "load_feature_stats",
     "inspect_feature",
     "feature_labels",
+    "LabelConfig",
+    "FeatureLabel",
+    "FeatureLabels",
+    "compute_feature_labels",
+    "save_feature_labels",
+    "load_feature_labels",
+    "describe_features",
+    "decoder_cosines",
+    "word_spans",
 ]
 
 Progress = Callable[[str, int, int], None]
@@ -385,6 +394,8 @@ class FeatureReport:
     histogram_edges: list[float] = field(default_factory=list)
     histogram_counts: list[int] = field(default_factory=list)
     contexts: list[FeatureContext] = field(default_factory=list)
+    label_score: tuple[float | None, float | None] | None = None
+    """(precision, recall) of the label on held-out text, when the statistics have labels."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -414,41 +425,39 @@ def _lens(lm: LoadedModel, ts: TranscoderSet, keys: Sequence[tuple[int, int]], n
     return outs, ins
 
 
+@torch.no_grad()
+def _output_lens(lm: LoadedModel, ts: TranscoderSet, keys: Sequence[tuple[int, int]], n: int) -> list:
+    """Top-n (token id, score) of W_U·d_f for each (layer, feature): :func:`_lens`'s output half, batched
+    (one [k, d]·[d, V] product per layer and chunk instead of a matrix-vector product per feature)."""
+    W_U = lm.adapter.unembedding(lm.model).float()  # [V, d]
+    out: dict[tuple[int, int], list] = {}
+    by_layer: dict[int, list[int]] = {}
+    for layer, f in keys:
+        by_layer.setdefault(layer, []).append(f)
+    for layer, fs in by_layer.items():
+        for k in range(0, len(fs), 256):
+            chunk = fs[k : k + 256]
+            D = ts[layer].W_dec[chunk].float().to(W_U.device)  # [c, d]
+            vals, ids = (D @ W_U.T).topk(min(n, W_U.shape[0]), dim=1)  # [c, n]
+            for f, v, i in zip(chunk, vals.tolist(), ids.tolist()):
+                out[(layer, f)] = list(zip(i, v))
+    return [out[k] for k in keys]
+
+
 def _show(tok: str) -> str:
     return repr(tok)[1:-1] if tok.strip() else repr(tok)
 
 
-def _make_label(out_tokens: Sequence[str], active_tokens: Sequence[str]) -> str:
-    """Short label: the commonest tokens where it fires most → its top logit-lens tokens."""
-    outs = "/".join(_show(t).strip() or _show(t) for t in out_tokens[:2])
-    if active_tokens:
-        common = [t for t, _ in Counter(active_tokens).most_common(2)]
-        ins = "/".join(_show(t).strip() or _show(t) for t in common)
-        text = f"{ins} → {outs}"
-    else:
-        text = f"→ {outs}"
-    return text if len(text) <= 40 else text[:39] + "…"
-
-
 def feature_labels(
-    lm: LoadedModel, transcoders: TranscoderSet, keys: Sequence[tuple[int, int]], stats: FeatureStats | None = None
+    lm: LoadedModel,
+    transcoders: TranscoderSet,
+    keys: Sequence[tuple[int, int]],
+    stats: FeatureStats | None = None,
+    labels: "FeatureLabels | None" = None,
 ) -> dict[tuple[int, int], str]:
-    """Automatic labels ``{(layer, feature): text}`` (for graph nodes, pictures, the viewer and the
-    frontend JSON's ``clerp``). Uses the statistics' top contexts when given and made with these
-    transcoders, the logit lens alone otherwise."""
-    keys = sorted(set((int(l), int(f)) for l, f in keys))
-    if stats is not None and stats.identity.get("transcoders") != _identity(lm, transcoders)["transcoders"]:
-        raise ConfigError("the feature statistics were computed for another transcoder set; recompute them")
-    outs, _ = _lens(lm, transcoders, keys, 2)
-    labels = {}
-    for (layer, f), out in zip(keys, outs):
-        active: list[str] = []
-        if stats is not None and layer in stats.layers:
-            r = stats.row(layer)
-            toks = [int(t) for t, v in zip(stats.top_tok[r, f], stats.top_val[r, f]) if v > 0]
-            active = lm.token_strings(toks) if toks else []
-        labels[(layer, f)] = _make_label(lm.token_strings([t for t, _ in out]), active)
-    return labels
+    """Short labels ``{(layer, feature): text}`` (pictures, the frontend JSON's ``clerp``): the words of
+    :func:`describe_features`."""
+    return {k: d["short"] for k, d in describe_features(lm, transcoders, keys, stats, labels).items()}
 
 
 @torch.no_grad()
@@ -491,6 +500,7 @@ def inspect_feature(
     *,
     n_tokens: int = 10,
     window: int = 8,
+    labels: "FeatureLabels | None" = None,
 ) -> FeatureReport:
     """Inspect one feature (module docstring). Contexts need both ``stats`` and the ``sample`` they were
     computed on; histogram and density need ``stats``; the token lenses need neither."""
@@ -498,7 +508,8 @@ def inspect_feature(
     outs, ins = _lens(lm, transcoders, [(layer, feature)], n_tokens)
     out_tokens = [(s, v) for s, (_, v) in zip(lm.token_strings([t for t, _ in outs[0]]), outs[0])]
     in_tokens = [(s, v) for s, (_, v) in zip(lm.token_strings([t for t, _ in ins[0]]), ins[0])]
-    label = feature_labels(lm, transcoders, [(layer, feature)], stats if stats is not None and layer in stats.layers else None)
+    label = feature_labels(lm, transcoders, [(layer, feature)], stats if stats is not None and layer in stats.layers else None,
+                           labels)
     extra: dict = {}
     if stats is not None and layer in stats.layers:
         r = stats.row(layer)
@@ -513,7 +524,413 @@ def inspect_feature(
         )
         if sample is not None:
             extra["contexts"] = _contexts(lm, transcoders, stats, sample, layer, feature, window)
+    lab = labels.labels.get((layer, feature)) if labels is not None else None
+    if lab is not None:
+        extra["label_score"] = (lab.precision, lab.recall)
     return FeatureReport(
         layer=layer, feature=feature, label=label[(layer, feature)],
         top_output_tokens=out_tokens, top_input_tokens=in_tokens, **extra,
     )
+
+
+# ---- readable labels (issue 19) ---------------------------------------------------------------------
+# A label is a hypothesis about where a feature fires: the whole words at its top-activating contexts
+# (never a sub-word fragment), one context, and the tokens its decoder row promotes. Each label is
+# scored on held-out text it was not made from: precision = P(fires | the token's word is a label word),
+# recall = P(the token's word is a label word | fires), over every held-out token but position 0.
+LABELS_FILE = "feature_labels.json.gz"
+LABELS_FORMAT = "sparsetrace-feature-labels-1"
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """How labels are made and scored; the only place these defaults live."""
+
+    n_heldout: int = 128
+    """Held-out sequences the labels are scored on."""
+    max_words: int = 2
+    """At most this many words per label."""
+    word_ratio: float = 0.3
+    """A further word needs at least this share of the first word's activation weight."""
+    n_contexts: int = 3
+    """Context snippets kept per feature."""
+    window: int = 6
+    """Tokens shown left of the word in a snippet."""
+    batch: int = 8
+    """Sequences per forward in the held-out pass."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_heldout", "max_words", "n_contexts", "window", "batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("n_heldout", "window") else 1):
+                raise ConfigError(f"{name}={v!r}; allowed: an integer ≥ {0 if name in ('n_heldout', 'window') else 1}")
+        if not 0.0 <= self.word_ratio <= 1.0:
+            raise ConfigError(f"word_ratio={self.word_ratio!r}; allowed: a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class FeatureLabel:
+    """One feature's label and its held-out score."""
+
+    words: tuple[str, ...]
+    """Whole words where it fires most (display casing), strongest first."""
+    contexts: tuple[str, ...]
+    """Snippets ``…capital of [France] is…``, the word in brackets, strongest first."""
+    precision: float | None
+    """P(fires | word is a label word) on held-out tokens; None when no held-out token has the word."""
+    recall: float | None
+    """P(word is a label word | fires) on held-out tokens; None when it never fired there."""
+    n_word: int
+    """Held-out tokens whose word is a label word."""
+    n_fires: int
+    """Held-out tokens where the feature fires."""
+
+    @property
+    def short(self) -> str:
+        return " / ".join(self.words)
+
+
+@dataclass(eq=False)
+class FeatureLabels:
+    """Labels of every feature that fired in the statistics sample, with how they were scored."""
+
+    labels: dict[tuple[int, int], FeatureLabel]
+    identity: dict
+    """The statistics' identity (model and transcoder fingerprint)."""
+    heldout: str
+    """What the scores were measured on."""
+    heldout_tokens: int
+    config: LabelConfig
+    vocabulary: frozenset[str] = frozenset()
+    """Lower-case whole words seen at least twice in the sample: promoted tokens must be one of them."""
+
+
+def _starts_word(tok: str, prev: str | None) -> bool:
+    """Whether token ``tok`` begins a new word after ``prev`` (byte-level BPE: a leading space or
+    punctuation starts one; letters and digits glued to letters and digits continue one)."""
+    if prev is None or not tok:
+        return prev is None
+    if tok[0].isspace() or not tok[0].isalnum():
+        return True
+    return not prev or not prev[-1].isalnum()
+
+
+def word_spans(tokens: Sequence[str], spaced: bool = False) -> list[tuple[int, int]]:
+    """For each token, the [start, stop) token span of the whole word containing it. ``spaced``: the
+    tokenizer puts spaces between tokens when it decodes them (word-level vocabularies), so every token
+    is a word of its own."""
+    if spaced:
+        return [(k, k + 1) for k in range(len(tokens))]
+    starts = [k for k, t in enumerate(tokens) if _starts_word(t, tokens[k - 1] if k else None)]
+    out: list[tuple[int, int]] = []
+    bounds = starts + [len(tokens)]
+    j = 0
+    for k in range(len(tokens)):
+        while j + 1 < len(bounds) - 1 and bounds[j + 1] <= k:
+            j += 1
+        out.append((bounds[j], bounds[j + 1]))
+    return out
+
+
+def _word_text(tokens: Sequence[str], span: tuple[int, int]) -> str:
+    w = "".join(tokens[span[0] : span[1]]).strip()
+    if w:
+        return w
+    raw = "".join(tokens[span[0] : span[1]])
+    return "⏎" if "\n" in raw else ("⇥" if "\t" in raw else "␣")
+
+
+def _snippet(tokens: Sequence[str], span: tuple[int, int], window: int, sep: str = "") -> str:
+    """``…left [word] right…`` with newlines shown as ⏎ and the left side cut to ~40 characters (``sep``
+    joins tokens: " " for tokenizers that put spaces between them)."""
+    a, b = span
+    clean = lambda s: " ".join(s.replace("\n", " ⏎ ").replace("\t", " ").split(" ")).replace("  ", " ")  # noqa: E731
+    word = sep.join(tokens[a:b])
+    lead = word[: len(word) - len(word.lstrip())]
+    left = clean(sep.join(tokens[max(0, a - window) : a]) + sep + lead)
+    right = clean(sep + sep.join(tokens[b : b + 2]))
+    if len(left) > 40:
+        left = left[-40:]
+    text = f"{left}[{_word_text(tokens, span)}]{right}"
+    return "…" + " ".join(text.split()) + "…"
+
+
+class _TokenText:
+    """id → decoded string, decoding each id once; ``spaced`` says whether the tokenizer inserts spaces
+    between tokens (then a token is a whole word; byte-level BPE marks word starts in the token itself)."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm, self.cache, self.words = lm, {}, {}
+        self.spaced = False
+        tok = lm.tokenizer
+        if tok is not None:
+            a, b = (tok(w, add_special_tokens=False)["input_ids"] for w in ("cat", "dog"))
+            if len(a) == 1 and len(b) == 1:
+                joined, single = tok.decode(a + b), tok.decode(a) + tok.decode(b)
+                self.spaced = joined != single and joined.replace(" ", "") == single.replace(" ", "")
+
+    def __call__(self, ids: Sequence[int]) -> list[str]:
+        missing = sorted({int(i) for i in ids} - self.cache.keys())
+        if missing:
+            self.cache.update(zip(missing, self.lm.token_strings(missing)))
+        return [self.cache[int(i)] for i in ids]
+
+    def is_word(self, tok: str) -> bool:
+        """Whether a token is a whole word, not a piece of one: letters only, and (byte-level BPE) a
+        space before them and the same letters without the space a single token too — which holds for
+        words common enough to start a line ("Paris", "cold") and not for pieces (" mathemat", " policym")."""
+        body = tok.strip()
+        if len(body) < 2 or not body.isalpha():
+            return False
+        if self.spaced:
+            return True
+        if not tok.startswith(" ") or self.lm.tokenizer is None:
+            return False
+        hit = self.words.get(body)
+        if hit is None:
+            hit = self.words[body] = len(self.lm.tokenizer(body, add_special_tokens=False)["input_ids"]) == 1
+        return hit
+
+
+def _choose_words(found: list[tuple[str, float]], cfg: LabelConfig) -> tuple[str, ...]:
+    """The strongest words by summed activation (case-insensitive), each in its commonest spelling."""
+    weight: dict[str, float] = {}
+    spelling: dict[str, Counter] = {}
+    for w, v in found:
+        k = w.lower()
+        weight[k] = weight.get(k, 0.0) + v
+        spelling.setdefault(k, Counter())[w] += 1
+    ranked = sorted(weight, key=lambda k: (-weight[k], k))
+    if not ranked:
+        return ()
+    keep = [k for k in ranked[: cfg.max_words] if weight[k] >= cfg.word_ratio * weight[ranked[0]]]
+    return tuple(spelling[k].most_common(1)[0][0] for k in keep)
+
+
+def _heldout_sample(stats: FeatureStats, lm: LoadedModel) -> tuple[TokenSample | None, int]:
+    """The held-out text of the statistics' corpus and the first sequence to use: a built corpus's
+    held-out split from its start, else the sample's sequences after those the statistics consumed."""
+    path = Path(stats.sample_path) if stats.sample_path else None
+    if path is None or not path.exists():
+        return None, 0
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return open_sample(path, lm, stats.config.ctx_len, "heldout"), 0
+    return open_sample(path, lm, stats.config.ctx_len, stats.sample_split), stats.position
+
+
+@torch.no_grad()
+def compute_feature_labels(
+    lm: LoadedModel,
+    transcoders: TranscoderSet,
+    stats: FeatureStats,
+    sample: TokenSample,
+    config: LabelConfig | None = None,
+    progress: Progress | None = None,
+) -> FeatureLabels:
+    """Labels for every feature that fired in ``stats`` (made from its top contexts in ``sample``, the
+    sample the statistics were computed on), scored on held-out text (module comment above)."""
+    cfg = config or LabelConfig()
+    ident = _identity(lm, transcoders)
+    if stats.identity.get("transcoders") != ident["transcoders"]:
+        raise ConfigError("the feature statistics were computed for another transcoder set; recompute them")
+    text = _TokenText(lm)
+    say = progress or (lambda stage, done, total: None)
+    # 1. words and contexts from the top slots (token ids re-read from the sample: no forward needed)
+    n_seq = stats.position
+    seqs: dict[int, list[str]] = {}
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for start in range(0, n_seq, 256):
+        ids = sample.ids(start, min(256, n_seq - start))
+        for k, row in enumerate(ids):
+            toks = text(row.tolist())
+            seqs[start + k] = toks
+            spans[start + k] = word_spans(toks, text.spaced)
+    counts: Counter = Counter()
+    for k, toks in seqs.items():
+        counts.update(_word_text(toks, sp).lower() for sp in set(spans[k]))
+    vocabulary = frozenset(w for w, c in counts.items() if c >= 2 and w.isalpha())
+    made: dict[tuple[int, int], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    for r, layer in enumerate(stats.layers):
+        for f in np.flatnonzero(stats.fire_count[r] > 0):
+            found, slots = [], []
+            for v, s, p in zip(stats.top_val[r, f], stats.top_seq[r, f], stats.top_pos[r, f]):
+                if v <= 0 or int(s) not in seqs:
+                    continue
+                toks, span = seqs[int(s)], spans[int(s)][int(p)]
+                found.append((_word_text(toks, span), float(v)))
+                slots.append((toks, span))
+            words = _choose_words(found, cfg)
+            if words:
+                # contexts of the label's words first (strongest first), then the others
+                lw = {w.lower() for w in words}
+                order = sorted(range(len(slots)), key=lambda k: (found[k][0].lower() not in lw, k))
+                ctxs = tuple(_snippet(*slots[k], cfg.window, " " if text.spaced else "") for k in order[: cfg.n_contexts])
+                made[(layer, int(f))] = (words, ctxs)
+        say("labels", r + 1, len(stats.layers))
+    # 2. held-out scores
+    held, first = _heldout_sample(stats, lm)
+    label_words = sorted({w.lower() for words, _ in made.values() for w in words})
+    word_id = {w: i for i, w in enumerate(label_words)}
+    M = max(len(label_words), 1)
+    keys_by_layer = {}
+    for layer in stats.layers:
+        ks = [f * M + word_id[w.lower()] for (l, f), (words, _) in made.items() if l == layer for w in words]
+        keys_by_layer[layer] = np.unique(np.asarray(ks, dtype=np.int64))
+    F = transcoders.n_features
+    fires = {layer: np.zeros(F, np.int64) for layer in stats.layers}
+    hits = {layer: np.zeros(F, np.int64) for layer in stats.layers}
+    word_count = np.zeros(M, np.int64)
+    n_tokens = 0
+    total = 0 if held is None else max(0, min(cfg.n_heldout, held.n_available - first))
+    done = 0
+    while done < total:
+        ids = held.ids(first + done, min(cfg.batch, total - done))
+        if len(ids) == 0:
+            break
+        wid = np.full(ids.shape, -1, np.int64)
+        for b, row in enumerate(ids):
+            toks = text(row.tolist())
+            for k, span in enumerate(word_spans(toks, text.spaced)):
+                wid[b, k] = word_id.get(_word_text(toks, span).lower(), -1)
+        body = wid[:, 1:].reshape(-1)  # position 0 is never a context
+        word_count += np.bincount(body[body >= 0], minlength=M)[:M]
+        n_tokens += body.size
+        x, _ = collect_mlp_io(lm, torch.as_tensor(ids, dtype=torch.long).to(lm.device), stats.layers)
+        for i, layer in enumerate(stats.layers):
+            tc = transcoders[layer]
+            act = tc.encode(x[i].to(tc.W_enc.dtype))[:, 1:].reshape(-1, F)  # [B·(T−1), F]
+            r_idx, f_idx = (t.cpu().numpy() for t in torch.nonzero(act > 0, as_tuple=True))
+            fires[layer] += np.bincount(f_idx, minlength=F)
+            w = body[r_idx]
+            sel = w >= 0
+            key = f_idx[sel] * M + w[sel]
+            hit = np.isin(key, keys_by_layer[layer])
+            hits[layer] += np.bincount(f_idx[sel][hit], minlength=F)
+        done += len(ids)
+        say("label scores", done, total)
+    labels = {}
+    for (layer, f), (words, ctxs) in made.items():
+        n_word = int(sum(word_count[word_id[w.lower()]] for w in {w.lower(): w for w in words}.values()))
+        tp, nf = int(hits[layer][f]), int(fires[layer][f])
+        labels[(layer, f)] = FeatureLabel(
+            words=words, contexts=ctxs,
+            precision=tp / n_word if n_word and n_tokens else None,
+            recall=tp / nf if nf else None,
+            n_word=n_word, n_fires=nf,
+        )
+    desc = "no held-out text (the corpus is not available)" if held is None else (
+        f"{done} held-out sequences ({n_tokens:,} tokens) of {held.description}" + (f", from sequence {first}" if first else ""))
+    return FeatureLabels(labels, stats.identity, desc, n_tokens, cfg, vocabulary)
+
+
+def save_feature_labels(labels: FeatureLabels, folder: str | os.PathLike) -> Path:
+    """Write ``feature_labels.json.gz`` into a statistics folder (deterministic bytes; atomic)."""
+    import gzip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "format": LABELS_FORMAT, "identity": labels.identity, "heldout": labels.heldout,
+        "heldout_tokens": labels.heldout_tokens, "config": asdict(labels.config),
+        "vocabulary": sorted(labels.vocabulary),
+        "labels": {f"{l}.{f}": [list(x.words), list(x.contexts), x.precision, x.recall, x.n_word, x.n_fires]
+                   for (l, f), x in sorted(labels.labels.items())},
+    }
+    data = gzip.compress(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode(), mtime=0)
+    return atomic_write(folder / LABELS_FILE, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def load_feature_labels(folder: str | os.PathLike) -> FeatureLabels | None:
+    """The labels of a statistics folder, or None when it has none (made before labels existed)."""
+    import gzip
+
+    path = Path(folder) / LABELS_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(gzip.decompress(path.read_bytes()))
+    except (OSError, EOFError, ValueError) as exc:
+        raise FormatError(f"{str(path)!r} is unreadable (truncated or corrupt?): {exc}") from None
+    if doc.get("format") != LABELS_FORMAT:
+        raise FormatError(f"{str(path)!r}: not a {LABELS_FORMAT} file")
+    out = {}
+    for key, (words, ctxs, p, r, nw, nf) in doc["labels"].items():
+        layer, f = key.split(".")
+        out[(int(layer), int(f))] = FeatureLabel(tuple(words), tuple(ctxs), p, r, int(nw), int(nf))
+    return FeatureLabels(out, doc.get("identity", {}), doc.get("heldout", ""), int(doc.get("heldout_tokens", 0)),
+                         LabelConfig(**doc.get("config", {})), frozenset(doc.get("vocabulary", [])))
+
+
+def describe_features(
+    lm: LoadedModel,
+    transcoders: TranscoderSet,
+    keys: Sequence[tuple[int, int]],
+    stats: FeatureStats | None = None,
+    labels: FeatureLabels | None = None,
+    n_promoted: int = 3,
+) -> dict[tuple[int, int], dict]:
+    """What pictures, the viewer and the card say about each feature ``(layer, feature)``:
+
+    ``short`` (a few words), ``label`` (words — a context → promoted tokens), ``source`` ("statistics"
+    or "token lens"), ``words``, ``contexts``, ``precision``, ``recall``, ``promoted`` (tokens of the
+    decoder row's logit lens that are whole words: seen as words in the statistics' sample, or without
+    statistics single tokens with and without their leading space), ``density``. With ``labels`` (from ``features stats``) the
+    words are the whole words at the top contexts; with statistics but no labels, the whole-word tokens
+    among its top-activating tokens (unscored); without statistics the token lens alone, which says so."""
+    keys = sorted(set((int(l), int(f)) for l, f in keys))
+    ident = _identity(lm, transcoders)["transcoders"]
+    for name, x in (("statistics", stats), ("labels", labels)):
+        if x is not None and x.identity.get("transcoders") != ident:
+            raise ConfigError(f"the feature {name} were computed for another transcoder set; recompute them")
+    outs = _output_lens(lm, transcoders, keys, 50)
+    text = _TokenText(lm)
+    vocab = labels.vocabulary if labels is not None else frozenset()
+    out = {}
+    for (layer, f), lens in zip(keys, outs):
+        promoted = []
+        for s in text([t for t, _ in lens]):
+            # whole words only: seen as words in the statistics' text when there is one, else by the token test
+            ok = s.strip().lower() in vocab if vocab else text.is_word(s)
+            if ok and s.strip().isalpha() and s.strip() not in promoted:
+                promoted.append(s.strip())
+        promoted = promoted[:n_promoted]
+        lab = labels.labels.get((layer, f)) if labels is not None else None
+        density = None
+        words: tuple[str, ...] = ()
+        contexts: tuple[str, ...] = ()
+        precision = recall = None
+        if stats is not None and layer in stats.layers:
+            density = stats.density(layer, f)
+        if lab is not None:
+            words, contexts, precision, recall = lab.words, lab.contexts, lab.precision, lab.recall
+        elif stats is not None and layer in stats.layers:
+            r = stats.row(layer)
+            toks = text([int(t) for t, v in zip(stats.top_tok[r, f], stats.top_val[r, f]) if v > 0])
+            words = _choose_words([(t.strip(), 1.0) for t in toks if text.is_word(t)], LabelConfig())
+        if words:
+            short = " / ".join(words)
+            label = short + (f" — {contexts[0]}" if contexts else "") + (f" → {', '.join(promoted)}" if promoted else "")
+            source = "statistics"
+        else:
+            short = ("→ " + " / ".join(promoted[:2])) if promoted else f"F{layer}.{f}"
+            label = (f"promotes {', '.join(promoted)}" if promoted else "no whole-word label") + " (token lens: no feature statistics)"
+            source = "token lens"
+        out[(layer, f)] = {
+            "short": short, "label": label, "source": source, "words": list(words), "contexts": list(contexts),
+            "precision": precision, "recall": recall, "promoted": promoted, "density": density,
+        }
+    return out
+
+
+@torch.no_grad()
+def decoder_cosines(transcoders: TranscoderSet, keys: Sequence[tuple[int, int]], floor: float = 0.5) -> list[tuple[str, str, float]]:
+    """``("layer.feature", "layer.feature", cosine)`` for every pair of ``keys`` whose decoder rows have
+    a cosine ≥ ``floor`` (the figure merges features of one position above its own threshold)."""
+    keys = sorted(set((int(l), int(f)) for l, f in keys))
+    if len(keys) < 2:
+        return []
+    rows = torch.stack([transcoders[l].W_dec[f].float() for l, f in keys])  # [K, d]
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = (unit @ unit.T).cpu().numpy()
+    ii, jj = np.nonzero(np.triu(cos >= floor, k=1))
+    return [(f"{keys[i][0]}.{keys[i][1]}", f"{keys[j][0]}.{keys[j][1]}", round(float(cos[i, j]), 4)) for i, j in zip(ii, jj)]
