@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,7 +67,8 @@ def main() -> None:
     latest = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
     last = log[-1]
     L = len(last["fvu"])
-    report: dict = {"run": str(args.run), "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    run_name = os.path.relpath(args.run.resolve(), ROOT)
+    report: dict = {"run": run_name, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "logged_steps": len(log), "tokens": last["tokens"], "step": last["step"],
                     "tokens_per_s_last": last["tokens_per_s"], "train_fvu_mean_last": sum(last["fvu"]) / L,
                     "train_fvu_last": last["fvu"], "dead_fraction_last": last["dead_fraction"],
@@ -94,7 +96,7 @@ def main() -> None:
     lines = [
         "# Default set v2: the long run in progress",
         "",
-        f"Written by `scripts/run_progress.py` on {report['written']} from `{args.run}` "
+        f"Written by `scripts/run_progress.py` on {report['written']} from `{run_name}` "
         f"(numbers: [training-v2-progress.json](training-v2-progress.json)). The run itself: "
         "`scripts/long_run.sh start` (docs/training.md).",
         "",
