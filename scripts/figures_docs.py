@@ -7,6 +7,10 @@ labels from feature statistics), the default figure at 7 in and 3.3 in, the hand
     python scripts/figures_docs.py --feature-stats runs/feature-stats-v1 --no-trace # redraw only
 
 Traces go to out/docs/<slug>/ (not committed); PNGs are written small (palette, 150 dpi).
+Needs `make model`. The statistics folder is made first by
+`.venv/bin/sparsetrace corpus --out runs/corpus-smollm2` and then
+`.venv/bin/sparsetrace features stats --corpus runs/corpus-smollm2 --out runs/feature-stats-v1 --n-sequences 640`
+(see `features stats --help`); without --feature-stats the labels come from the token lens.
 """
 
 from __future__ import annotations
@@ -65,10 +69,13 @@ def screenshot(html: Path, dst: Path, click: str | None) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--feature-stats", type=Path, default=None)
+    ap.add_argument("--feature-stats", type=Path, default=None, help="a `sparsetrace features stats` folder")
     ap.add_argument("--no-trace", action="store_true")
     ap.add_argument("--only", default=None, help="one slug")
     args = ap.parse_args()
+    if args.feature_stats is not None and not args.feature_stats.is_dir():
+        sys.exit(f"--feature-stats {str(args.feature_stats)!r} is not a folder; make it with "
+                 "`.venv/bin/sparsetrace features stats --corpus runs/corpus-smollm2 --out runs/feature-stats-v1`")
     DOCS.mkdir(parents=True, exist_ok=True)
     timings = {}
     for slug, prompt in PROMPTS.items():
