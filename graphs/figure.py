@@ -326,15 +326,10 @@ def auto_spec(
     ``influence`` [N]: each node's influence on the targets (default ``metadata["node_influence"]`` when
     it has one entry per node, else computed); ``candidates`` [N] bool: nodes that may be drawn (default:
     every node — pass the pruning's node mask when ``graph`` is the full graph)."""
-    from .prune import node_influence
-
     cfg = config or FigureConfig()
     lay = graph.layout
     n = graph.n_nodes
-    if influence is None:
-        stored = graph.metadata.get("node_influence")
-        influence = np.asarray(stored, dtype=np.float64) if stored is not None and len(stored) == n else node_influence(graph)
-    infl = np.asarray(influence, dtype=np.float64)
+    infl = _influence(graph, influence)
     cand = np.ones(n, bool) if candidates is None else np.asarray(candidates, dtype=bool)
     ids = node_ids(lay)
     texts = node_texts(graph)
@@ -522,6 +517,18 @@ def _resolve(graph: AttributionGraph, spec: FigureSpec, where: str) -> list[tupl
     return out
 
 
+def _influence(graph: AttributionGraph, influence: np.ndarray | None) -> np.ndarray:
+    """``influence`` as float64 [N]; by default the pruning's stored ``metadata["node_influence"]`` when it
+    covers every node, else computed on ``graph``."""
+    if influence is None:
+        from .prune import node_influence
+
+        stored = graph.metadata.get("node_influence")
+        n = graph.n_nodes
+        influence = np.asarray(stored, dtype=np.float64) if stored is not None and len(stored) == n else node_influence(graph)
+    return np.asarray(influence, dtype=np.float64)
+
+
 def build_figure(
     graph: AttributionGraph,
     spec: FigureSpec,
@@ -531,17 +538,12 @@ def build_figure(
     where: str = "spec",
 ) -> Figure:
     """The units, edges and scores of ``spec`` drawn from ``graph`` (module docstring)."""
-    from .prune import node_influence
-
     cfg = config or FigureConfig()
     spec.check_names(where)
     resolved = _resolve(graph, spec, where)
     lay = graph.layout
     n = graph.n_nodes
-    if influence is None:
-        stored = graph.metadata.get("node_influence")
-        influence = np.asarray(stored, dtype=np.float64) if stored is not None and len(stored) == n else node_influence(graph)
-    infl = np.asarray(influence, dtype=np.float64)
+    infl = _influence(graph, influence)
     w_logit = graph.logit_weights()
     texts = node_texts(graph)
     kind = lay.kind
