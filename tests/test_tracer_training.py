@@ -242,3 +242,12 @@ def test_bad_inputs_fail_with_one_line_and_leave_the_last_checkpoint_untouched(c
         train_transcoders(lm, corpus, cfg, out, resume=True)
     assert ckpt.read_bytes() == before[: len(before) // 2]  # nothing rewritten or deleted
     assert json.loads((out / "checkpoint" / "latest.json").read_text())["checkpoint"] == latest
+
+
+def test_activation_source_keeps_the_named_layers_whatever_the_collect_order(corpus):
+    lm = tiny_lm()
+    a = ModelActivationSource(lm, corpus, [0, 1], [1], ctx_len=16, model_batch=2, outlier_factor=10.0).read(40)
+    b = ModelActivationSource(lm, corpus, [1, 0], [1], ctx_len=16, model_batch=2, outlier_factor=10.0).read(40)
+    c = ModelActivationSource(lm, corpus, [1, 0], [0], ctx_len=16, model_batch=2, outlier_factor=10.0).read(40)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])  # layer 0's activations, not layer 1's

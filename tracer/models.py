@@ -385,11 +385,13 @@ def load_model(
 
 # ---- activations for training and evaluation ------------------------------------------------------
 def collect_mlp_io(
-    lm: LoadedModel, input_ids: Tensor, layers: list[int] | None = None
+    lm: LoadedModel, input_ids: Tensor, layers: list[int] | None = None, out: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """One forward; MLP inputs x̃ and outputs y of the selected layers, each ``[L_sel, B, T, d]``.
+    """One forward; MLP inputs x̃ and outputs y of the selected layers (ascending), each ``[L_sel, B, T, d]``.
 
-    The forward stops after the last selected layer (the rest of the model is not run).
+    The forward stops after the last selected layer (the rest of the model is not run). With ``out``
+    (two ``[L_sel, B, T, d]`` tensors) the hooks copy into them (converting the dtype) and they are
+    returned: nothing per layer is kept alive, so a loop of forwards reuses the same memory.
     """
     layers = list(range(lm.n_layers)) if layers is None else sorted(layers)
     xs: dict[int, Tensor] = {}
@@ -400,7 +402,12 @@ def collect_mlp_io(
 
     def make(i: int):
         def hook(module, args, output):
-            xs[i], ys[i] = args[0].detach(), output.detach()
+            if out is None:
+                xs[i], ys[i] = args[0].detach(), output.detach()
+            else:
+                j = layers.index(i)
+                out[0][j].copy_(args[0])
+                out[1][j].copy_(output)
             if i == layers[-1]:
                 raise _Stop
 
@@ -412,6 +419,8 @@ def collect_mlp_io(
             lm.adapter.decoder(lm.model)(input_ids=input_ids.to(lm.device), use_cache=False)
         except _Stop:
             pass
+    if out is not None:
+        return out
     return torch.stack([xs[i] for i in layers]), torch.stack([ys[i] for i in layers])
 
 

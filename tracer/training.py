@@ -27,8 +27,7 @@ from sparsetrace.transcoders.io import atomic_write, load_transcoders
 from sparsetrace.transcoders.model import Transcoder, TranscoderSet, TranscoderSetConfig
 from sparsetrace.transcoders.train import FitResult, TrainConfig, Trainer, fit
 
-from ._hooks import hooks
-from .models import LoadedModel
+from .models import LoadedModel, collect_mlp_io
 
 __all__ = ["ModelActivationSource", "train_transcoders", "checkpoint_transcoders", "outlier_mask", "LOG_FILE"]
 
@@ -75,7 +74,8 @@ class ModelActivationSource:
         missing = [l for l in keep if l not in self.collect]
         if missing:
             raise ConfigError(f"keep layers {missing} are not among the collected layers {self.collect}")
-        self.keep_pos = torch.tensor([self.collect.index(l) for l in keep])
+        # the staged layers are in ascending order (collect_mlp_io's)
+        self.keep_pos = torch.tensor([sorted(self.collect).index(l) for l in keep])
         self.ctx_len, self.model_batch, self.outlier_factor, self.split = ctx_len, model_batch, outlier_factor, split
         self.bos = lm.tokenizer.bos_token_id if lm.prepend_bos else None
         self.position = 0
@@ -121,34 +121,15 @@ class ModelActivationSource:
         return X[:, :n], Y[:, :n]
 
     def _harvest(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One forward of ``ids [B, T]`` → staged ``x̃, y [L_all, B·T, d]`` (float32, views of a reused
-        buffer) and the flat rows to keep: position 0 (the attention sink, DESIGN.md §3) and outlier
+        """One forward of ``ids [B, T]`` → staged ``x̃, y [L_all, B·T, d]`` (float32, layers ascending,
+        views of a reused buffer) and the flat rows to keep: position 0 (the attention sink, DESIGN.md §3) and outlier
         tokens left out, in sequence order."""
         B, T = ids.shape
         L, d = len(self.collect), self.lm.d_model
         if self._stage is None or self._stage[0].shape[1] < B * T:
             self._stage = (torch.empty(L, B * T, d), torch.empty(L, B * T, d))
         sx, sy = (s[:, : B * T] for s in self._stage)
-        last = max(self.collect)
-
-        class _Stop(Exception):
-            pass
-
-        def make(j: int, layer: int):
-            def hook(module, args, output):
-                sx[j].view(B, T, d).copy_(args[0])
-                sy[j].view(B, T, d).copy_(output)
-                if layer == last:
-                    raise _Stop
-
-            return hook
-
-        specs = [(self.lm.adapter.mlp(self.lm.model, l), "forward", make(j, l)) for j, l in enumerate(self.collect)]
-        with torch.no_grad(), hooks(specs):
-            try:
-                self.lm.adapter.decoder(self.lm.model)(input_ids=ids.to(self.lm.device), use_cache=False)
-            except _Stop:
-                pass
+        collect_mlp_io(self.lm, ids, self.collect, out=(sx.view(L, B, T, d), sy.view(L, B, T, d)))
         rows = torch.arange(B * T).view(B, T)[:, 1:].reshape(-1)  # position 0 is never trained on
         nx, ny = (torch.linalg.vector_norm(s, dim=-1).view(L, B, T)[:, :, 1:].reshape(L, -1) for s in (sx, sy))
         keep = _keep_by_norm(nx, ny, self.outlier_factor)
