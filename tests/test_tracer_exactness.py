@@ -221,7 +221,10 @@ def test_other_activations_row_test(activation):
 
 
 def test_row_budget_folds_unselected_features_into_errors():
-    """With max_feature_nodes, rows still sum exactly and the kept features are the most influential."""
+    """With max_feature_nodes, rows still sum exactly, kept features keep their exact edges, and the kept
+    features are the top ones by influence on the logits through the rows computed when they were
+    ranked: here the budget (10) fits one ranking window (4 × batch 4), so that ranking is the first
+    one, made from the logit rows alone — the top 10 by direct influence in the full graph."""
     lm = tiny_lm("llama")
     ts = random_transcoders(lm)
     full = attribute(PROMPT, lm, ts, config=AttributionConfig(dtype="float64"))
@@ -235,6 +238,14 @@ def test_row_budget_folds_unselected_features_into_errors():
     for i in range(lay.n_features):
         j = full.layout.feature_index(int(lay.layer[i]), int(lay.pos[i]), int(lay.feature[i]))
         np.testing.assert_allclose(A[lay.logits, i], Af[full.layout.logits, j], atol=1e-12)
+    # which features were kept: the top 10 by wᵀÂ over the (complete) logit rows of the full graph
+    fl = full.layout
+    absA = np.abs(Af[fl.logits])
+    direct = full.logit_probability @ (absA / absA.sum(1, keepdims=True))
+    top = np.argsort(-direct[: fl.n_features], kind="stable")[:10]
+    assert np.diff(np.sort(direct[: fl.n_features])[::-1][9:11])[0] < 0  # no tie at the cut
+    kept = {fl.feature_index(int(lay.layer[i]), int(lay.pos[i]), int(lay.feature[i])) for i in range(lay.n_features)}
+    assert kept == set(top.tolist())
 
 
 def test_store_threshold_keeps_normalisation_and_bounds_influence():

@@ -138,6 +138,34 @@ def test_dead_latents_are_detected_and_auxk_revives_them():
     assert grad_seen > 0  # AuxK trains the dead latents' decoder rows
 
 
+def _revived(auxk_coef: float, steps: int = 120) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train with half the latents rigged dead; → (per layer, the fraction of the rigged latents that
+    ever won the top-k; the final dead fraction)."""
+    x, y = _data(N=2048)
+    cfg = TrainConfig(n_features=64, k=2, batch_tokens=256, n_tokens=256 * steps, shuffle_buffer_tokens=2048,
+                      dead_tokens=512, warmup_steps=1, lr=3e-3, progress=False, auxk_coef=auxk_coef)
+    tr = Trainer(cfg, 2, 16)
+    tr.initialize(x, y)
+    with torch.no_grad():
+        tr.params["W_enc"][:, :32] = 0.0
+        tr.params["b_enc"][:, :32] = 0.01
+    ever = torch.zeros(2, 64, dtype=torch.bool)
+    for i in range(steps):
+        stats = tr.step(x[:, (i % 8) * 256 : (i % 8 + 1) * 256], y[:, (i % 8) * 256 : (i % 8 + 1) * 256])
+        ever |= tr.since_fired < 256  # fired within this step's 256 tokens
+    return ever[:, :32].double().mean(1), stats.dead_fraction
+
+
+def test_auxk_revives_dead_latents_and_nothing_else_does():
+    """AuxK trains the dead latents' encoders until some win the top-k again; with AuxK off, the same
+    run (same data, same seed) never fires one of them."""
+    revived, dead = _revived(1 / 32)
+    assert (revived > 0).all(), revived
+    assert (dead < 0.5).all(), dead
+    revived0, dead0 = _revived(0.0)
+    assert (revived0 == 0).all() and (dead0 == 0.5).all(), (revived0, dead0)
+
+
 def test_metric_definitions():
     g = torch.Generator().manual_seed(0)
     y = torch.randn(100, 8, generator=g, dtype=torch.float64)
