@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from sparsetrace._atomic import atomic_write_text
+from sparsetrace.config import DTYPES, RunConfig
 from sparsetrace.errors import ConfigError, SparsetraceError
 
 DEFAULT_SET_DIR = ("default", "smollm2-135m")
@@ -153,12 +154,15 @@ def output_options(fn: Callable) -> Callable:
     return fn
 
 
-def model_options(dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16"), dtype_default: str = "float32") -> Callable:
-    """--model, --device, --dtype, --seed."""
+def model_options(dtypes: tuple[str, ...] = DTYPES, dtype_default: str | None = None) -> Callable:
+    """--model, --device, --dtype, --seed (defaults from RunConfig; ``dtype_default`` from a command's own config)."""
 
     def deco(fn: Callable) -> Callable:
-        fn = click.option("--seed", type=int, default=0, show_default=True, help="Random seed (torch; random:F:K sets).")(fn)
-        fn = click.option("--dtype", type=click.Choice(dtypes), default=dtype_default, show_default=True, help="Compute dtype.")(fn)
+        fn = click.option("--seed", type=int, default=default_of(RunConfig, "seed"), show_default=True,
+                          help="Random seed (torch; random:F:K sets).")(fn)
+        fn = click.option("--dtype", type=click.Choice(dtypes), default=dtype_default or default_of(RunConfig, "dtype"),
+                          show_default=True,
+                          help="Compute dtype.")(fn)
         fn = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else CPU).")(fn)
         fn = click.option(
             "--model", "-m", "model", default=None, metavar="ID|PATH",

@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from sparsetrace.errors import ConfigError
-from sparsetrace.tracer.features import FeatureStatsConfig, LabelConfig
+from sparsetrace.config import EXACT_DTYPES, FeatureStatsConfig, InspectConfig, LabelConfig
 
 from ._common import (
     parse_layers,
@@ -53,7 +53,7 @@ def _stats_options(fn):
 @click.option("--layers", default=None, metavar="0,1,…", help="Only these layers (default: all, in one pass).")
 @click.option("--heldout-sequences", "n_heldout", type=click.IntRange(0), default=default_of(LabelConfig, "n_heldout"),
               show_default=True, help="Held-out sequences the labels are scored on (0: unscored labels).")
-@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@model_options(dtypes=EXACT_DTYPES)
 @output_options
 def stats(corpus_path, cache, transcoders, n_sequences, ctx_len, batch, top_k, layers, n_heldout, model, device, dtype, seed,
           as_json, quiet):
@@ -149,9 +149,11 @@ def _report_text(r, color: bool) -> str:
 @click.option("--corpus", "corpus_path", type=click.Path(exists=True, path_type=Path), default=None,
               help=CORPUS_HELP + " Without --stats, a pass over this layer only is run.")
 @_stats_options
-@click.option("--n-tokens", type=click.IntRange(1), default=10, show_default=True, help="Tokens listed per lens.")
-@click.option("--window", type=click.IntRange(0), default=8, show_default=True, help="Context tokens on each side.")
-@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@click.option("--n-tokens", type=click.IntRange(1), default=default_of(InspectConfig, "n_tokens"), show_default=True,
+              help="Tokens listed per lens.")
+@click.option("--window", type=click.IntRange(0), default=default_of(InspectConfig, "window"), show_default=True,
+              help="Context tokens on each side.")
+@model_options(dtypes=EXACT_DTYPES)
 @output_options
 def show(layer, feature, transcoders, stats_dir, corpus_path, n_sequences, ctx_len, batch, top_k, n_tokens, window,
          model, device, dtype, seed, as_json, quiet):

@@ -7,18 +7,13 @@ GRAPH is a graph file or a trace folder: ``prune`` reads the folder's full graph
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import click
 
 from sparsetrace.errors import ConfigError
-from sparsetrace.graphs.prune import PruneConfig
+from sparsetrace.config import FIGURE_LABELS, FigureConfig, ImageConfig, PruneConfig
 
 from ._common import (
     Output,
@@ -86,22 +81,20 @@ def prune(graph, out_path, node_threshold, edge_threshold, as_json, quiet):
 
 
 # ---- figures ---------------------------------------------------------------------------------------
-LABEL_CHOICES = ("auto", "contexts", "ids")
-
-
 def _figure_options(fn):
-    """--max-nodes, --width, --labels, --title, --dpi (defaults from FigureConfig)."""
-    from sparsetrace.graphs.figure import FigureConfig
-
+    """--max-nodes, --width, --labels, --title, --dpi (defaults from FigureConfig and ImageConfig)."""
     opts = [
         click.option("--max-nodes", type=click.IntRange(1), default=default_of(FigureConfig, "max_nodes"), show_default=True,
                      help="Node budget of the automatic figure: features, supernodes and error nodes (tokens and logits are extra)."),
-        click.option("--width", type=click.FloatRange(1, 20), default=None, show_default="7, or the spec's",
+        click.option("--width", type=click.FloatRange(1, 20), default=None,
+                     show_default=f"{default_of(FigureConfig, 'width'):g}, or the spec's",
                      help="Figure width in inches (7: a two-column page, 3.3: one column)."),
-        click.option("--labels", "label_mode", type=click.Choice(LABEL_CHOICES), default="auto", show_default=True,
+        click.option("--labels", "label_mode", type=click.Choice(FIGURE_LABELS),
+                     default=default_of(FigureConfig, "labels"), show_default=True,
                      help="auto: the graph's labels; contexts: require labels from feature statistics; ids: node ids only."),
         click.option("--title", default=None, help="Figure title (default: the spec's, else the prompt)."),
-        click.option("--dpi", type=click.IntRange(1), default=200, show_default=True, help="PNG resolution."),
+        click.option("--dpi", type=click.IntRange(1), default=default_of(ImageConfig, "dpi"), show_default=True,
+                     help="PNG resolution."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -147,7 +140,7 @@ def _figure_sources(graph: Path, node_threshold: float, edge_threshold: float, o
 
 def make_figure(base, spec, width: float, influence=None, where: str = "spec"):
     """The :class:`Figure` of ``spec`` on ``base`` (scores included)."""
-    from sparsetrace.graphs.figure import FigureConfig, build_figure
+    from sparsetrace.graphs.figure import build_figure
 
     return build_figure(base, spec, FigureConfig(width=width), influence=influence, where=where)
 
@@ -238,7 +231,7 @@ def render(graph, out_path, max_nodes, width, label_mode, title, dpi, full, node
     budget, errors collapsed per position, related features merged into supernodes, strongest edges;
     --full draws the whole pruned graph instead. A trace folder's figure is drawn from its pruned
     graph's nodes with the full graph's edges."""
-    from sparsetrace.graphs.figure import FigureConfig, auto_spec
+    from sparsetrace.graphs.figure import auto_spec
     from sparsetrace.graphs.html import write_html
     from sparsetrace.graphs.render import render as draw_full
 
@@ -295,7 +288,7 @@ def figure(graph, spec_path, out_paths, max_nodes, width, label_mode, title, dpi
     """Draw exactly the nodes and groups a figure spec lists, with group-to-group edges the sum of the
     direct edges between their members, and report the subgraph's replacement and completeness scores
     (features not drawn are folded into error nodes, as pruning's scores do; docs/design.md)."""
-    from sparsetrace.graphs.figure import FigureConfig, FigureSpec, auto_spec
+    from sparsetrace.graphs.figure import FigureSpec, auto_spec
 
     out = Output(as_json, quiet)
     paths = list(out_paths)

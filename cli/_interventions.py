@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from sparsetrace.config import EXACT_DTYPES, MODES, InterventionConfig, ValidationConfig, VerifyConfig
 from sparsetrace.errors import ConfigError
 
 from ._common import (
@@ -17,10 +18,9 @@ from ._common import (
     output_options,
     parse_token_ids,
     resolve_transcoders,
+    default_of,
     transcoder_option,
 )
-
-MODES = ("constrained", "iterative", "unfrozen")
 
 
 def _ints(text: str, n: int, flag: str, form: str) -> list[int]:
@@ -90,14 +90,15 @@ def _range(text: str | None) -> tuple[int, int] | None:
 @click.option("--ablate", "ablates", multiple=True, metavar="L:P:F", help="Clamp the feature at 0.")
 @click.option("--scale-error", "scale_errors", multiple=True, metavar="L:P=X", help="Scale the error node of layer L at P by X.")
 @click.option("--scale-token", "scale_tokens", multiple=True, metavar="P=X", help="Scale the token embedding at P by X.")
-@click.option("--mode", type=click.Choice(MODES), default="constrained", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=default_of(InterventionConfig, "mode"), show_default=True,
               help="constrained: frozen attention/norms, MLPs in --layers frozen (direct effects); iterative: frozen "
               "attention, effects through the transcoders; unfrozen: the real model.")
 @click.option("--layers", "layer_range", default=None, metavar="A:B", help="constrained mode: the layer range [A, B) (default all).")
 @click.option("--target-id", "target_ids", multiple=True, type=int, help="Report this token's logit (repeatable; default: the clean top 5).")
-@click.option("--generate", "n_generate", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--generate", "n_generate", type=click.IntRange(0), default=default_of(InterventionConfig, "n_generate"),
+              show_default=True,
               help="Also generate this many tokens greedily with the interventions held on (real model).")
-@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@model_options(dtypes=EXACT_DTYPES)
 @output_options
 def intervene(prompt, token_ids, transcoders, sets, scales, ablates, scale_errors, scale_tokens, mode, layer_range,
               target_ids, n_generate, model, device, dtype, seed, as_json, quiet):
@@ -259,15 +260,15 @@ def _hypotheses(graph, ablates, scales, steers, target, auto):
 @click.option("--ablate", "ablates", multiple=True, metavar="NODES", help="Hypothesis: ablating these nodes (F3.12@5,E2@4; + groups) moves the target.")
 @click.option("--scale", "scales", multiple=True, metavar="NODES=X", help="Hypothesis: scaling these nodes by X.")
 @click.option("--steer", "steers", multiple=True, metavar="NODES=V", help="Hypothesis: setting these features to activation V.")
-@click.option("--target", type=click.IntRange(0), default=0, show_default=True, help="Primary target: logit index (0 = top logit).")
-@click.option("--auto", type=click.IntRange(1), default=3, show_default=True,
+@click.option("--target", type=click.IntRange(0), default=default_of(ValidationConfig, "target"), show_default=True, help="Primary target: logit index (0 = top logit).")
+@click.option("--auto", type=click.IntRange(1), default=default_of(ValidationConfig, "auto"), show_default=True,
               help="Without hypotheses: ablate each of this many most influential features.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(MODES), help="Modes to measure in (default: all).")
 @click.option("--noise-floor", type=click.FloatRange(0), default=None, help="Effects below this count as none (default: ValidationConfig).")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Write validation.png beside the graph.")
 @click.option("--record/--no-record", default=True, show_default=True,
               help="Record the outcome in the graph files and card.md (causal claims).")
-@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@model_options(dtypes=EXACT_DTYPES)
 @output_options
 def validate(graph_path, transcoders, ablates, scales, steers, target, auto, modes, noise_floor, plot, record, model,
              device, dtype, seed, as_json, quiet):
@@ -310,11 +311,11 @@ def validate(graph_path, transcoders, ablates, scales, steers, target, auto, mod
 @click.command()
 @click.argument("graph_path", metavar="GRAPH", type=click.Path(exists=True, path_type=Path))
 @transcoder_option()
-@click.option("--n-samples", type=click.IntRange(1), default=64, show_default=True, help="Edges to re-check.")
+@click.option("--n-samples", type=click.IntRange(1), default=default_of(VerifyConfig, "n_samples"), show_default=True, help="Edges to re-check.")
 @click.option("--atol", type=click.FloatRange(0), default=None, help="Absolute tolerance (default by the graph's dtype).")
 @click.option("--rtol", type=click.FloatRange(0), default=None, help="Relative tolerance (default by the graph's dtype).")
 @click.option("--record/--no-record", default=True, show_default=True, help="Record the outcome in the graph files and card.md.")
-@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@model_options(dtypes=EXACT_DTYPES)
 @output_options
 def verify(graph_path, transcoders, n_samples, atol, rtol, record, model, device, dtype, seed, as_json, quiet):
     """Re-check a sample of GRAPH's edges on the real model: doubling a source under all-layer

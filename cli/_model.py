@@ -1,18 +1,24 @@
 """Commands around models and transcoder sets: ``fetch-model``, ``corpus``, ``train``, ``evaluate``.
-Option defaults come from TrainConfig (training) and evaluate_transcoders' signature (evaluation)."""
+Option defaults come from TrainConfig, CorpusConfig and EvalConfig (sparsetrace.config)."""
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 
 import click
 
+from sparsetrace.config import (
+    ACTIVATIONS,
+    EXACT_DTYPES,
+    MODEL_DTYPES,
+    SPLITS,
+    CorpusConfig,
+    EvalConfig,
+    TrainConfig,
+)
 from sparsetrace.errors import ConfigError
-from sparsetrace.tracer.evaluate import evaluate_transcoders
 from sparsetrace.transcoders.data import GENERAL_PACKAGES
-from sparsetrace.transcoders.train import MODEL_DTYPES, TrainConfig
 
 from ._common import (
     parse_layers,
@@ -27,11 +33,8 @@ from ._common import (
 )
 
 T = TrainConfig
-_EVAL = inspect.signature(evaluate_transcoders).parameters
-
-
-def _eval_default(name: str):
-    return _EVAL[name].default
+E = EvalConfig
+C = CorpusConfig
 
 
 @click.command("fetch-model")
@@ -62,20 +65,20 @@ def _open_corpus(path: Path):
 @click.command()
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Corpus folder (tokens.bin, docs.bin, manifest.json; reused when the recipe is unchanged).")
-@click.option("--debian/--no-debian", default=True, show_default=True,
+@click.option("--debian/--no-debian", default=default_of(C, "debian"), show_default=True,
               help="Debian packages: documentation and general-domain text (apt-get download; nothing is installed).")
 @click.option("--package", "packages", multiple=True, metavar="NAME",
               help="Only these Debian documentation packages (repeatable; general-domain ones by --general-package).")
-@click.option("--general/--no-general", default=True, show_default=True,
+@click.option("--general/--no-general", default=default_of(C, "general"), show_default=True,
               help="The general-domain Debian text packages: literature, quotations, a gazetteer, histories.")
 @click.option("--general-package", "general_packages", multiple=True, type=click.Choice(list(GENERAL_PACKAGES)),
               help="Only these general-domain packages (repeatable).")
-@click.option("--stdlib/--no-stdlib", default=True, show_default=True, help="The Python standard library's source.")
+@click.option("--stdlib/--no-stdlib", default=default_of(C, "stdlib"), show_default=True, help="The Python standard library's source.")
 @click.option("--text", "texts", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Your own .txt/.md/.jsonl file or folder (repeatable).")
 @click.option("--max-tokens-per-source", type=click.IntRange(1), default=None, help="Cap per source.")
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on the whole corpus.")
-@click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.01,
+@click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True), default=default_of(C, "heldout_fraction"),
               show_default=True, help="Share of documents held out for evaluation (1: all of them).")
 @click.option("--heldout-only", is_flag=True,
               help="An evaluation corpus: every document held out, from the --text files only (default: the "
@@ -125,7 +128,7 @@ def corpus(ctx, out_dir, debian, packages, general, general_packages, stdlib, te
               help="Transcoder set folder (config.json + layer_{i}.safetensors; checkpoints inside).")
 @click.option("--n-features", type=click.IntRange(1), default=default_of(T, "n_features"), show_default="expansion × d_model")
 @click.option("--expansion-factor", type=click.IntRange(1), default=default_of(T, "expansion_factor"), show_default=True)
-@click.option("--activation", type=click.Choice(["topk", "relu", "jumprelu"]), default=default_of(T, "activation"), show_default=True)
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default=default_of(T, "activation"), show_default=True)
 @click.option("--k", type=click.IntRange(1), default=default_of(T, "k"), show_default=True, help="TopK: active latents per token.")
 @click.option("--skip/--no-skip", default=default_of(T, "skip"), show_default=True, help="Train a linear skip W_skip.")
 @click.option("--n-tokens", type=click.IntRange(1), default=default_of(T, "n_tokens"), show_default=True)
@@ -149,7 +152,7 @@ def corpus(ctx, out_dir, debian, packages, general, general_packages, stdlib, te
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @click.option("--evaluate/--no-evaluate", "run_eval", default=True, show_default=True,
               help="Evaluate on held-out text afterwards and store the metrics in config.json.")
-@model_options(dtypes=("float32",), dtype_default="float32")
+@model_options(dtypes=("float32",))
 @output_options
 def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip, n_tokens, batch_tokens, lr, ctx_len,
           model_batch, model_dtype, matmul_dtype, warmup_steps, decay_fraction, auxk_coef, shuffle_buffer_tokens,
@@ -157,6 +160,7 @@ def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip
     """Train one transcoder per MLP layer of MODEL on a corpus (resumable)."""
     import torch
 
+    from sparsetrace.tracer.evaluate import evaluate_transcoders
     from sparsetrace.tracer.training import train_transcoders
 
     out = Output(as_json, quiet)
@@ -177,7 +181,7 @@ def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip
             "tokens": ts.config.training.get("tokens"), "seconds": round(time.perf_counter() - t0, 1)}
     if run_eval:
         out.say("evaluating on held-out text")
-        res = evaluate_transcoders(lm, ts, c, out_dir=out_dir, ctx_len=min(ctx_len, _eval_default("ctx_len")))
+        res = evaluate_transcoders(lm, ts, c, out_dir=out_dir, ctx_len=min(ctx_len, default_of(E, "ctx_len")))
         data["metrics"] = res.to_dict()
     out.result(data, lambda: _train_text(data))
 
@@ -203,20 +207,22 @@ def _metrics_text(m: dict) -> str:
 @transcoder_option(required=True)
 @click.option("--corpus", "corpus_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A corpus built by `sparsetrace corpus` (its held-out split is used).")
-@click.option("--n-sequences", type=click.IntRange(1), default=_eval_default("n_sequences"), show_default=True)
-@click.option("--ctx-len", type=click.IntRange(2), default=_eval_default("ctx_len"), show_default=True)
-@click.option("--batch", type=click.IntRange(1), default=_eval_default("batch"), show_default=True)
-@click.option("--split", type=click.Choice(["heldout", "train"]), default=_eval_default("split"), show_default=True)
-@click.option("--per-layer-ce/--no-per-layer-ce", default=_eval_default("per_layer_ce"), show_default=True,
+@click.option("--n-sequences", type=click.IntRange(1), default=default_of(E, "n_sequences"), show_default=True)
+@click.option("--ctx-len", type=click.IntRange(2), default=default_of(E, "ctx_len"), show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=default_of(E, "batch"), show_default=True)
+@click.option("--split", type=click.Choice(SPLITS), default=default_of(E, "split"), show_default=True)
+@click.option("--per-layer-ce/--no-per-layer-ce", default=default_of(E, "per_layer_ce"), show_default=True,
               help="Also splice one layer at a time (ΔCE, KL per layer; one forward per layer and batch).")
 @click.option("--write/--no-write", default=True, show_default=True,
               help="Store the metrics in the set's config.json and plot metrics.png beside it.")
-@model_options(dtypes=("float32", "float64"), dtype_default="float32")
+@model_options(dtypes=EXACT_DTYPES)
 @output_options
 def evaluate(transcoders, corpus_dir, n_sequences, ctx_len, batch, split, per_layer_ce, write, model, device, dtype,
              seed, as_json, quiet):
     """Measure a transcoder set: FVU, L0, dead fraction, per-layer ΔCE/KL and CE/KL with all MLPs replaced."""
     import torch
+
+    from sparsetrace.tracer.evaluate import evaluate_transcoders
 
     from ._common import resolve_transcoders
 

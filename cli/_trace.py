@@ -9,10 +9,8 @@ from pathlib import Path
 
 import click
 
+from sparsetrace.config import EXACT_DTYPES, LABEL_SOURCES, AttributionConfig, FigureConfig, LabelConfig, PruneConfig
 from sparsetrace.errors import ConfigError
-from sparsetrace.graphs.figure import FigureConfig
-from sparsetrace.graphs.prune import PruneConfig
-from sparsetrace.tracer.attribution import AttributionConfig
 
 from ._common import (
     shipped_set,
@@ -36,7 +34,6 @@ P = PruneConfig
 F = FigureConfig
 STATS_FOLDER = "feature_stats"
 """The statistics a transcoder set ships inside its own folder (used when --feature-stats is not given)."""
-LABEL_MODES = ("auto", "contexts", "lens")
 FRACTION = click.FloatRange(0, 1, min_open=True)
 
 
@@ -66,7 +63,8 @@ FRACTION = click.FloatRange(0, 1, min_open=True)
 @click.option("--feature-stats", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help=f"Feature statistics (`sparsetrace features stats`) for node labels (default: the transcoder set's "
               f"{STATS_FOLDER}/ folder when it has one).")
-@click.option("--labels", "label_mode", type=click.Choice(LABEL_MODES), default="auto", show_default=True,
+@click.option("--labels", "label_mode", type=click.Choice(LABEL_SOURCES), default=default_of(LabelConfig, "source"),
+              show_default=True,
               help="auto: from feature statistics when there are some, else the token lens; contexts: require "
               "statistics; lens: the token lens only.")
 @click.option("--picture/--no-picture", default=True, show_default=True,
@@ -76,7 +74,7 @@ FRACTION = click.FloatRange(0, 1, min_open=True)
 @click.option("--width", type=click.FloatRange(1, 20), default=default_of(F, "width"), show_default=True,
               help="Figure width in inches (7: a two-column page, 3.3: one column).")
 @click.option("--full", is_flag=True, help="Also draw every node of the pruned graph: graph.full.svg (needs graphviz).")
-@model_options(dtypes=("float32", "float64"), dtype_default=default_of(A, "dtype"))
+@model_options(dtypes=EXACT_DTYPES, dtype_default=default_of(A, "dtype"))
 @output_options
 def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_logits, desired_logit_prob, batch_size,
           max_feature_nodes, store_threshold, node_threshold, edge_threshold, feature_stats, label_mode, picture,

@@ -1,29 +1,49 @@
-"""Attribution graphs: layout, storage, influence and pruning, scores, export, rendering (torch-free)."""
+"""Attribution graphs: layout, storage, influence and pruning, scores, export, rendering (torch-free).
 
-from .graph import Adjacency as Adjacency
-from .graph import AttributionGraph as AttributionGraph
-from .graph import NodeKind as NodeKind
-from .graph import NodeLayout as NodeLayout
-from .prune import PruneConfig as PruneConfig
-from .prune import PruneResult as PruneResult
-from .prune import apply_prune as apply_prune
-from .prune import node_influence as node_influence
-from .prune import prune_graph as prune_graph
-from .scores import GraphScores as GraphScores
-from .scores import graph_scores as graph_scores
-from .scores import store_scores as store_scores
-from .supernodes import Supernode as Supernode
-from .supernodes import auto_supernodes as auto_supernodes
-from .supernodes import group_nodes as group_nodes
-from .export import from_networkx as from_networkx
-from .export import to_circuit_tracer_json as to_circuit_tracer_json
-from .export import to_networkx as to_networkx
-from .html import write_html as write_html
-from .figure import FigureConfig as FigureConfig
-from .figure import FigureGroup as FigureGroup
-from .figure import FigureSpec as FigureSpec
-from .figure import auto_spec as auto_spec
-from .figure import build_figure as build_figure
-from .figure import draw_figure as draw_figure
-from .figure import subgraph_scores as subgraph_scores
-from .card import build_card as build_card
+The names below are imported on first use (PEP 562), so that one submodule (or a config) does not
+pull in numba and every other submodule.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Adjacency": ".graph",
+    "AttributionGraph": ".graph",
+    "NodeKind": ".graph",
+    "NodeLayout": ".graph",
+    "PruneConfig": "sparsetrace.config",
+    "PruneResult": ".prune",
+    "apply_prune": ".prune",
+    "node_influence": ".prune",
+    "prune_graph": ".prune",
+    "GraphScores": ".scores",
+    "graph_scores": ".scores",
+    "store_scores": ".scores",
+    "Supernode": ".supernodes",
+    "auto_supernodes": ".supernodes",
+    "group_nodes": ".supernodes",
+    "from_networkx": ".export",
+    "to_circuit_tracer_json": ".export",
+    "to_networkx": ".export",
+    "write_html": ".html",
+    "FigureConfig": "sparsetrace.config",
+    "FigureGroup": ".figure",
+    "FigureSpec": ".figure",
+    "auto_spec": ".figure",
+    "build_figure": ".figure",
+    "draw_figure": ".figure",
+    "subgraph_scores": ".figure",
+    "build_card": ".card",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

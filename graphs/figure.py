@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from sparsetrace.config import FigureConfig, ImageConfig, _check_width
 from sparsetrace.errors import ConfigError
 
 from .graph import Adjacency, AttributionGraph, NodeKind, NodeLayout
@@ -74,41 +75,8 @@ _INFO_KEYS = ("graph", "scores", "drawn", "generated_by", "format")
 SPEC_FORMAT = "sparsetrace-figure-spec-1"
 
 
-@dataclass(frozen=True)
-class FigureConfig:
-    """How the automatic figure is chosen and drawn; the only place these defaults live."""
-
-    max_nodes: int = 25
-    """Node budget: drawn features, supernodes and error nodes (tokens and logits are extra)."""
-    max_edges: int = 40
-    """At most this many edges are drawn (each drawn node's strongest in- and out-edge first)."""
-    merge_cosine: float = 0.8
-    """Features at one position whose decoder rows have at least this cosine merge into a supernode."""
-    max_logits: int = 5
-    """At most this many logit nodes."""
-    logit_ratio: float = 0.1
-    """Logits with probability ≥ this × the top logit's are drawn."""
-    width: float = 7.0
-    """Figure width in inches (7: two-column page; 3.3: one column)."""
-    min_edge_share: float = 0.01
-    """Edges carrying less than this share of their target's input are never drawn."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_nodes", "max_edges", "max_logits"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"{name}={v!r}; allowed: an integer ≥ 1")
-        for name in ("merge_cosine", "logit_ratio", "min_edge_share"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-                raise ConfigError(f"{name}={v!r}; allowed: a number in [0, 1]")
-        _check_width(self.width, "width")
 
 
-def _check_width(v: Any, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= float(v) <= 20.0:
-        raise ConfigError(f"{name}={v!r}; allowed: a width in inches between 1 and 20 (7: two columns, 3.3: one)")
-    return float(v)
 
 
 # ---- the spec -------------------------------------------------------------------------------------
@@ -724,7 +692,7 @@ def subgraph_scores(graph: AttributionGraph, features: np.ndarray) -> GraphScore
     return pruned_graph_scores(graph, features | (lay.kind != NodeKind.FEATURE))
 
 
-def draw_figure(fig: Figure, paths: Sequence[str | os.PathLike], width: float | None = None, dpi: int = 200) -> list[Path]:
+def draw_figure(fig: Figure, paths: Sequence[str | os.PathLike], width: float | None = None, dpi: int = ImageConfig.dpi) -> list[Path]:
     """Draw ``fig`` to every path (PNG, SVG or PDF by suffix; graphs/_paper.py): ``width`` inches
     (default: the spec's, else 7)."""
     from ._paper import draw_figure as draw

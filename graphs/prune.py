@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsetrace.errors import ConfigError, GraphError
+from sparsetrace.config import PruneConfig, _check_fraction
+from sparsetrace.errors import GraphError
 
 from . import _kernels
 from .graph import Adjacency, AttributionGraph, NodeKind
@@ -45,24 +46,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    """Pruning thresholds; the only place their defaults live (DESIGN.md §5)."""
-
-    node_threshold: float = 0.8
-    """Cumulative share of feature/error influence the kept nodes must reach, in (0, 1]."""
-    edge_threshold: float = 0.98
-    """Cumulative share of edge score the kept edges must reach, in (0, 1]."""
-
-    def __post_init__(self) -> None:
-        for name in ("node_threshold", "edge_threshold"):
-            _check_fraction(name, getattr(self, name))
 
 
-def _check_fraction(name: str, value: object) -> None:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if not ok or not (0.0 < float(value) <= 1.0):
-        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
 
 
 @dataclass(frozen=True, eq=False)

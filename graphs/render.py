@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsetrace.config import ImageConfig
 from sparsetrace.errors import ConfigError, RenderError
 
 from .export import NodeInfo, node_table
@@ -243,7 +244,7 @@ def render(
     supernodes: Sequence[tuple[str, Sequence[int]]] = (),
     title: str | None = None,
     legend: bool = True,
-    dpi: int = 150,
+    dpi: int = ImageConfig.dpi,
 ) -> Path:
     """Draw ``graph`` (prune it first) to PNG, SVG or PDF, chosen by the suffix of ``path``; atomic.
 

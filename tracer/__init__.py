@@ -1,9 +1,29 @@
-"""Tracing: load a model, attribute a prompt into a graph, intervene, inspect features."""
+"""Tracing: load a model, attribute a prompt into a graph, intervene, inspect features.
 
-from .models import load_model as load_model
-from .attribution import AttributionConfig as AttributionConfig
-from .attribution import attribute as attribute
-from .interventions import intervene as intervene
-from .features import inspect_feature as inspect_feature
-from .training import train_transcoders as train_transcoders
-from .evaluate import evaluate_transcoders as evaluate_transcoders
+The names below are imported on first use (PEP 562): importing one torch-free submodule does not
+import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "load_model": ".models",
+    "AttributionConfig": "sparsetrace.config",
+    "attribute": ".attribution",
+    "intervene": ".interventions",
+    "inspect_feature": ".features",
+    "train_transcoders": ".training",
+    "evaluate_transcoders": ".evaluate",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsetrace.config import AttributionConfig
 from sparsetrace.errors import AttributionError, ConfigError
 from sparsetrace.graphs import Adjacency, AttributionGraph, NodeLayout
 from sparsetrace.graphs.graph import index_dtype
@@ -37,47 +38,6 @@ __all__ = ["AttributionConfig", "attribute", "AttributionStats"]
 Progress = Callable[[str, int, int], None]
 
 
-@dataclass(frozen=True)
-class AttributionConfig:
-    """Settings of one attribution; the only place their defaults live (the CLI reads them here)."""
-
-    max_n_logits: int = 10
-    """At most this many logit targets."""
-    desired_logit_prob: float = 0.95
-    """Take the smallest top-probability prefix of logits whose cumulative probability reaches this."""
-    batch_size: int | None = None
-    """Target rows per backward pass. None: 64 with a row budget (re-ranking every 4 batches, as
-    circuit-tracer's default), else 16384 / prompt length clipped to 64..256 (larger batches run the
-    matmuls faster; rows join a pass at their own layer, so they cost no extra work)."""
-    max_feature_nodes: int | None = None
-    """Row budget: compute rows for at most this many features, chosen by estimated influence on the
-    logits (re-ranked every 4 batches); unselected features are folded into the error node at their
-    (layer, position), so every row still sums exactly. None: all active features."""
-    dtype: str = "float32"
-    """float32 or float64 (the model and transcoders are cast for the run and cast back)."""
-    device: str | None = None
-    """cpu, cuda or cuda:N; None picks CUDA when available."""
-    store_threshold: float = 0.0
-    """Per row, drop edges with |w| ≤ store_threshold · max|row| into the row's remainder (0: exact)."""
-    backward: str = "linear"
-    """linear: the hand-written transposed frozen model (tracer/_linear.py); autograd: backward passes
-    through the HF model with hooks (the reference; same numbers, slower)."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size}; allowed: ≥ 1 or None")
-        if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
-            raise ConfigError(f"max_feature_nodes={self.max_feature_nodes}; allowed: ≥ 0 or None")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype={self.dtype!r}; allowed: float32, float64")
-        if not 0 <= self.store_threshold < 1:
-            raise ConfigError(f"store_threshold={self.store_threshold}; allowed: [0, 1)")
-        if not 0 < self.desired_logit_prob <= 1:
-            raise ConfigError(f"desired_logit_prob={self.desired_logit_prob}; allowed: (0, 1]")
-        if not 1 <= self.max_n_logits <= 1000:
-            raise ConfigError(f"max_n_logits={self.max_n_logits}; allowed: 1..1000")
-        if self.backward not in ("linear", "autograd"):
-            raise ConfigError(f"backward={self.backward!r}; allowed: linear, autograd")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from sparsetrace.transcoders.data import Corpus
 from sparsetrace.transcoders.io import atomic_write
 from sparsetrace.transcoders.metrics import FVUAccumulator, ce_recovered, cross_entropy, kl_divergence
 from sparsetrace.transcoders.model import TranscoderSet
-from sparsetrace.transcoders.train import TrainConfig
+from sparsetrace.config import EvalConfig, TrainConfig
 
 from .models import LoadedModel, collect_mlp_io, splice_mlps
 from .training import outlier_mask
@@ -80,11 +80,11 @@ def evaluate_transcoders(
     transcoders: TranscoderSet,
     corpus: Corpus,
     *,
-    n_sequences: int = 32,
-    ctx_len: int = 128,
-    batch: int = 8,
-    split: str = "heldout",
-    per_layer_ce: bool = True,
+    n_sequences: int = EvalConfig.n_sequences,
+    ctx_len: int = EvalConfig.ctx_len,
+    batch: int = EvalConfig.batch,
+    split: str = EvalConfig.split,
+    per_layer_ce: bool = EvalConfig.per_layer_ce,
     layers: list[int] | None = None,
     out_dir: str | os.PathLike | None = None,
     outlier_factor: float = TrainConfig.outlier_factor,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsetrace.config import FeatureStatsConfig, InspectConfig, LabelConfig
 from sparsetrace.errors import ConfigError, FormatError
 from sparsetrace.transcoders import TranscoderSet
 from sparsetrace._atomic import atomic_write
@@ -63,47 +64,6 @@ META_FILE = "feature_stats.json"
 STATS_FORMAT = "sparsetrace-feature-stats-1"
 
 
-@dataclass(frozen=True)
-class FeatureStatsConfig:
-    """How the statistics pass samples the corpus; the only place these defaults live."""
-
-    n_sequences: int = 256
-    """Sequences of the sample (the pass stops earlier when the corpus ends)."""
-    ctx_len: int = 64
-    """Tokens per sequence (BOS included when the model wants one)."""
-    batch: int = 8
-    """Sequences per model forward."""
-    top_k: int = 10
-    """Top-activating contexts kept per feature."""
-    n_bins: int = 24
-    """Histogram bins, log-spaced over [hist_min, hist_max] (values outside land in the end bins)."""
-    hist_min: float = 1e-3
-    hist_max: float = 1e3
-    layers: tuple[int, ...] | None = None
-    """Layers to collect; None = all (one forward serves them all)."""
-    save_every: int = 8
-    """Write the cache every this many batches (and at the end)."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_sequences", "batch", "top_k", "n_bins", "save_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)}; allowed: a positive integer")
-        if self.ctx_len < 2:
-            raise ConfigError(f"ctx_len={self.ctx_len}; allowed: ≥ 2")
-        if not 0 < self.hist_min < self.hist_max:
-            raise ConfigError(f"hist_min={self.hist_min}, hist_max={self.hist_max}; need 0 < hist_min < hist_max")
-        if self.layers is not None and (len(self.layers) == 0 or min(self.layers) < 0):
-            raise ConfigError(f"layers={self.layers}; allowed: non-negative layer ids, or None for all")
-
-    @property
-    def hist_edges(self) -> np.ndarray:
-        """float64 [n_bins + 1] bin edges."""
-        return np.logspace(np.log10(self.hist_min), np.log10(self.hist_max), self.n_bins + 1)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers) if self.layers is not None else None
-        return d
 
 
 # ---- the corpus sample ----------------------------------------------------------------------------
@@ -498,8 +458,8 @@ def inspect_feature(
     stats: FeatureStats | None = None,
     sample: TokenSample | None = None,
     *,
-    n_tokens: int = 10,
-    window: int = 8,
+    n_tokens: int = InspectConfig.n_tokens,
+    window: int = InspectConfig.window,
     labels: "FeatureLabels | None" = None,
 ) -> FeatureReport:
     """Inspect one feature (module docstring). Contexts need both ``stats`` and the ``sample`` they were
@@ -542,30 +502,6 @@ LABELS_FILE = "feature_labels.json.gz"
 LABELS_FORMAT = "sparsetrace-feature-labels-1"
 
 
-@dataclass(frozen=True)
-class LabelConfig:
-    """How labels are made and scored; the only place these defaults live."""
-
-    n_heldout: int = 128
-    """Held-out sequences the labels are scored on."""
-    max_words: int = 2
-    """At most this many words per label."""
-    word_ratio: float = 0.3
-    """A further word needs at least this share of the first word's activation weight."""
-    n_contexts: int = 3
-    """Context snippets kept per feature."""
-    window: int = 6
-    """Tokens shown left of the word in a snippet."""
-    batch: int = 8
-    """Sequences per forward in the held-out pass."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_heldout", "max_words", "n_contexts", "window", "batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("n_heldout", "window") else 1):
-                raise ConfigError(f"{name}={v!r}; allowed: an integer ≥ {0 if name in ('n_heldout', 'window') else 1}")
-        if not 0.0 <= self.word_ratio <= 1.0:
-            raise ConfigError(f"word_ratio={self.word_ratio!r}; allowed: a number in [0, 1]")
 
 
 @dataclass(frozen=True)

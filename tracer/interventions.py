@@ -45,6 +45,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from sparsetrace.config import MODES, InterventionConfig
 from sparsetrace.errors import ConfigError
 from sparsetrace.transcoders import TranscoderSet
 
@@ -64,7 +65,6 @@ __all__ = [
     "generate",
 ]
 
-MODES = ("constrained", "iterative", "unfrozen")
 OPS = ("set", "scale")
 TOKEN_LAYER = -1
 """``Intervention.layer`` of a token embedding (the graph's convention: tokens sit at layer −1)."""
@@ -494,7 +494,7 @@ def intervene(
     transcoders: TranscoderSet,
     interventions: Sequence[Intervention],
     *,
-    mode: str = "constrained",
+    mode: str = InterventionConfig.mode,
     layers: tuple[int, int] | range | None = None,
     target_tokens: Sequence[int] | None = None,
     features: Sequence[FeatureRef] = (),
@@ -517,7 +517,7 @@ def intervene_batch(
     transcoders: TranscoderSet,
     sets: Sequence[Sequence[Intervention]],
     *,
-    mode: str = "constrained",
+    mode: str = InterventionConfig.mode,
     layers: tuple[int, int] | range | None = None,
     target_tokens: Sequence[int] | None = None,
     features: Sequence[FeatureRef] = (),

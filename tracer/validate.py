@@ -44,11 +44,12 @@ import numpy as np
 import torch
 
 from sparsetrace._atomic import atomic_write
+from sparsetrace.config import RunConfig, ValidationConfig, VerifyConfig
 from sparsetrace.errors import ConfigError, FormatError, GraphError
 from sparsetrace.graphs import AttributionGraph, NodeKind
 from sparsetrace.transcoders import TranscoderSet
 
-from .interventions import MODES, FeatureRef, Intervention, intervene_batch
+from .interventions import FeatureRef, Intervention, intervene_batch
 from .models import LoadedModel
 from .replacement import ReplacementModel
 
@@ -109,33 +110,6 @@ class Hypothesis:
         return tuple(out)
 
 
-@dataclass(frozen=True)
-class ValidationConfig:
-    """Settings of :func:`validate`; the only place their defaults live."""
-
-    modes: tuple[str, ...] = MODES
-    """Modes to measure in (constrained is over all layers)."""
-    noise_floor: float = 0.05
-    """Effects below this (demeaned logit or pre-activation units) count as no effect."""
-    min_ratio: float = 0.5
-    """Supported needs measured/predicted ≥ this…"""
-    max_ratio: float = 2.0
-    """…and ≤ this."""
-    n_feature_targets: int = 10
-    """Per hypothesis, also report this many downstream feature nodes (largest |predicted total|)."""
-    batch_size: int = 16
-    """Hypotheses per forward."""
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.modes if m not in MODES]
-        if bad or not self.modes:
-            raise ConfigError(f"modes={self.modes!r}; allowed: a non-empty subset of {', '.join(MODES)}")
-        if not self.noise_floor >= 0:
-            raise ConfigError(f"noise_floor={self.noise_floor}; allowed: ≥ 0")
-        if not 0 < self.min_ratio <= 1 <= self.max_ratio:
-            raise ConfigError(f"min_ratio={self.min_ratio}, max_ratio={self.max_ratio}; allowed: 0 < min ≤ 1 ≤ max")
-        if self.n_feature_targets < 0 or self.batch_size < 1:
-            raise ConfigError(f"n_feature_targets={self.n_feature_targets} (≥ 0), batch_size={self.batch_size} (≥ 1)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -530,12 +504,12 @@ def verify_graph(
     graph: AttributionGraph,
     lm: LoadedModel,
     transcoders: TranscoderSet,
-    n_samples: int = 64,
-    seed: int = 0,
+    n_samples: int = VerifyConfig.n_samples,
+    seed: int = RunConfig.seed,
     *,
     atol: float | None = None,
     rtol: float | None = None,
-    batch_size: int = 16,
+    batch_size: int = VerifyConfig.batch_size,
 ) -> VerifyReport:
     """Re-check ``n_samples`` random stored edges on the real model: doubling source s under all-layer
     constrained patching (frozen patterns, denominators and MLP outputs) must move target t by A[t, s].

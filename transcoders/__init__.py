@@ -1,10 +1,30 @@
-"""Transcoders: per-layer sparse replacements of MLPs, their files, training and metrics."""
+"""Transcoders: per-layer sparse replacements of MLPs, their files, training and metrics.
 
-from .io import load_transcoders as load_transcoders
-from .io import save_transcoders as save_transcoders
-from .model import Transcoder as Transcoder
-from .model import TranscoderSet as TranscoderSet
-from .model import TranscoderSetConfig as TranscoderSetConfig
-from .train import TrainConfig as TrainConfig
-from .data import build_corpus as build_corpus
-from .data import open_corpus as open_corpus
+The names below are imported on first use (PEP 562), so that torch-free modules of the package
+(``data``) and ``sparsetrace --help`` do not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "load_transcoders": ".io",
+    "save_transcoders": ".io",
+    "Transcoder": ".model",
+    "TranscoderSet": ".model",
+    "TranscoderSetConfig": ".model",
+    "TrainConfig": "sparsetrace.config",
+    "build_corpus": ".data",
+    "open_corpus": ".data",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

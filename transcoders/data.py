@@ -31,10 +31,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from sparsetrace.config import CorpusConfig
 from sparsetrace.errors import ConfigError, FormatError
 
 from . import _textformats as tf
-from .io import atomic_write
+from sparsetrace._atomic import atomic_write
 
 __all__ = [
     "DEBIAN_PACKAGES",
@@ -363,8 +364,8 @@ def build_corpus(
     extra_paths: Iterable[str | os.PathLike] = (),
     max_tokens_per_source: int | None = None,
     max_tokens: int | None = None,
-    doc_chars: int = 16_000,
-    heldout_fraction: float = 0.01,
+    doc_chars: int = CorpusConfig.doc_chars,
+    heldout_fraction: float = CorpusConfig.heldout_fraction,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,

@@ -15,11 +15,11 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from sparsetrace.config import ACTIVATIONS
 from sparsetrace.errors import ConfigError
 
 __all__ = ["ACTIVATIONS", "Transcoder", "TranscoderSet", "TranscoderSetConfig"]
 
-ACTIVATIONS = ("relu", "jumprelu", "topk")
 
 
 class Transcoder(nn.Module):

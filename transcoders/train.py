@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -30,17 +30,16 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sparsetrace.config import TrainConfig
 from sparsetrace.errors import ConfigError, FormatError
 
 from .io import _write_json, atomic_write, read_safetensors
 from .kernels import dense_decode, low_matmul, sparse_decode, topk_encode, topk_encode_dense
-from .model import ACTIVATIONS, Transcoder
+from .model import Transcoder
 
 __all__ = ["TrainConfig", "Trainer", "StepStats", "ActivationSource", "fit", "FitResult", "CHECKPOINT_DIR"]
 
 CHECKPOINT_DIR = "checkpoint"
-MODEL_DTYPES = ("auto", "float32", "bfloat16")
-SKIP_INITS = ("zero", "lstsq")
 
 
 def fast_dtype(device: str | torch.device = "cpu") -> str:
@@ -58,156 +57,6 @@ def fast_dtype(device: str | torch.device = "cpu") -> str:
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train a transcoder set. Every field is a simple type so that each can be a CLI option."""
-
-    n_features: int | None = None
-    """Latents per layer; ``None`` → ``expansion_factor × d_model``."""
-    expansion_factor: int = 4
-    """Used when ``n_features`` is None (4–8× d_model is usual). 4× is the default because a shipped set
-    must stay ≤ 200 MB: 30 SmolLM2 layers × (2·2304·576 + 576²) fp16 weights = 179 MB."""
-    activation: str = "topk"
-    """``topk`` (Gao et al. 2024), ``relu`` (+ L1 penalty) or ``jumprelu`` (straight-through threshold)."""
-    k: int = 32
-    """Active latents per token for TopK."""
-    skip: bool = True
-    """Train a linear skip W_skip (skip transcoder, Paulo et al. 2025)."""
-    skip_init: str = "lstsq"
-    """``zero`` or ``lstsq`` (ridge least-squares fit of y on x̃ on the first buffer)."""
-    n_tokens: int = 10_000_000
-    """Training tokens (after dropping position 0 and outliers)."""
-    batch_tokens: int = 1024
-    """Tokens per optimiser step. 1024: at equal tokens it beat 4096 on held-out FVU in the recipe sweep
-    (docs/training.md, scripts/recipe_sweep.py)."""
-    lr: float | None = None
-    """Adam learning rate; ``None`` → 2e-4 / √(F / 2¹⁴) (Gao et al. 2024 scaling)."""
-    warmup_steps: int = 100
-    """Linear warm-up from 0."""
-    decay_fraction: float = 0.2
-    """Final fraction of the steps over which the learning rate decays linearly to 0."""
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    auxk_coef: float = 1 / 32
-    """Weight of the AuxK loss (Gao et al. 2024 §A.2)."""
-    k_aux: int | None = None
-    """Latents in the AuxK reconstruction; ``None`` → d_model // 2."""
-    dead_tokens: int = 1_000_000
-    """A latent that has not fired for this many tokens is dead (AuxK trains it)."""
-    l1_coef: float = 5e-3
-    """ReLU only: weight of Σ_f a_f·‖W_dec[f]‖ per token."""
-    l0_coef: float = 1e-3
-    """JumpReLU only: weight of the (straight-through) L0 per token."""
-    jumprelu_bandwidth: float = 1e-3
-    """JumpReLU: width ε of the rectangle kernel of the threshold's pseudo-gradient (Rajamanoharan et al. 2024)."""
-    jumprelu_init_threshold: float = 1e-3
-    normalize: bool = True
-    """Train on x̃ / RMS(x̃), y / RMS(y); folded back into the weights on save."""
-    shuffle_buffer_tokens: int = 65536
-    """Tokens per shuffle buffer (per layer); checkpoints are taken between buffers."""
-    outlier_factor: float = 10.0
-    """Drop tokens whose x̃ or y norm exceeds this multiple of the median (at any layer)."""
-    ctx_len: int = 256
-    """Tokens per sequence fed to the model (BOS included when the model wants one)."""
-    model_batch: int = 8
-    """Sequences per model forward."""
-    model_dtype: str = "auto"
-    """dtype of the model forward that reads the activations (``auto`` | ``float32`` | ``bfloat16``);
-    the transcoders always train in float32. ``bfloat16`` runs that forward ~1.75× faster on CPUs with
-    AVX512-BF16/AMX (and on GPUs), at bf16 rounding of x̃ and y (relative 2⁻⁸). ``auto``: bfloat16
-    where the hardware has it (:func:`fast_dtype`), else float32; runs record the resolved value."""
-    matmul_dtype: str = "auto"
-    """dtype of the trainer's two dense products (``auto`` | ``float32`` | ``bfloat16``): the encoder
-    product that selects the top-k latents (the selected values are recomputed in fp32) and the skip
-    path, forward and backward. Weights, gradients and Adam state stay float32."""
-    checkpoint_every_tokens: int = 100_000
-    """Checkpoint at the first buffer boundary after this many tokens since the last one; 0 = never."""
-    log_every_steps: int = 10
-    seed: int = 0
-    sparse_kernels: bool = True
-    """TopK only: sparse backward (kernels.py); False = the dense reference path."""
-    layers: tuple[int, ...] | None = None
-    """Layers to train; ``None`` → all."""
-    progress: bool = True
-    """Show a tqdm bar (rank 0)."""
-
-    def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
-        for name in ("model_dtype", "matmul_dtype"):
-            if getattr(self, name) not in MODEL_DTYPES:
-                raise ConfigError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(MODEL_DTYPES)}")
-        if self.skip_init not in SKIP_INITS:
-            raise ConfigError(f"skip_init={self.skip_init!r}; allowed: {', '.join(SKIP_INITS)}")
-        positive = ("expansion_factor", "k", "n_tokens", "batch_tokens", "dead_tokens", "shuffle_buffer_tokens",
-                    "ctx_len", "model_batch", "log_every_steps")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)}; allowed: a positive integer")
-        for name in ("n_features", "k_aux"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ConfigError(f"{name}={v}; allowed: a positive integer or None")
-        if self.n_features is not None and self.activation == "topk" and self.k > self.n_features:
-            raise ConfigError(f"k={self.k}; allowed: 1..n_features ({self.n_features})")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr={self.lr}; allowed: a positive float or None")
-        if not 0 <= self.decay_fraction <= 1:
-            raise ConfigError(f"decay_fraction={self.decay_fraction}; allowed: 0..1")
-        if self.warmup_steps < 0 or self.checkpoint_every_tokens < 0:
-            raise ConfigError("warmup_steps and checkpoint_every_tokens must be ≥ 0")
-        if self.shuffle_buffer_tokens < self.batch_tokens:
-            raise ConfigError(
-                f"shuffle_buffer_tokens={self.shuffle_buffer_tokens}; allowed: ≥ batch_tokens ({self.batch_tokens})"
-            )
-        if not self.outlier_factor > 1:
-            raise ConfigError(f"outlier_factor={self.outlier_factor}; allowed: > 1")
-        for name in ("auxk_coef", "l1_coef", "l0_coef", "jumprelu_bandwidth", "jumprelu_init_threshold"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)}; allowed: ≥ 0")
-        if self.layers is not None:
-            if len(self.layers) == 0 or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
-                raise ConfigError(f"layers={self.layers}; allowed: distinct non-negative layer ids, or None")
-
-    def resolved(self, device: str | torch.device = "cpu") -> "TrainConfig":
-        """This config with every ``auto`` dtype replaced by :func:`fast_dtype` of ``device``."""
-        auto = {n: fast_dtype(device) for n in ("model_dtype", "matmul_dtype") if getattr(self, n) == "auto"}
-        return replace(self, **auto) if auto else self
-
-    def features_for(self, d_model: int) -> int:
-        return self.n_features if self.n_features is not None else self.expansion_factor * d_model
-
-    def lr_for(self, n_features: int) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_features / 2**14)
-
-    @property
-    def total_steps(self) -> int:
-        return self.n_tokens // self.batch_tokens
-
-    def lr_scale(self, step: int) -> float:
-        """Multiplier of the learning rate at optimiser step ``step`` (0-based): warm-up, flat, linear decay."""
-        total = self.total_steps
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        decay_steps = int(total * self.decay_fraction)
-        decay = min(1.0, (total - step) / decay_steps) if decay_steps else 1.0
-        return warm * decay
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = list(self.layers) if self.layers is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown training config keys: {sorted(unknown)}; allowed: {sorted(known)}")
-        d = dict(d)
-        if d.get("layers") is not None:
-            d["layers"] = tuple(d["layers"])
-        return cls(**d)
 
 
 @dataclass(frozen=True)
