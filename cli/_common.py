@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from sparsetrace._atomic import atomic_write_text
-from sparsetrace.config import DTYPES, RunConfig
+from sparsetrace.config import DTYPES, STATS_FOLDER, RunConfig
 from sparsetrace.errors import ConfigError, SparsetraceError
 
 DEFAULT_SET_DIR = ("default", "smollm2-135m")
@@ -231,6 +231,23 @@ def shipped_set(model: str | None) -> Path:
             "(random:F:K runs the pipeline with untrained weights)"
         )
     return folder
+
+
+def set_folder(transcoders: str | None, model: str | None) -> Path | None:
+    """The folder of the transcoder set a command will use: the shipped one (no --transcoders, no
+    --model), the --transcoders folder, or None (random:F:K)."""
+    if transcoders is None:
+        return default_set_dir() if model is None else None
+    return None if transcoders.startswith("random:") else Path(transcoders)
+
+
+def shipped_stats(transcoders: str | None, model: str | None) -> Path | None:
+    """The feature statistics the set ships in its STATS_FOLDER, or None."""
+    from sparsetrace.tracer.features import META_FILE
+
+    folder = set_folder(transcoders, model)
+    cand = folder / STATS_FOLDER if folder is not None else None
+    return cand if cand is not None and (cand / META_FILE).is_file() else None
 
 
 def resolve_transcoders(spec: str | None, lm, model: str | None, seed: int) -> tuple[Any, dict[str, Any]]:

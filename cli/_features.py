@@ -21,6 +21,7 @@ from ._common import (
     output_options,
     resolve_transcoders,
     shipped_set,
+    shipped_stats,
     transcoder_option,
 )
 
@@ -135,6 +136,9 @@ def _report_text(r, color: bool) -> str:
         lines.append("top-activating contexts ([[max]], [active]):")
         for ctx in r.contexts:
             lines.append(f"  {ctx.activation:7.3f}  {_context_text(ctx, color)}")
+    elif r.label_contexts:
+        lines.append("contexts stored with the label (the statistics' corpus is not here; pass --corpus PATH for all):")
+        lines.extend(f"  {c}" for c in r.label_contexts)
     elif r.density is None:
         lines.append("(no corpus statistics: pass --stats DIR or --corpus PATH for contexts, density and histogram)")
     return "\n".join(lines)
@@ -177,6 +181,8 @@ def show(layer, feature, transcoders, stats_dir, corpus_path, n_sequences, ctx_l
     if feature >= ts.n_features:
         raise ConfigError(f"FEATURE={feature}; allowed: 0..{ts.n_features - 1} (the set has {ts.n_features} per layer)")
     st = sample = labels = None
+    if stats_dir is None and corpus_path is None:
+        stats_dir = shipped_stats(transcoders, model)  # the set's own feature_stats/, when it ships one
     if stats_dir is not None:
         st = load_feature_stats(stats_dir)
         labels = load_feature_labels(stats_dir)

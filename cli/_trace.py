@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from sparsetrace.config import EXACT_DTYPES, LABEL_SOURCES, AttributionConfig, FigureConfig, LabelConfig, PruneConfig
+from sparsetrace.config import EXACT_DTYPES, LABEL_SOURCES, STATS_FOLDER, AttributionConfig, FigureConfig, LabelConfig, PruneConfig
 from sparsetrace.errors import ConfigError
 
 from ._common import (
@@ -32,8 +32,6 @@ from ._common import (
 A = AttributionConfig
 P = PruneConfig
 F = FigureConfig
-STATS_FOLDER = "feature_stats"
-"""The statistics a transcoder set ships inside its own folder (used when --feature-stats is not given)."""
 FRACTION = click.FloatRange(0, 1, min_open=True)
 
 
@@ -147,22 +145,17 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
 
 def _stats_folder(given: Path | None, transcoders: str | None, model: str | None, mode: str) -> tuple[Path | None, bool]:
     """The feature statistics to label with, and whether they were picked up from the set's folder."""
-    from sparsetrace.tracer.features import META_FILE
-
-    from ._common import default_set_dir
+    from ._common import set_folder, shipped_stats
 
     if mode == "lens":
         return None, False
     if given is not None:
         return given, False
-    set_dir = None
-    if transcoders is None and model is None:
-        set_dir = default_set_dir()
-    elif transcoders is not None and not transcoders.startswith("random:"):
-        set_dir = Path(transcoders)
+    found = shipped_stats(transcoders, model)
+    if found is not None:
+        return found, True
+    set_dir = set_folder(transcoders, model)
     cand = set_dir / STATS_FOLDER if set_dir is not None else None
-    if cand is not None and (cand / META_FILE).is_file():
-        return cand, True
     if mode == "contexts":
         where = f" and {str(cand)!r} does not exist" if cand is not None else " (random transcoders ship none)"
         raise ConfigError(

@@ -17,7 +17,7 @@ import numpy as np
 from sparsetrace.errors import ConfigError
 
 __all__ = [
-    "ACTIVATIONS", "MODEL_DTYPES", "SKIP_INITS", "MODES", "DTYPES", "EXACT_DTYPES", "SPLITS", "LABEL_SOURCES", "FIGURE_LABELS",
+    "ACTIVATIONS", "MODEL_DTYPES", "SKIP_INITS", "MODES", "DTYPES", "EXACT_DTYPES", "SPLITS", "STATS_FOLDER", "LABEL_SOURCES", "FIGURE_LABELS",
     "AttributionConfig", "PruneConfig", "FigureConfig", "ImageConfig", "TrainConfig", "EvalConfig",
     "CorpusConfig", "FeatureStatsConfig", "LabelConfig", "InspectConfig", "ValidationConfig",
     "VerifyConfig", "InterventionConfig", "RunConfig",
@@ -37,6 +37,8 @@ EXACT_DTYPES = ("float32", "float64")
 """Compute dtypes of the exact paths (attribution, interventions, evaluation)."""
 SPLITS = ("heldout", "train")
 """The two splits of a built corpus."""
+STATS_FOLDER = "feature_stats"
+"""The folder inside a transcoder set where it ships its feature statistics and labels (used with no flag)."""
 LABEL_SOURCES = ("auto", "contexts", "lens")
 """Where ``trace`` takes feature labels from: auto (statistics when found, else the token lens), contexts
 (statistics required) or lens (the token lens only)."""

@@ -168,3 +168,12 @@ def test_trace_labels_from_statistics(env, tmp_path):
     assert r.exit_code == 0, r.output
     meta = AttributionGraph.load(tmp_path / "t2" / "graph.pruned.safetensors").metadata
     assert meta["feature_labels_source"] == "token lens (no feature statistics)"
+    # `features show` reads the set's own statistics with no flag; without their corpus (a shipped set
+    # on another machine) it shows the contexts stored with the label instead
+    (l, f), lab = next(iter(labels.labels.items()))
+    d = json.loads(run("features", "show", str(l), str(f), *common, "--json", "-q").stdout)
+    assert d["density"] is not None and d["contexts"] and d["label_contexts"] == list(lab.contexts)
+    corpus.rename(tmp_path / "moved")
+    r = run("features", "show", str(l), str(f), *common)
+    assert r.exit_code == 0, r.output
+    assert "contexts stored with the label" in r.output and lab.contexts[0] in r.output

@@ -182,13 +182,23 @@ def _empty(cfg: FeatureStatsConfig, layers: list[int], F: int) -> FeatureStats:
 
 
 _ARRAYS = ("fire_count", "act_sum", "act_max", "hist", "top_val", "top_seq", "top_pos", "top_tok")
+_STORED_INT32 = ("hist", "top_seq", "top_pos", "top_tok")
+"""Stored as int32 (half the file, so a set can ship its statistics); held as int64 in memory."""
+
+
+def _narrow(name: str, a: np.ndarray) -> np.ndarray:
+    if name not in _STORED_INT32:
+        return np.ascontiguousarray(a)
+    if a.size and (a.max() > np.iinfo(np.int32).max or a.min() < np.iinfo(np.int32).min):
+        raise FormatError(f"feature statistics: {name} exceeds int32; use a smaller sample")
+    return np.ascontiguousarray(a, dtype=np.int32)
 
 
 def _save(stats: FeatureStats, folder: Path) -> None:
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(getattr(stats, k)) for k in _ARRAYS}
+    arrays = {k: _narrow(k, getattr(stats, k)) for k in _ARRAYS}
     atomic_write(folder / STATS_FILE, lambda tmp: save_file(arrays, tmp))
     meta = {
         "format": STATS_FORMAT, "config": stats.config.to_dict(), "layers": stats.layers,
@@ -221,7 +231,7 @@ def load_feature_stats(folder: str | os.PathLike) -> FeatureStats:
         config=FeatureStatsConfig(**c), layers=list(meta["layers"]), n_tokens=int(meta["n_tokens"]),
         position=int(meta["position"]), identity=meta.get("identity", {}), sample=meta.get("sample", ""),
         sample_path=meta.get("sample_path", ""), sample_split=meta.get("sample_split", "train"),
-        **{k: arrays[k] for k in _ARRAYS},
+        **{k: arrays[k].astype(np.int64) if k in _STORED_INT32 else arrays[k] for k in _ARRAYS},
     )
 
 
@@ -356,6 +366,9 @@ class FeatureReport:
     contexts: list[FeatureContext] = field(default_factory=list)
     label_score: tuple[float | None, float | None] | None = None
     """(precision, recall) of the label on held-out text, when the statistics have labels."""
+    label_contexts: list[str] = field(default_factory=list)
+    """The label's stored snippets (``…capital of [France] is…``): what is left of the contexts where the
+    statistics' corpus is not on this machine (a shipped set)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -487,6 +500,7 @@ def inspect_feature(
     lab = labels.labels.get((layer, feature)) if labels is not None else None
     if lab is not None:
         extra["label_score"] = (lab.precision, lab.recall)
+        extra["label_contexts"] = list(lab.contexts)
     return FeatureReport(
         layer=layer, feature=feature, label=label[(layer, feature)],
         top_output_tokens=out_tokens, top_input_tokens=in_tokens, **extra,
