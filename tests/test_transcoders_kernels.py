@@ -115,3 +115,26 @@ def test_low_matmul_rounds_inputs_to_bfloat16_forward_and_backward():
     assert_close(gx.double(), torch.bmm(r(up), r(W)), rtol=2**-7, atol=1e-2)
     assert_close(gW.double(), torch.bmm(r(up).transpose(1, 2), r(x)), rtol=2**-7, atol=1e-2)
     assert torch.equal(low_matmul(x, W, torch.float32), torch.bmm(x, W.transpose(1, 2)))
+
+
+def test_masked_topk_equals_a_full_masked_topk():
+    """AuxK's selection reads only the marked columns; it must pick what a top-k over all F columns
+    with the unmarked ones at −inf picks (as sets per row, ties aside: continuous random values)."""
+    from sparsetrace.transcoders.kernels import _masked_topk
+
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(3, 50, 64, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 64, generator=g) < 0.25
+    mask[1] = False
+    mask[1, [3, 40]] = True  # fewer marked than k: padded with −inf
+    k = 7
+    vals, ids = _masked_topk(pre.clone(), mask, k)
+    ref_vals, ref_ids = pre.masked_fill(~mask.unsqueeze(1), float("-inf")).topk(k, dim=-1)
+    assert vals.shape == ids.shape == (3, 50, k)
+    assert torch.equal(vals.sort(-1).values, ref_vals.sort(-1).values)
+    finite = torch.isfinite(vals)
+    assert torch.equal(pre.gather(2, ids)[finite], vals[finite])  # each finite value is at its id
+    assert mask.gather(1, ids.reshape(3, -1)).view(3, 50, k)[finite].all()  # and that id is marked
+    for l in (0, 2):  # layers with ≥ k marked: the same ids
+        assert torch.equal(ids[l].sort(-1).values, ref_ids[l].sort(-1).values)
+    assert int(finite[1].sum(-1).max()) == 2

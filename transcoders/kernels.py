@@ -104,8 +104,7 @@ class _TopKEncode(torch.autograd.Function):
             vals = _exact_pre(x, W_enc, b_enc, idx)
         outs = [vals, idx]
         if aux_mask is not None:
-            masked = pre.masked_fill_(~aux_mask.unsqueeze(1), float("-inf"))  # in place: pre is no longer needed
-            a_vals, a_idx = masked.topk(k_aux, dim=-1, sorted=False)
+            a_vals, a_idx = _masked_topk(pre, aux_mask, k_aux)
             outs += [a_vals.to(x.dtype), a_idx]
             ctx.mark_non_differentiable(idx, a_idx)
         else:
@@ -141,6 +140,27 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             gb = gf.new_zeros(L * F).index_add_(0, flat.reshape(-1), gf.reshape(-1)).view(L, F)
         return gx, gW, gb, None, None, None, None
+
+
+def _masked_topk(pre: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top ``k`` of ``pre`` [L,N,F] among the latents ``mask`` [L,F] marks → (vals, ids) [L,N,k];
+    where a layer marks fewer than k, the rest are −inf (their ids are some marked or any latent).
+
+    Reads only the marked columns: AuxK's dead latents are few, and a top-k over all F masked to −inf
+    cost as much as the encoder product itself (0.25 vs 0.04 s at L=30, N=1024, F=2304, k=288, 3 % dead)."""
+    L, N, F = pre.shape
+    count = mask.sum(1)
+    D = max(int(count.max()), 1)
+    cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :D]  # marked first, ascending ids
+    sub = pre.gather(2, cols.unsqueeze(1).expand(L, N, D))
+    sub.masked_fill_((torch.arange(D, device=pre.device) >= count.unsqueeze(1)).unsqueeze(1), float("-inf"))
+    if D > k:
+        vals, j = sub.topk(k, dim=-1, sorted=False)
+    else:  # every marked latent is in; pad with −inf
+        j = torch.arange(D, device=pre.device).expand(L, N, D)
+        vals = torch.cat([sub, sub.new_full((L, N, k - D), float("-inf"))], dim=-1)
+        j = torch.cat([j, j.new_zeros(L, N, k - D)], dim=-1)
+    return vals, cols.gather(1, j.reshape(L, -1)).view(L, N, k)
 
 
 def _exact_pre(x: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
