@@ -1,4 +1,4 @@
-"""Run by tests/test_numba_cache.py in fresh processes: call every numba kernel of graphs/ and tracer/
+"""Run by tests/test_numba_cache.py in fresh processes: call every numba kernel of graphs/, tracer/ and transcoders/
 with small inputs, save the results and a report of what numba's cache did.
 
     python tests/_numba_probe.py OUT_DIR [--only NAME,…] [--dtypes float32,float64]
@@ -35,6 +35,7 @@ from numba.core import caching, config
 
 from sparsetrace import _numba
 from sparsetrace.graphs import _kernels as gk
+from sparsetrace.transcoders import _select as sel  # torch-free: the package imports its names lazily
 
 
 def _store_kernels():
@@ -53,7 +54,10 @@ st = _store_kernels()
 GRAPH_KERNELS = ("reverse_topological_order", "row_denominators", "influence_sweep", "edge_scores",
                  "prune_to_fixed_point", "induced_entries")
 STORE_KERNELS = ("_push_rows", "_cuts", "_kept_per_row", "_fill_slots", "_compact", "_place")
-KERNELS = {**{k: getattr(gk, k) for k in GRAPH_KERNELS}, **{k: getattr(st, k) for k in STORE_KERNELS}}
+SELECT_KERNELS = ("bucket_order",)
+KERNELS = {**{k: getattr(gk, k) for k in GRAPH_KERNELS}, **{k: getattr(st, k) for k in STORE_KERNELS},
+           **{k: getattr(sel, k) for k in SELECT_KERNELS}}
+MODULES = (gk, st, sel)
 
 
 def _graph(rng, n: int = 12):
@@ -147,11 +151,19 @@ def call_store_kernels(dtype, only, out: dict) -> None:
         out[f"place_{tag}"] = np.r_[cols, vals.astype(np.float64)]
 
 
+def call_select_kernels(only, out: dict) -> None:
+    """The trainer's kernel in transcoders/_select.py (its inputs have one dtype)."""
+    rng = np.random.default_rng(3)
+    if "bucket_order" in only:
+        out["bucket_order"], out["bucket_crow"] = sel.bucket_order(rng.integers(0, 7, size=50).astype(np.int64), 7)
+
+
 def call_all(dtypes, only) -> dict:
     out: dict = {}
     for dtype in dtypes:
         call_graph_kernels(dtype, only, out)
         call_store_kernels(dtype, only, out)
+    call_select_kernels(only, out)
     return out
 
 
@@ -203,10 +215,10 @@ def main() -> None:
     report = {"jit": jit, "folder": str(_numba.cache_folder()), "intervals": intervals, "kernels": {},
               "parallel_callees": {}}
     if jit:  # every kernel the two modules define, whether or not KERNELS lists it
-        report["discovered"] = sorted(name for module in (gk, st) for name, obj in vars(module).items()
+        report["discovered"] = sorted(name for module in MODULES for name, obj in vars(module).items()
                                       if isinstance(obj, _numba._KernelDispatcher))
     for name in report.get("discovered", KERNELS):
-        report["parallel_callees"][name] = _numba.parallel_callees(getattr(gk, name, None) or getattr(st, name))
+        report["parallel_callees"][name] = _numba.parallel_callees(KERNELS[name])
     for name, k in KERNELS.items():
         if jit and name in only:
             s = k.stats

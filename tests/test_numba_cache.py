@@ -122,7 +122,7 @@ def test_cold_compile_gives_the_plain_python_results_and_writes_the_cache(runs):
     report, results, stderr = runs["cold"]
     assert set(report["kernels"]) == {*PARALLEL, "_push_rows", "_compact", "_place", "reverse_topological_order",
                                       "row_denominators", "influence_sweep", "edge_scores", "prune_to_fixed_point",
-                                      "induced_entries"}
+                                      "induced_entries", "bucket_order"}
     _assert_same_results(results, runs["ref"])
     assert set(results) == set(runs["ref"])
     for name, k in report["kernels"].items():

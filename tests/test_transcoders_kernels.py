@@ -138,3 +138,15 @@ def test_masked_topk_equals_a_full_masked_topk():
     for l in (0, 2):  # layers with ≥ k marked: the same ids
         assert torch.equal(ids[l].sort(-1).values, ref_ids[l].sort(-1).values)
     assert int(finite[1].sum(-1).max()) == 2
+
+
+def test_bucket_order_is_a_stable_sort():
+    from sparsetrace.transcoders._select import bucket_order
+
+    keys = torch.randint(0, 50, (5000,), generator=torch.Generator().manual_seed(8))
+    keys[:7] = 49
+    order, crow = bucket_order(keys.numpy(), 60)
+    assert torch.equal(torch.from_numpy(order), torch.argsort(keys, stable=True))
+    ref = torch.zeros(61, dtype=torch.int64)
+    ref[1:] = torch.bincount(keys, minlength=60).cumsum(0)
+    assert torch.equal(torch.from_numpy(crow), ref)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
+from ._select import bucket_order
+
 __all__ = [
     "topk_encode",
     "topk_encode_dense",
@@ -62,10 +64,14 @@ def _scatter_rows(n_rows: int, rows: Tensor, coef: Tensor, vec: Tensor) -> Tenso
     """
     M, k = rows.shape
     fl = rows.reshape(-1)
-    order = torch.argsort(fl, stable=True)
+    if fl.device.type == "cpu":
+        order_np, crow_np = bucket_order(fl.numpy(), n_rows)  # the same stable order, a counting sort
+        order, crow = torch.from_numpy(order_np), torch.from_numpy(crow_np)
+    else:
+        order = torch.argsort(fl, stable=True)
+        crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+        crow[1:] = torch.bincount(fl, minlength=n_rows).cumsum(0)
     tok = torch.arange(M, device=rows.device).repeat_interleave(k)[order]
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.bincount(fl, minlength=n_rows).cumsum(0)
     S = _csr(crow, tok, coef.reshape(-1)[order], (n_rows, M))
     return S @ vec
 
