@@ -188,21 +188,6 @@ def test_resume_refuses_changed_config_and_fresh_run_refuses_existing_checkpoint
         train_transcoders(lm, corpus, changed, out, resume=True)
 
 
-def test_every_config_field_is_a_command_line_option_with_the_same_default():
-    import argparse
-    import dataclasses
-
-    from sparsetrace.tracer.training import _add_config_options
-
-    ap = argparse.ArgumentParser()
-    _add_config_options(ap)
-    a = ap.parse_args([])
-    assert TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)}) == TrainConfig()
-    a = ap.parse_args(["--k", "16", "--layers", "0,2", "--skip", "false", "--lr", "0.001"])
-    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
-    assert (cfg.k, cfg.layers, cfg.skip, cfg.lr) == (16, (0, 2), False, 0.001)
-
-
 def test_checkpoint_transcoders_for_a_run_in_progress(reference_run):
     from sparsetrace.tracer.training import checkpoint_transcoders
 

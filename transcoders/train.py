@@ -1,6 +1,6 @@
 """Training every layer's transcoder at once from streamed MLP activations (DESIGN.md §9).
 
-The model-free half of training: :class:`TrainConfig` (the only place training defaults live),
+The model-free half of training: :class:`TrainConfig` (its defaults live in ``sparsetrace.config``),
 :class:`Trainer` (the parameters of all trained layers stacked as ``[L, F, d]``, one optimiser step per
 batch ``(x [L,N,d], y [L,N,d])``) and :func:`fit`, the loop that reads shuffle buffers from an
 :class:`ActivationSource`, steps, logs and checkpoints. Running the model that produces the activations
