@@ -10,7 +10,7 @@ and every figure can be saved as its spec and redrawn.
 1. candidates are the nodes the pruning kept; the error nodes of one position form one candidate
    whose influence is the sum of theirs;
 2. candidates are taken in order of influence on the targets (``metadata["node_influence"]``, the
-   full graph's I of each kept node, DESIGN.md §5) and merged on the fly into supernodes when a feature
+   full graph's I of each kept node, docs/design.md §5) and merged on the fly into supernodes when a feature
    is related to one already taken: the same transcoder feature at another position, or a feature at
    the same position with the same label or a decoder cosine ≥ ``merge_cosine``;
 3. this stops before the first candidate that would make more than ``max_nodes`` drawn nodes, so the

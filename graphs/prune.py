@@ -1,4 +1,4 @@
-"""Influence on the logits and graph pruning (DESIGN.md §5), on the sparse CSR store.
+"""Influence on the logits and graph pruning (docs/design.md §5), on the sparse CSR store.
 
 Â is the row-normalised |A|: each target's incoming absolute weights, *plus* the row's stored
 ``remainder`` (mass that thresholded storage dropped), sum to 1, so storing a graph with a threshold
@@ -47,7 +47,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Pruning thresholds; the only place their defaults live (DESIGN.md §5)."""
+    """Pruning thresholds; the only place their defaults live (docs/design.md §5)."""
 
     node_threshold: float = 0.8
     """Cumulative share of feature/error influence the kept nodes must reach, in (0, 1]."""
