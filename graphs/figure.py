@@ -25,7 +25,7 @@ over the target's total absolute input (all its members' inputs plus their rows'
 part of the target's input it carries. The ``max_edges`` strongest by ``share × (I_target + w_target)``
 are drawn, after every drawn node's strongest out-edge and in-edge.
 
-**Scores of a figure** (:func:`subgraph_scores`, docs/design.md): the graph's replacement and
+**Scores of a figure** (:func:`subgraph_scores`, docs/design.md §12): the graph's replacement and
 completeness scores with every feature that is not drawn folded into the error node at its (layer,
 position), exactly as the pruned graph's scores fold pruned features (graphs/scores.py). With all
 features drawn they equal the full graph's scores; with the pruned node set, the pruned graph's.
