@@ -1,4 +1,4 @@
-"""Benchmark: numba one-sweep influence + pruning vs the dense power-series reference (DESIGN.md §5).
+"""Benchmark: numba one-sweep influence + pruning vs the dense power-series reference (docs/design.md §5).
 
 Builds random layered attribution graphs (16 layers × 16 positions, 10 logits, ~``--edges`` inputs per
 feature/logit row, every edge respecting layer < and position ≤), then times, each in its own subprocess so

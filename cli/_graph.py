@@ -287,7 +287,7 @@ def render(graph, out_path, max_nodes, width, label_mode, title, dpi, full, node
 def figure(graph, spec_path, out_paths, max_nodes, width, label_mode, title, dpi, as_json, quiet):
     """Draw exactly the nodes and groups a figure spec lists, with group-to-group edges the sum of the
     direct edges between their members, and report the subgraph's replacement and completeness scores
-    (features not drawn are folded into error nodes, as pruning's scores do; docs/design.md)."""
+    (features not drawn are folded into error nodes, as pruning's scores do; docs/design.md §12)."""
     from sparsetrace.graphs.figure import FigureSpec, auto_spec
 
     out = Output(as_json, quiet)

@@ -1,4 +1,4 @@
-"""The provenance card of an attribution graph (DESIGN.md §8), torch-free.
+"""The provenance card of an attribution graph (docs/design.md §8), torch-free.
 
 A card answers "what exactly produced this graph, how good were the parts, and which statements about
 it were tested causally?". It is built only from what was recorded — the graph's metadata (written by
@@ -167,7 +167,7 @@ def _labels_section(graph: AttributionGraph) -> dict[str, Any]:
 
 
 def _error_share(meta: Mapping[str, Any]) -> Any:
-    """Share of the logits' influence that ends at error nodes: 1 − replacement score (DESIGN.md §5)."""
+    """Share of the logits' influence that ends at error nodes: 1 − replacement score (docs/design.md §5)."""
     r = _get(meta, "scores", "full", "replacement")
     return NOT_RECORDED if r == NOT_RECORDED else 1.0 - float(r)
 
@@ -182,7 +182,8 @@ def _limitations(meta: Mapping[str, Any], transcoders: Mapping[str, Any]) -> lis
         "prompt, not for other prompts.",
         f"Error nodes (what the transcoders fail to reconstruct) carry {share_text} of the logits' influence "
         "(1 − replacement score); what flows through them is unexplained.",
-        "Position 0 is treated as a constant (attention sink): its features and errors are not nodes.",
+        "Position 0 is treated as a constant (attention sink): it has no feature nodes, its error nodes carry no "
+        "vector and no edges, and its MLP output is part of κ; its token node has edges as usual.",
     ]
     if transcoders.get("random"):
         out.insert(0, "RANDOM, UNTRAINED transcoders: features mean nothing; this graph only exercises the pipeline.")

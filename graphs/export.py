@@ -264,7 +264,7 @@ def read_graphml(path: str | os.PathLike) -> AttributionGraph:
     return from_networkx(G)
 
 
-# ---- circuit-tracer / Neuronpedia frontend JSON (DESIGN.md §8) ----------------------------------------
+# ---- circuit-tracer / Neuronpedia frontend JSON (docs/design.md §8) ----------------------------------------
 def _ct_ids(graph: AttributionGraph) -> tuple[list[str], list[str]]:
     """(node_id, jsNodeId) per node in the frontend's id scheme."""
     lay = graph.layout
@@ -314,7 +314,7 @@ def to_circuit_tracer_json(
     pinned_ids: Sequence[str] = (),
     supernodes: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> dict:
-    """The frontend's graph JSON: ``metadata``, ``qParams``, ``nodes``, ``links`` (DESIGN.md §8).
+    """The frontend's graph JSON: ``metadata``, ``qParams``, ``nodes``, ``links`` (docs/design.md §8).
 
     ``influence`` (default: ``metadata["node_influence"]``, else computed) is exported as each node's
     cumulative share; ``node_threshold`` defaults to the pruning threshold in ``metadata["pruning"]``;

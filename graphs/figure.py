@@ -10,7 +10,7 @@ and every figure can be saved as its spec and redrawn.
 1. candidates are the nodes the pruning kept; the error nodes of one position form one candidate
    whose influence is the sum of theirs;
 2. candidates are taken in order of influence on the targets (``metadata["node_influence"]``, the
-   full graph's I of each kept node, DESIGN.md §5) and merged on the fly into supernodes when a feature
+   full graph's I of each kept node, docs/design.md §5) and merged on the fly into supernodes when a feature
    is related to one already taken: the same transcoder feature at another position, or a feature at
    the same position with the same label or a decoder cosine ≥ ``merge_cosine``;
 3. this stops before the first candidate that would make more than ``max_nodes`` drawn nodes, so the
@@ -25,7 +25,7 @@ over the target's total absolute input (all its members' inputs plus their rows'
 part of the target's input it carries. The ``max_edges`` strongest by ``share × (I_target + w_target)``
 are drawn, after every drawn node's strongest out-edge and in-edge.
 
-**Scores of a figure** (:func:`subgraph_scores`, docs/design.md): the graph's replacement and
+**Scores of a figure** (:func:`subgraph_scores`, docs/design.md §12): the graph's replacement and
 completeness scores with every feature that is not drawn folded into the error node at its (layer,
 position), exactly as the pruned graph's scores fold pruned features (graphs/scores.py). With all
 features drawn they equal the full graph's scores; with the pruned node set, the pruned graph's.

@@ -1,4 +1,4 @@
-"""Influence on the logits and graph pruning (DESIGN.md §5), on the sparse CSR store.
+"""Influence on the logits and graph pruning (docs/design.md §5), on the sparse CSR store.
 
 Â is the row-normalised |A|: each target's incoming absolute weights, *plus* the row's stored
 ``remainder`` (mass that thresholded storage dropped), sum to 1, so storing a graph with a threshold
@@ -44,10 +44,6 @@ __all__ = [
     "apply_prune",
     "prune_graph",
 ]
-
-
-
-
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,4 @@
-"""Replacement and completeness scores of an attribution graph (DESIGN.md §5).
+"""Replacement and completeness scores of an attribution graph (docs/design.md §5).
 
     replacement  = I(tokens) / (I(tokens) + I(errors))
     completeness = Σ_i (1 − Σ_{j∈errors} Â[i, j])·(I_i + w_i) / Σ_i (I_i + w_i)
@@ -28,7 +28,7 @@ __all__ = ["GraphScores", "graph_scores", "fold_pruned", "pruned_graph_scores", 
 
 @dataclass(frozen=True)
 class GraphScores:
-    """The two scores of DESIGN.md §5, both in [0, 1]."""
+    """The two scores of docs/design.md §5, both in [0, 1]."""
 
     replacement: float
     """I(tokens) / (I(tokens) + I(errors)); 1 when no influence ends at an error node."""

@@ -96,7 +96,7 @@ class AttributionConfig:
 # ---- graphs ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PruneConfig:
-    """Pruning thresholds; the only place their defaults live (DESIGN.md §5)."""
+    """Pruning thresholds; the only place their defaults live (docs/design.md §5)."""
 
     node_threshold: float = 0.8
     """Cumulative share of feature/error influence the kept nodes must reach, in (0, 1]."""

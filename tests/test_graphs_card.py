@@ -1,4 +1,4 @@
-"""The provenance card (DESIGN.md §8): built from recorded metadata only; "not recorded" otherwise."""
+"""The provenance card (docs/design.md §8): built from recorded metadata only; "not recorded" otherwise."""
 
 from __future__ import annotations
 

@@ -241,7 +241,7 @@ def test_property_sweep_equals_power_series_and_inverse(dag):
 
 
 def test_graphs_package_never_imports_torch():
-    """DESIGN.md §1: a saved graph can be pruned, scored, exported and rendered without torch."""
+    """docs/design.md §1: a saved graph can be pruned, scored, exported and rendered without torch."""
     import subprocess
     import sys
 

@@ -1,4 +1,4 @@
-"""Exactness tests of the attribution engine (DESIGN.md §7, items 1–6) on every supported architecture.
+"""Exactness tests of the attribution engine (docs/design.md §7) on every supported architecture.
 
 Each test recomputes what it checks independently of the engine: the column test perturbs the frozen
 model by one more copy of a source (built from the clean run and the transcoder weights) and measures
@@ -18,7 +18,7 @@ from sparsetrace.tracer.replacement import ReplacementModel
 from conftest import ARCHS, random_transcoders, tiny_lm
 
 PROMPT = [3, 17, 5, 42, 8, 23, 11]
-TOL = {  # (features' pre-activations, demeaned logits); DESIGN.md / issue 2
+TOL = {  # (features' pre-activations, demeaned logits); docs/design.md §7 / issue 2
     "float64": (1e-9, 1e-9),
     "float32": (5e-4, 1e-5),
 }
@@ -75,7 +75,7 @@ def test_replacement_reproduces_logits(arch, dtype):
         real = lm.model(input_ids=torch.tensor([PROMPT])).logits[0]
     W_U = rm.unembedding()
     replaced = out.final[0] @ W_U.T
-    # fp64: ≤ 1e-10 relative; fp32: ≤ 1e-4 absolute (DESIGN.md §7, issue 2)
+    # fp64: ≤ 1e-10 relative; fp32: ≤ 1e-4 absolute (docs/design.md §7, issue 2)
     atol = 1e-10 * run.logits.abs().max().item() if dtype == "float64" else 1e-4
     assert run.logits.abs().max() > 1e-2
     torch.testing.assert_close(replaced, run.logits, atol=atol, rtol=0)

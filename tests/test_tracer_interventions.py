@@ -1,4 +1,4 @@
-"""Interventions (DESIGN.md §6) on tiny random models.
+"""Interventions (docs/design.md §6) on tiny random models.
 
 The bridge test doubles graph sources under all-layer constrained patching and checks that every target
 moves by exactly its adjacency column; the others check identities every mode must satisfy.

@@ -1,4 +1,4 @@
-"""Sparse TopK kernels == the dense reference path, values and gradients (DESIGN.md §7.8)."""
+"""Sparse TopK kernels == the dense reference path, values and gradients (docs/design.md §7, §9)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Hooks exist only inside a context manager that removes them in ``finally`` (STYLE.md §6)."""
+"""Hooks exist only inside a context manager that removes them in ``finally`` (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A hand-written backward through the frozen model (DESIGN.md §4, "a smarter engine").
+"""A hand-written backward through the frozen model (docs/design.md §4).
 
 With attention patterns and norm denominators frozen and the MLPs cut, the frozen model is linear and
 its transpose only involves: diagonal norm scales (LayerNorm: plus the centring projection), the value

@@ -1,11 +1,11 @@
-"""Evaluating a transcoder set on held-out text (DESIGN.md §8 provenance, §9 metrics).
+"""Evaluating a transcoder set on held-out text (docs/design.md §8 provenance, §9 metrics).
 
 Measured on held-out corpus sequences (definitions in :mod:`sparsetrace.transcoders.metrics`):
 per layer FVU, L0 and dead fraction; per layer the CE increase (ΔCE) and KL when only that layer's MLP
 is replaced by its transcoder; and CE / KL with ALL MLPs replaced, as % CE recovered against
 zero-ablating all MLPs.
 
-Position 0 is not modelled (the attention sink, DESIGN.md §3: its features are not graph nodes and the
+Position 0 is not modelled (the attention sink, docs/design.md §3: its features are not graph nodes and the
 transcoders are not trained on it), so every arm — replaced and zero-ablated — keeps the true MLP output
 there, and FVU/L0 skip it. FVU also skips the outlier tokens that training skips.
 """

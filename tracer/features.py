@@ -12,7 +12,7 @@ Statistics for ALL layers come from ONE streamed pass over a corpus sample (one 
 batch fills every layer's MLP input). The pass is resumable: its cache folder holds
 ``feature_stats.safetensors`` (arrays) and ``feature_stats.json`` (settings, identity of the model and
 transcoders, and the data position), the JSON written last so that a cache with a JSON is complete.
-Position 0 (the attention sink, DESIGN.md §3) is skipped, as in attribution and training.
+Position 0 (the attention sink, docs/design.md §3) is skipped, as in attribution and training.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Interventions on features, error nodes and token embeddings (DESIGN.md §6).
+"""Interventions on features, error nodes and token embeddings (docs/design.md §6).
 
 Setting feature (l, c, f) to v adds (v − a)·d_f to the MLP output at (l, c), where d_f is the
 feature's decoder row and a its activation. Error nodes (l, c) and token embeddings (c) are vectors:
@@ -13,7 +13,7 @@ Three modes run the intervened prompt:
     ``w_l + x̃ W_skipᵀ`` (replacement.py), plus the intervention's additions, so features there do not
     respond to upstream changes: only direct effects act. Layers outside [a, b) behave as in
     ``iterative``. Over all layers this is exactly the linear replacement model of the graph, so
-    scaling a source s by x moves every target t by (x − 1)·A[t, s] (the bridge of DESIGN.md §6).
+    scaling a source s by x moves every target t by (x − 1)·A[t, s] (the bridge of docs/design.md §6).
 ``iterative``
     Patterns and denominators frozen; every layer's features are re-encoded from the live MLP input,
     the intervened features clamped, and the MLP output is ŷ(re-encoded, clamped) + the clean error

@@ -1,4 +1,4 @@
-"""Loading causal LMs and the per-architecture adapters (DESIGN.md §2).
+"""Loading causal LMs and the per-architecture adapters (docs/design.md §2).
 
 An adapter says where a `transformers` model keeps its decoder layers, MLPs, Q/K projections, norms,
 embedding and unembedding. Adapters compose the HF model (hooks inside context managers); they never
@@ -126,7 +126,7 @@ def fetch_default_model(progress: Callable[[str], None] | None = None) -> Path:
 
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # save_pretrained refuses a GGUF-loaded model until its quantizer marks are cleared (DESIGN.md §10).
+        # save_pretrained refuses a GGUF-loaded model until its quantizer marks are cleared.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -317,7 +317,7 @@ class LoadedModel:
 
     @property
     def prepend_bos(self) -> bool:
-        """Prepend a BOS when the tokenizer has one that it does not add itself (DESIGN.md §3)."""
+        """Prepend a BOS when the tokenizer has one that it does not add itself (docs/design.md §3)."""
         tok = self.tokenizer
         if tok is None or getattr(tok, "bos_token_id", None) is None:
             return False

@@ -1,4 +1,4 @@
-"""The local replacement model of one prompt (DESIGN.md §3).
+"""The local replacement model of one prompt (docs/design.md §3).
 
 ``ReplacementModel.run(ids)`` runs the real model once and records, per layer l and position c: the MLP
 input x̃, output y, transcoder pre-activations and activations, the reconstruction ŷ and the error

@@ -1,4 +1,4 @@
-"""Logit targets of an attribution (DESIGN.md §4): the top logits, explicit tokens, or custom directions.
+"""Logit targets of an attribution (docs/design.md §4): the top logits, explicit tokens, or custom directions.
 
 A target is a direction in the final normed residual at the last position: for token k the demeaned
 unembedding u_k − mean_v u_v (its value is "logit k minus the mean logit", pre-softcap, no bias); a

@@ -1,7 +1,7 @@
-"""Training a transcoder set on a model: activation streaming and the driver (DESIGN.md §9).
+"""Training a transcoder set on a model: activation streaming and the driver (docs/design.md §9).
 
 :class:`ModelActivationSource` runs the model on corpus sequences and yields the MLP inputs/outputs of
-every trained layer, with position 0 (the attention sink, DESIGN.md §3) and outlier tokens (norm above
+every trained layer, with position 0 (the attention sink, docs/design.md §3) and outlier tokens (norm above
 ``outlier_factor`` × the median at any layer) removed. :func:`train_transcoders` wires model, corpus and
 :class:`~sparsetrace.transcoders.train.Trainer` together, writes the set in our format and can run
 layer-parallel over several processes (``torch.distributed``, gloo): every rank runs the same forwards
@@ -122,7 +122,7 @@ class ModelActivationSource:
 
     def _harvest(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One forward of ``ids [B, T]`` → staged ``x̃, y [L_all, B·T, d]`` (float32, layers ascending,
-        views of a reused buffer) and the flat rows to keep: position 0 (the attention sink, DESIGN.md §3) and outlier
+        views of a reused buffer) and the flat rows to keep: position 0 (the attention sink, docs/design.md §3) and outlier
         tokens left out, in sequence order."""
         B, T = ids.shape
         L, d = len(self.collect), self.lm.d_model
@@ -261,7 +261,7 @@ def _truncate_log(log_file: Path, latest: Path) -> None:
 
 
 def _save_layer(tc: Transcoder, path: Path) -> None:
-    """One layer file with the keys of our format (DESIGN.md §8)."""
+    """One layer file with the keys of our format (docs/design.md §8)."""
     t = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "W_dec": tc.W_dec, "b_dec": tc.b_dec}
     if tc.W_skip is not None:
         t["W_skip"] = tc.W_skip

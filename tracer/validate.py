@@ -1,4 +1,4 @@
-"""Validating circuit hypotheses and attribution graphs by intervention (DESIGN.md §6).
+"""Validating circuit hypotheses and attribution graphs by intervention (docs/design.md §6).
 
 A hypothesis is a set of graph nodes (feature, error or token node indices; supernodes as lists of
 indices) and an action: ``ablate`` (every member × 0), ``scale`` (× value) or ``steer`` (every member

@@ -1,4 +1,4 @@
-"""A tokenised training corpus built offline (DESIGN.md §9, §10).
+"""A tokenised training corpus built offline (docs/design.md §9).
 
 Sources: Debian documentation packages (English prose, reference text and code) and Debian packages of
 general-domain text (literature, a Bible, quotations, a gazetteer, nation histories, game narrative; issue 22),
@@ -64,7 +64,7 @@ DEBIAN_PACKAGES: dict[str, tuple[str, ...]] = {
     "rust-doc": ("/usr/share/doc/rust-doc/html/book/", "/usr/share/doc/rust-doc/html/reference/",
                  "/usr/share/doc/rust-doc/html/rust-by-example/"),
 }
-"""The Debian sources a default corpus draws from (DESIGN.md §10 measured ≈57M SmolLM2 tokens for a superset)."""
+"""The Debian sources a default corpus draws from (a built corpus's ``manifest.json`` records each one's token count)."""
 
 # Issue 22: researchers trace facts, names, stories and grammar, which documentation rarely has. Each was
 # judged on its text (natural English sentences, not word lists or tables); docs/training.md lists the

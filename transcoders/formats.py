@@ -1,4 +1,4 @@
-"""Importing and exporting transcoder sets in other projects' layouts (DESIGN.md §8).
+"""Importing and exporting transcoder sets in other projects' layouts (docs/design.md §8).
 
 circuit-tracer (safety-research/circuit-tracer, ``SingleLayerTranscoder.to_safetensors`` / ``load_transcoder``):
     a folder with ``config.yaml`` (``model_name``, ``model_kind: transcoder_set``, ``feature_input_hook``,

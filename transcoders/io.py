@@ -1,4 +1,4 @@
-"""Transcoder set files (DESIGN.md §8): a folder with ``config.json`` and ``layer_{i}.safetensors``.
+"""Transcoder set files (docs/design.md §8): a folder with ``config.json`` and ``layer_{i}.safetensors``.
 
 safetensors only, never pickle. Writes are atomic per file (temp file + rename) and the config is written
 last, so a folder with a config.json is complete.

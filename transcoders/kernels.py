@@ -1,4 +1,4 @@
-"""TopK transcoder kernels whose backward touches only the active latents (DESIGN.md §7.8, §9).
+"""TopK transcoder kernels whose backward touches only the active latents (docs/design.md §7, §9).
 
 A TopK transcoder over N tokens and F latents has k ≪ F active latents per token. The dense path
 (``pre → topk → scatter into [N, F] → a @ W_dec``) costs six N·F·d products per step: the encoder

@@ -1,4 +1,4 @@
-"""Reconstruction and faithfulness metrics of transcoders (DESIGN.md §9). Pure functions on tensors.
+"""Reconstruction and faithfulness metrics of transcoders (docs/design.md §9). Pure functions on tensors.
 
 Definitions (y: true MLP outputs, ŷ: transcoder reconstructions, over N tokens, d dims):
 

@@ -1,4 +1,4 @@
-"""Per-layer transcoders and the set of them (DESIGN.md §8, Dunefsky et al. 2024, Paulo et al. 2025).
+"""Per-layer transcoders and the set of them (docs/design.md §9, Dunefsky et al. 2024, Paulo et al. 2025).
 
 A transcoder maps an MLP's input x̃ [.., d_in] to an estimate of its output:
     pre = x̃ W_encᵀ + b_enc                       [.., F]

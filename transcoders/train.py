@@ -1,4 +1,4 @@
-"""Training every layer's transcoder at once from streamed MLP activations (DESIGN.md §9).
+"""Training every layer's transcoder at once from streamed MLP activations (docs/design.md §9).
 
 The model-free half of training: :class:`TrainConfig` (its defaults live in ``sparsetrace.config``),
 :class:`Trainer` (the parameters of all trained layers stacked as ``[L, F, d]``, one optimiser step per
@@ -111,7 +111,7 @@ class Trainer:
     """The stacked parameters of L transcoders and one Adam step per batch.
 
     Shapes: W_enc [L,F,d_in], b_enc [L,F], W_dec [L,F,d_out], b_dec [L,d_out], W_skip [L,d_out,d_in].
-    Parameters are created zero; :meth:`initialize` sets them from the first buffer (DESIGN.md §9).
+    Parameters are created zero; :meth:`initialize` sets them from the first buffer (docs/design.md §9).
     """
 
     PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "log_threshold")
@@ -152,7 +152,7 @@ class Trainer:
     # ---- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, x: Tensor, y: Tensor) -> None:
-        """Set scales and parameters from a sample ``x [L,M,d_in], y [L,M,d_out]`` (DESIGN.md §9).
+        """Set scales and parameters from a sample ``x [L,M,d_in], y [L,M,d_out]`` (docs/design.md §9).
 
         Each layer's random encoder comes from its own generator seeded by (seed, layer id), so a layer
         trains identically whichever other layers share the trainer (layer-parallel runs)."""

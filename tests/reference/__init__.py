@@ -1,1 +1,1 @@
-"""Naive reference implementations kept for parity tests (STYLE.md §7)."""
+"""Naive reference implementations kept for parity tests (docs/design.md §7)."""

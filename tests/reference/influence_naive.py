@@ -1,4 +1,4 @@
-"""Dense numpy references for influence, edge scores, pruning and graph scores (DESIGN.md §5).
+"""Dense numpy references for influence, edge scores, pruning and graph scores (docs/design.md §5).
 
 Deliberately plain: dense N×N matrices, no numba, written from the formulas. They also run on
 ``dtype=object`` arrays of ``fractions.Fraction`` for exact golden checks.
@@ -95,7 +95,7 @@ def prune_naive(a, remainder, w, kind, node_threshold, edge_threshold):
 
 
 def graph_scores(a, remainder, w, kind):
-    """(replacement, completeness) from the dense formulas of DESIGN.md §5."""
+    """(replacement, completeness) from the dense formulas of docs/design.md §5."""
     ahat = normalise(a, remainder)
     infl = influence_power_series(ahat, w)
     tok = infl[kind == 2].sum()
