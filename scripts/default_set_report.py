@@ -33,7 +33,7 @@ PROMPTS = [
 
 def affine_baseline(lm, corpus, n_train: int, n_heldout: int, ridge: float = 1e-3) -> list[float]:
     """Held-out FVU per layer of the least-squares affine map x̃ → y (ridge-regularised)."""
-    from sparsetrace.tracer.training import ModelActivationSource
+    from sparsetrace.transcoders.training import ModelActivationSource
     from sparsetrace.transcoders.metrics import fvu
 
     L = lm.n_layers
@@ -65,10 +65,10 @@ def main() -> None:
 
     from sparsetrace.graphs import NodeKind, node_influence
     from sparsetrace.tracer.attribution import AttributionConfig, attribute
-    from sparsetrace.tracer.evaluate import evaluate_transcoders, plot_metrics
+    from sparsetrace.transcoders.evaluate import evaluate_transcoders, plot_metrics
     from sparsetrace.tracer.features import FeatureStatsConfig, compute_feature_stats, inspect_feature, open_sample
-    from sparsetrace.tracer.models import load_model
-    from sparsetrace.tracer.training import checkpoint_transcoders
+    from sparsetrace.models.loading import load_model
+    from sparsetrace.transcoders.training import checkpoint_transcoders
     from sparsetrace.transcoders import load_transcoders, save_transcoders
     from sparsetrace.transcoders.data import open_corpus
 

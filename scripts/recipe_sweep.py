@@ -63,7 +63,7 @@ class MemorySource:
 
 
 def harvest(lm, corpus, layers: list[int], n_tokens: int, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from sparsetrace.tracer.training import ModelActivationSource
+    from sparsetrace.transcoders.training import ModelActivationSource
     from sparsetrace.transcoders.io import atomic_write
     from sparsetrace.transcoders.train import TrainConfig
 
@@ -90,7 +90,7 @@ def harvest(lm, corpus, layers: list[int], n_tokens: int, path: Path) -> tuple[t
 
 
 def run_one(name: str, over: dict, lm, corpus, X, Y, layers, args) -> dict:
-    from sparsetrace.tracer.evaluate import evaluate_transcoders
+    from sparsetrace.transcoders.evaluate import evaluate_transcoders
     from sparsetrace.transcoders.model import TranscoderSet, TranscoderSetConfig
     from sparsetrace.transcoders.train import TrainConfig, Trainer, fit
 
@@ -134,7 +134,7 @@ def main() -> None:
         sys.exit(f"--corpus {str(args.corpus)!r} is not a built corpus; build one with "
                  f"`sparsetrace corpus --out {args.corpus}`")
     from sparsetrace._memory import keep_freed_memory
-    from sparsetrace.tracer.models import load_model
+    from sparsetrace.models.loading import load_model
     from sparsetrace.transcoders.data import open_corpus
     from sparsetrace.transcoders.train import fast_dtype
 

@@ -74,9 +74,9 @@ def main() -> None:
                     "train_fvu_last": last["fvu"], "dead_fraction_last": last["dead_fraction"],
                     "checkpoint": latest}
     if args.evaluate and latest is not None:
-        from sparsetrace.tracer.evaluate import evaluate_transcoders
-        from sparsetrace.tracer.models import load_model
-        from sparsetrace.tracer.training import checkpoint_transcoders
+        from sparsetrace.transcoders.evaluate import evaluate_transcoders
+        from sparsetrace.models.loading import load_model
+        from sparsetrace.transcoders.training import checkpoint_transcoders
         from sparsetrace.transcoders.data import open_corpus
 
         lm = load_model(None, device="cpu")

@@ -26,7 +26,7 @@ class ByteTokenizer:
 def tiny_lm(n_layers: int = 2, d: int = 32, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparsetrace.tracer.models import LoadedModel
+    from sparsetrace.models.loading import LoadedModel
 
     cfg = LlamaConfig(
         vocab_size=257, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _transcoder_fixtures import tiny_lm  # noqa: E402
 
-from sparsetrace.tracer.training import train_transcoders  # noqa: E402
+from sparsetrace.transcoders.training import train_transcoders  # noqa: E402
 from sparsetrace.transcoders.data import open_corpus  # noqa: E402
 from sparsetrace.transcoders.train import TrainConfig  # noqa: E402
 
@@ -37,7 +37,7 @@ def main() -> None:
     if a.slow:
         import time
 
-        from sparsetrace.tracer import training
+        from sparsetrace.transcoders import training
 
         orig = training.ModelActivationSource.read
 

@@ -71,7 +71,7 @@ def tiny_hf_model(arch: str, seed: int = 0, n_layers: int = 3, d: int = 16):
 
 
 def tiny_lm(arch: str, seed: int = 0, n_layers: int = 3):
-    from sparsetrace.tracer.models import LoadedModel
+    from sparsetrace.models.loading import LoadedModel
 
     return LoadedModel.from_hf(tiny_hf_model(arch, seed, n_layers), None, f"tiny-{arch}")
 
@@ -89,6 +89,6 @@ def random_transcoders(lm, activation: str = "topk", n_features: int = 32, k: in
 @pytest.fixture(scope="session")
 def default_lm():
     """The embedded default model (SmolLM2-135M), fetched by the set-up into the cache."""
-    from sparsetrace.tracer.models import load_model
+    from sparsetrace.models.loading import load_model
 
     return load_model(None, device="cpu")

@@ -67,7 +67,7 @@ def test_bad_random_spec(tiny, tmp_path, spec):
 
 
 def test_truncated_transcoder_file(tiny, tmp_path):
-    from sparsetrace.tracer.models import load_model
+    from sparsetrace.models.loading import load_model
 
     folder = save_transcoders(random_transcoders(load_model(str(tiny), device="cpu")), tmp_path / "set")
     f = folder / "layer_1.safetensors"

@@ -136,7 +136,7 @@ def test_trace_labels_from_statistics(env, tmp_path):
     set's own feature_stats/ folder when none is given."""
     root, model, _, _ = env
     from sparsetrace.tracer.features import load_feature_labels
-    from sparsetrace.tracer.models import load_model
+    from sparsetrace.models.loading import load_model
     from sparsetrace.transcoders import save_transcoders
 
     from conftest import random_transcoders

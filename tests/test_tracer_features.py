@@ -16,7 +16,7 @@ from sparsetrace.tracer.features import (
     load_feature_stats,
     open_sample,
 )
-from sparsetrace.tracer.models import collect_mlp_io, load_model
+from sparsetrace.models.loading import collect_mlp_io, load_model
 
 from _cli_fixtures import save_tiny_model, write_text_corpus
 from conftest import random_transcoders

@@ -1,4 +1,4 @@
-"""Tracing: load a model, attribute a prompt into a graph, intervene, inspect features.
+"""Tracing: attribute a prompt into a graph, intervene, validate, inspect features.
 
 The names below are imported on first use (PEP 562): importing one torch-free submodule does not
 import torch.
@@ -10,13 +10,10 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "load_model": ".models",
     "AttributionConfig": "sparsetrace.config",
     "attribute": ".attribution",
     "intervene": ".interventions",
     "inspect_feature": ".features",
-    "train_transcoders": ".training",
-    "evaluate_transcoders": ".evaluate",
 }
 __all__ = list(_LAZY)
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .models import NormKind, norm_kind
+from ..models.loading import NormKind, norm_kind
 from .replacement import CleanRun, ReplacementModel
 
 __all__ = ["LinearBackward"]

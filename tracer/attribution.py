@@ -29,7 +29,7 @@ from sparsetrace.transcoders import TranscoderSet
 
 from ._linear import LinearBackward
 from ._store import RowStore
-from .models import LoadedModel, resolve_device, resolve_dtype
+from ..models.loading import LoadedModel, resolve_device, resolve_dtype
 from .replacement import CleanRun, ReplacementModel
 from .targets import LogitTarget, TargetSpec, select_targets
 

@@ -34,7 +34,7 @@ from sparsetrace.errors import ConfigError, FormatError
 from sparsetrace.transcoders import TranscoderSet
 from sparsetrace._atomic import atomic_write
 
-from .models import LoadedModel, collect_mlp_io
+from ..models.loading import LoadedModel, collect_mlp_io
 
 __all__ = [
     "FeatureStatsConfig",

@@ -49,8 +49,8 @@ from sparsetrace.config import MODES, InterventionConfig
 from sparsetrace.errors import ConfigError
 from sparsetrace.transcoders import TranscoderSet
 
-from ._hooks import hooks
-from .models import LoadedModel, norm_eps, norm_kind
+from ..models.hooks import hooks
+from ..models.loading import LoadedModel, norm_eps, norm_kind
 from .replacement import CleanRun, ReplacementModel, eager_attention, frozen_norm, norm_state
 
 __all__ = [

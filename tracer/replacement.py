@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from sparsetrace.errors import ConfigError
 from sparsetrace.transcoders import TranscoderSet
 
-from ._hooks import hooks
-from .models import LoadedModel, NormKind, norm_eps, norm_kind
+from ..models.hooks import hooks
+from ..models.loading import LoadedModel, NormKind, norm_eps, norm_kind
 
 __all__ = ["ReplacementModel", "CleanRun", "FrozenOutput", "check_compatible", "eager_attention", "frozen_norm", "norm_state"]
 

@@ -50,7 +50,7 @@ from sparsetrace.graphs import AttributionGraph, NodeKind
 from sparsetrace.transcoders import TranscoderSet
 
 from .interventions import FeatureRef, Intervention, intervene_batch
-from .models import LoadedModel
+from ..models.loading import LoadedModel
 from .replacement import ReplacementModel
 
 __all__ = [

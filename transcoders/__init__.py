@@ -1,4 +1,5 @@
-"""Transcoders: per-layer sparse replacements of MLPs, their files, training and metrics.
+"""Transcoders: per-layer sparse replacements of MLPs, their files, harvesting activations from a
+model, training, evaluation and metrics.
 
 The names below are imported on first use (PEP 562), so that torch-free modules of the package
 (``data``) and ``sparsetrace --help`` do not pay for torch.
@@ -18,6 +19,8 @@ _LAZY = {
     "TrainConfig": "sparsetrace.config",
     "build_corpus": ".data",
     "open_corpus": ".data",
+    "train_transcoders": ".training",
+    "evaluate_transcoders": ".evaluate",
 }
 __all__ = list(_LAZY)
 

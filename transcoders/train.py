@@ -4,7 +4,7 @@ The model-free half of training: :class:`TrainConfig` (its defaults live in ``sp
 :class:`Trainer` (the parameters of all trained layers stacked as ``[L, F, d]``, one optimiser step per
 batch ``(x [L,N,d], y [L,N,d])``) and :func:`fit`, the loop that reads shuffle buffers from an
 :class:`ActivationSource`, steps, logs and checkpoints. Running the model that produces the activations
-lives in ``sparsetrace.tracer.training``.
+lives in ``sparsetrace.transcoders.training``.
 
 Training happens in normalised units: x̃ and y are divided by their RMS per layer (measured on the first
 buffer) so that one learning rate fits every layer; :meth:`Trainer.to_transcoders` folds the scales back

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from sparsetrace.errors import ConfigError, ModelError
 
-from ._hooks import hooks
+from .hooks import hooks
 
 __all__ = [
     "ArchitectureAdapter",

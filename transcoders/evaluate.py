@@ -28,7 +28,7 @@ from sparsetrace.transcoders.metrics import FVUAccumulator, ce_recovered, cross_
 from sparsetrace.transcoders.model import TranscoderSet
 from sparsetrace.config import EvalConfig, TrainConfig
 
-from .models import LoadedModel, collect_mlp_io, splice_mlps
+from ..models.loading import LoadedModel, collect_mlp_io, splice_mlps
 from .training import outlier_mask
 
 __all__ = ["EvalResult", "evaluate_transcoders", "plot_metrics", "write_metrics"]

@@ -27,7 +27,7 @@ from sparsetrace.transcoders.io import atomic_write, load_transcoders
 from sparsetrace.transcoders.model import Transcoder, TranscoderSet, TranscoderSetConfig
 from sparsetrace.transcoders.train import FitResult, TrainConfig, Trainer, fit
 
-from .models import LoadedModel, collect_mlp_io
+from ..models.loading import LoadedModel, collect_mlp_io
 
 __all__ = ["ModelActivationSource", "train_transcoders", "checkpoint_transcoders", "outlier_mask", "LOG_FILE"]
 

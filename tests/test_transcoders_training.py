@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from sparsetrace.tracer.evaluate import evaluate_transcoders
-from sparsetrace.tracer.models import splice_mlps
-from sparsetrace.tracer.training import ModelActivationSource, outlier_mask, train_transcoders
+from sparsetrace.transcoders.evaluate import evaluate_transcoders
+from sparsetrace.models.loading import splice_mlps
+from sparsetrace.transcoders.training import ModelActivationSource, outlier_mask, train_transcoders
 from sparsetrace.transcoders.io import load_transcoders
 from sparsetrace.transcoders.metrics import ce_recovered, cross_entropy
 from sparsetrace.transcoders.train import TrainConfig
@@ -120,7 +120,7 @@ def test_bfloat16_model_forward_trains_as_well_and_hands_the_model_back_in_float
     bf16 rounding), the transcoders train in fp32 to the same held-out FVU, and the model comes back fp32."""
     lm = tiny_lm()
     ids = torch.from_numpy(corpus.sequences("train", 0, 2, 16))
-    from sparsetrace.tracer.models import collect_mlp_io
+    from sparsetrace.models.loading import collect_mlp_io
 
     x32, y32 = collect_mlp_io(lm, ids, [0, 1])
     lm.to(dtype=torch.bfloat16)
@@ -161,7 +161,7 @@ def test_activation_source_drops_position_zero_and_outliers(corpus):
     src = ModelActivationSource(lm, corpus, [0, 1], [1], ctx_len=16, model_batch=2, outlier_factor=10.0)
     x, y = src.read(40)
     assert x.shape == (1, 40, 32) and src.position == 4  # 2 batches of 2 × 15 tokens, cut to 40
-    from sparsetrace.tracer.models import collect_mlp_io
+    from sparsetrace.models.loading import collect_mlp_io
 
     xa, ya = collect_mlp_io(lm, torch.from_numpy(corpus.sequences("train", 0, 2, 16)), [0, 1])
     assert torch.equal(x[0, :15], xa[1, 0, 1:])  # position 0 skipped
@@ -189,7 +189,7 @@ def test_resume_refuses_changed_config_and_fresh_run_refuses_existing_checkpoint
 
 
 def test_checkpoint_transcoders_for_a_run_in_progress(reference_run):
-    from sparsetrace.tracer.training import checkpoint_transcoders
+    from sparsetrace.transcoders.training import checkpoint_transcoders
 
     ts = checkpoint_transcoders(reference_run, model_id="tiny-llama")
     latest = json.loads((reference_run / "checkpoint" / "latest.json").read_text())
