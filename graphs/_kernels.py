@@ -1,9 +1,10 @@
 """Private numba kernels on the CSR edge store (rows = targets, ``indices`` = sources).
 
 Array-only: every function takes and returns plain numpy arrays; validation and wrapping live in
-``prune.py``. The row store of the attribution engine (tracer/_store.py) ranks features with the same
-:func:`row_denominators` and :func:`influence_sweep`. Each kernel has a parity test against the dense numpy reference in
-``tests/reference/influence_naive.py`` (STYLE.md §7, §8); tests/test_numba_cache.py runs those parity
+``prune.py``. The attribution engine's row store (tracer/_store.py) ranks features with the same
+:func:`row_denominators` and :func:`influence_sweep`. Each kernel has a parity test against the dense
+numpy reference in ``tests/reference/influence_naive.py`` (docs/design.md §7);
+tests/test_numba_cache.py runs those parity
 tests again with ``NUMBA_DISABLE_JIT=1`` (these lines as plain Python) and with ``NUMBA_BOUNDSCHECK=1``.
 
 Kernels are ``sparsetrace._numba.kernel`` functions: cached per CPU and thread count, compiled under a

@@ -1,4 +1,4 @@
-"""The attribution graph and the one object that owns node ordering (DESIGN.md §4).
+"""The attribution graph and the one object that owns node ordering (docs/design.md §4).
 
 torch-free: a saved graph can be pruned, scored, exported and rendered with numpy alone.
 
@@ -407,7 +407,7 @@ _atomic_write = atomic_write  # the shared helper, under the name graphs' module
 
 @dataclass(eq=False)
 class AttributionGraph:
-    """An attribution graph (DESIGN.md §4).
+    """An attribution graph (docs/design.md §4).
 
     Per-node arrays have length ``layout.n_nodes``:
       ``activation``: feature activation a; error nodes: ‖ε‖; tokens: 0; logits: the demeaned logit.

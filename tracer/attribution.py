@@ -116,20 +116,20 @@ def _prompt_ids(prompt, model: LoadedModel) -> Tensor:
     return ids
 
 
-
 @torch.no_grad()
 def _attribute(
     ids: Tensor, lm: LoadedModel, ts: TranscoderSet, spec: TargetSpec, cfg: AttributionConfig, progress: Progress | None
 ) -> AttributionGraph:
+    """The five phases (module docstring), then the graph over the kept nodes."""
     t0 = time.perf_counter()
     rm = ReplacementModel(lm, ts)
     run = rm.run(ids)
-    tgts = _targets(rm, run, lm, spec, cfg)
-    cand = candidates(run, ts, len(tgts))
-    rows = _RowPass(rm, run, cand, tgts, cfg)
+    tgts = _targets(rm, run, lm, spec, cfg)  # 1. targets
+    cand = candidates(run, ts, len(tgts))  # 2. candidates (tracer/_contraction.py)
+    rows = _RowPass(rm, run, cand, tgts, cfg)  # 3. rows
     selected = rows.compute(progress or (lambda stage, done, total: None))
-    keep, adj = _fold(rows.store, cand.layout, selected)
-    activation, bias, value = _node_values(rm, run, cand, tgts, selected)
+    keep, adj = _fold(rows.store, cand.layout, selected)  # 4. fold
+    activation, bias, value = _node_values(rm, run, cand, tgts, selected)  # 5. node values and κ
     stats = AttributionStats(
         n_pos=run.n_pos,
         active_features=cand.layout.n_features,
@@ -221,7 +221,7 @@ class _RowPass:
         infl = self.store.influence(w)[lay.features]
         infl[self.selected] = -np.inf
         left = self.budget - int(self.selected.sum())
-        return lay.features.start + np.argsort(-infl, kind="stable")[: min(4 * self.B, left)]
+        return np.arange(lay.n_nodes)[lay.features][np.argsort(-infl, kind="stable")[: min(4 * self.B, left)]]
 
     def _read(self, i: int) -> tuple[int, int, Tensor]:
         """Feature node ``i``'s read: its encoder row at its (layer, position)."""
@@ -305,7 +305,7 @@ def _node_values(rm: ReplacementModel, run: CleanRun, cand: Candidates, tgts: li
     ix = [torch.as_tensor(a, device=run.act.device) for a in (cand.layer, cand.pos, cand.feat)]
     activation[lay.features] = run.act[ix[0], ix[1], ix[2]].double().cpu().numpy()
     err_vec = run.error.clone()
-    unsel = lay.features.start + np.flatnonzero(~selected)
+    unsel = np.arange(lay.n_nodes)[lay.features][~selected]
     for l in range(rm.n_layers) if len(unsel) else ():  # an unselected feature's write joins its error node
         m = unsel[cand.layer[unsel] == l]
         if len(m):
