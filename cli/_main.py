@@ -24,6 +24,7 @@ COMMANDS = {
     "corpus": "sparsetrace.cli._model:corpus",
     "features": "sparsetrace.cli._features:features",
     "prompts": "sparsetrace.cli._sets:prompts",
+    "trace-many": "sparsetrace.cli._sets:trace_many",
 }
 
 

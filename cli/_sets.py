@@ -4,15 +4,37 @@ set on local workers or a Dask cluster), ``recur`` (what recurs across a traced 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
 
-from sparsetrace.config import PromptSetConfig
+from sparsetrace.config import (
+    EXACT_DTYPES,
+    LABEL_SOURCES,
+    AttributionConfig,
+    FigureConfig,
+    LabelConfig,
+    PromptSetConfig,
+    PruneConfig,
+    TraceManyConfig,
+)
+from sparsetrace.errors import ConfigError
 
-from ._common import Output, check_writable_parent, default_of, output_options
+from ._common import (
+    Output,
+    check_writable_parent,
+    default_of,
+    model_options,
+    output_options,
+    shipped_set,
+    transcoder_option,
+)
 
 PS = PromptSetConfig
+TM = TraceManyConfig
+A = AttributionConfig
+FRACTION = click.FloatRange(0, 1, min_open=True)
 
 
 @click.command()
@@ -48,3 +70,109 @@ def prompts(template, out_path, limit, seed, as_json, quiet):
     data = {"out": str(out_path), "prompts": len(items), "fields": list(fields), "first": items[0].to_dict()}
     out.result(data, lambda: f"wrote {len(items)} prompts to {out_path} (first: {items[0].prompt!r} → "
                f"{', '.join(repr(t) for t in items[0].targets) or 'top logits'})")
+
+
+# ---- trace-many ------------------------------------------------------------------------------------
+def open_session(model: str | None, transcoders: str | None, device: str | None, seed: int,
+                 feature_stats: str | None, label_mode: str):
+    """A worker's TraceSession: what ``sparsetrace trace`` loads, loaded once (module level, so that
+    worker processes and Dask can import it)."""
+    import torch
+
+    from sparsetrace.tracer.features import load_feature_labels, load_feature_stats
+    from sparsetrace.tracer.pipeline import TraceSession
+
+    from ._common import load_lm, model_revision, resolve_transcoders
+    from ._trace import _stats_folder
+
+    torch.manual_seed(seed)
+    quiet = Output(False, True)
+    stats_dir, auto = _stats_folder(Path(feature_stats) if feature_stats else None, transcoders, model, label_mode)
+    lm = load_lm(model, device, "float32", quiet)
+    ts, source = resolve_transcoders(transcoders, lm, model, seed)
+    stats = labels = None
+    if stats_dir is not None:
+        stats, labels = load_feature_stats(stats_dir), load_feature_labels(stats_dir)
+        if label_mode == "contexts" and labels is None:
+            raise ConfigError(f"--labels contexts: the feature statistics in {str(stats_dir)!r} have no labels "
+                              "(feature_labels.json.gz); rerun `sparsetrace features stats` on them, or use --labels auto")
+    record = {**source, "spec": transcoders, "seed": seed, "model_arg": model}
+    return TraceSession(lm, ts, record, model_revision(lm, model), stats, labels, stats_dir, auto)
+
+
+@click.command("trace-many")
+@click.argument("prompts_file", metavar="PROMPTS", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: one trace folder per prompt (named by its id) and manifest.json.")
+@click.option("--workers", type=click.IntRange(1), default=default_of(TM, "workers"), show_default=True,
+              help="Local worker processes, each loading the model once (1: in this process).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="A Dask scheduler (tcp://host:8786): run on its workers instead of local processes.")
+@transcoder_option()
+@click.option("--max-n-logits", type=click.IntRange(1, 1000), default=default_of(A, "max_n_logits"), show_default=True,
+              help="At most this many logit targets (prompts without targets).")
+@click.option("--desired-logit-prob", type=FRACTION, default=default_of(A, "desired_logit_prob"), show_default=True,
+              help="Smallest top-probability prefix of logits reaching this cumulative probability.")
+@click.option("--batch-size", type=click.IntRange(1), default=default_of(A, "batch_size"), show_default="auto",
+              help="Target rows per backward pass.")
+@click.option("--max-feature-nodes", type=click.IntRange(0), default=default_of(A, "max_feature_nodes"),
+              show_default="all", help="Row budget: compute rows for at most this many features (by influence).")
+@click.option("--node-threshold", type=FRACTION, default=default_of(PruneConfig, "node_threshold"), show_default=True,
+              help="Pruning: cumulative influence share of kept nodes.")
+@click.option("--edge-threshold", type=FRACTION, default=default_of(PruneConfig, "edge_threshold"), show_default=True,
+              help="Pruning: cumulative score share of kept edges.")
+@click.option("--feature-stats", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Feature statistics for node labels (default: the transcoder set's own, when it has some).")
+@click.option("--labels", "label_mode", type=click.Choice(LABEL_SOURCES), default=default_of(LabelConfig, "source"),
+              show_default=True, help="auto, contexts or lens (as `trace`).")
+@click.option("--picture/--no-picture", default=True, show_default=True, help="Draw each prompt's compact figure.")
+@click.option("--max-nodes", type=click.IntRange(1), default=default_of(FigureConfig, "max_nodes"), show_default=True,
+              help="Figure node budget.")
+@model_options(dtypes=EXACT_DTYPES, dtype_default=default_of(A, "dtype"))
+@output_options
+def trace_many(prompts_file, out_dir, workers, scheduler, transcoders, max_n_logits, desired_logit_prob, batch_size,
+               max_feature_nodes, node_threshold, edge_threshold, feature_stats, label_mode, picture, max_nodes,
+               model, device, dtype, seed, as_json, quiet):
+    """Trace every prompt of PROMPTS (JSONL or CSV) into OUT/<id>/.
+
+    Each prompt's folder holds what `sparsetrace trace` writes. OUT/manifest.json records each
+    prompt's status, time and scores; a prompt that fails is recorded and the others go on; running
+    again skips the prompts already done. With --scheduler the prompts go to a Dask cluster (the
+    workers need sparsetrace and the model; the files come back to this machine).
+    """
+    import functools
+
+    from sparsetrace.tracer.pipeline import TraceSettings
+    from sparsetrace.tracer.prompt_sets import load_prompt_set
+    from sparsetrace.tracer.trace_many import run_prompt_set
+
+    out = Output(as_json, quiet)
+    items = load_prompt_set(prompts_file)
+    check_writable_parent(out_dir, "--out")
+    if transcoders is None:
+        shipped_set(model)
+    settings = TraceSettings(
+        attribution=AttributionConfig(max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
+                                      batch_size=batch_size, max_feature_nodes=max_feature_nodes, dtype=dtype,
+                                      device=device),
+        prune=PruneConfig(node_threshold, edge_threshold), figure=FigureConfig(max_nodes=max_nodes),
+        picture=picture, seed=seed)
+    spec = {"model": model, "transcoders": transcoders, "device": device, "seed": seed,
+            "feature_stats": str(feature_stats) if feature_stats else None, "label_mode": label_mode}
+    factory = functools.partial(open_session, **spec)
+    out.say(f"{len(items)} prompts from {prompts_file}; "
+            + (f"Dask scheduler {scheduler}" if scheduler else f"{workers} local worker(s)"))
+    t0 = time.perf_counter()
+    manifest = run_prompt_set(items, out_dir, factory, settings, spec, TraceManyConfig(workers=workers), scheduler,
+                              str(prompts_file), out.say)
+    data = {"out": str(out_dir), "summary": manifest["summary"], "seconds": round(time.perf_counter() - t0, 3),
+            "failed": {e["id"]: e["error"] for e in manifest["prompts"] if e["status"] == "failed"}}
+    out.result(data, lambda: _trace_many_text(data))
+
+
+def _trace_many_text(d: dict) -> str:
+    s = d["summary"]
+    lines = [f"{s['done']} done, {s['failed']} failed, {s['pending']} pending in {d['seconds']:.1f} s; "
+             f"manifest: {d['out']}/manifest.json"]
+    lines += [f"  failed {k}: {v}" for k, v in d["failed"].items()]
+    return "\n".join(lines)
