@@ -25,6 +25,8 @@ COMMANDS = {
     "features": "sparsetrace.cli._features:features",
     "prompts": "sparsetrace.cli._sets:prompts",
     "trace-many": "sparsetrace.cli._sets:trace_many",
+    "recur": "sparsetrace.cli._sets:recur",
+    "validate-set": "sparsetrace.cli._sets:validate_set",
 }
 
 
