@@ -294,49 +294,7 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 # ---- atomic outputs ------------------------------------------------------------------------------
-def check_writable_parent(path: Path, what: str) -> None:
-    """Fail before any work when ``path`` cannot be created (its nearest existing parent is not a
-    writable folder)."""
-    p = path.resolve().parent
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK):
-        raise ConfigError(f"{what} {str(path)!r} cannot be written: {str(p)!r} is not a writable folder")
-
-
-@contextlib.contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temp folder beside ``target``; on success it replaces ``target``, on any error it is
-    removed, so a failed command leaves no partial output (and an old ``target`` untouched)."""
-    target = Path(target)
-    check_writable_parent(target, "output folder")
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"output folder {str(target)!r} exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        _publish_modes(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.{os.getpid()}.old"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish_modes(folder: Path) -> None:
-    """mkdtemp/mkstemp make private (0700/0600) entries; outputs get the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.iterdir():
-        if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
+from sparsetrace._atomic import atomic_folder, check_writable_parent  # noqa: E402  (the library's; used by every command)
 
 
 @contextlib.contextmanager
@@ -378,89 +336,15 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"--layers {text!r}; allowed: comma-separated layer ids, e.g. 0,3,5") from None
 
 
-def labels_of(graph) -> dict[tuple[int, int], str]:
-    """Feature labels stored in ``metadata["feature_labels"]`` (``{"layer.feature": text}``)."""
-    out = {}
-    for key, text in (graph.metadata.get("feature_labels") or {}).items():
-        layer, feat = key.split(".")
-        out[(int(layer), int(feat))] = text
-    return out
-
-
-def slug_of(text: str) -> str:
-    keep = "".join(c.lower() if c.isalnum() else "-" for c in text.strip())
-    return "-".join(p for p in keep.split("-") if p)[:60] or "graph"
-
-
-def prune_and_score(graph, node_threshold: float | None, edge_threshold: float | None):
-    """Prune ``graph``, store full and pruned scores in both, refresh both cards; returns the pruned graph."""
-    from sparsetrace.graphs.card import attach_card
-    from sparsetrace.graphs.prune import apply_prune, prune
-    from sparsetrace.graphs.scores import store_scores
-
-    result = prune(graph, node_threshold, edge_threshold)
-    scores = store_scores(graph, result)
-    pruned = apply_prune(graph, result)
-    pruned.metadata["scores"] = scores
-    pruned.metadata["pruned"] = True
-    graph.metadata["pruning"] = dict(pruned.metadata["pruning"])
-    attach_card(graph)
-    attach_card(pruned)
-    return pruned, result
+from sparsetrace.graphs.folder import labels_of, prune_and_score, slug_of  # noqa: E402  (library logic, docs/design.md §15)
 
 
 def write_graph_outputs(folder: Path, full, pruned, picture: bool, out: "Output", figure=None, result=None,
                         full_picture: bool = False) -> list[str]:
-    """Every file of a graph folder: full and pruned graph, the compact figure and its spec, the full
-    picture (``full_picture``), viewer, frontend JSON, card. The figure is chosen first (cli._graph.
-    trace_figure) so that its nodes and scores are recorded in both graphs and their cards."""
-    from sparsetrace.graphs.card import attach_card, card_markdown
-    from sparsetrace.graphs.export import to_circuit_tracer_json
-    from sparsetrace.graphs.html import write_html
+    """:func:`sparsetrace.graphs.folder.write_graph_outputs` with messages through ``out``."""
+    from sparsetrace.graphs.folder import write_graph_outputs as write
 
-    from ._graph import _default_title, trace_figure, write_figure
-
-    import time
-
-    labels = labels_of(pruned)
-    title = _default_title(pruned)
-    fig = None
-    figure_files: list[str] = []
-    if picture:
-        out.say("drawing the figure")
-        t0 = time.perf_counter()
-        fig = trace_figure(full if full is not None else pruned, pruned, result, figure, title)
-        names = [folder / f"graph{s}" for s in (".png", ".svg")]  # PDF: `render`/`figure` (font subsetting costs ~2 s)
-        figure_files = [Path(p).name for p in write_figure(fig, names, folder / "graph.spec.json", "graph.safetensors",
-                                                           figure.width, 200)]
-        for g in (full, pruned):
-            if g is not None:
-                g.metadata["figure"]["seconds"] = round(time.perf_counter() - t0, 3)
-    for g in (full, pruned):
-        if g is not None:
-            attach_card(g)
-    written = []
-    if full is not None:
-        full.save(folder / "graph.safetensors")
-        written.append("graph.safetensors")
-    pruned.save(folder / "graph.pruned.safetensors")
-    written.append("graph.pruned.safetensors")
-    written += figure_files
-    if full_picture:
-        from sparsetrace.graphs.render import render
-
-        out.say("rendering graph.full.svg")
-        render(pruned, folder / "graph.full.svg", labels=labels, title=title)
-        written.append("graph.full.svg")
-    write_html(pruned, folder / "graph.html", labels=labels, spec=fig.spec if fig is not None else None)
-    written.append("graph.html")
-    ct = to_circuit_tracer_json(pruned, slug_of(pruned.prompt), labels=labels)
-    ct["metadata"]["provenance"] = pruned.metadata.get("card")
-    write_text_atomic(folder / "frontend.json", json.dumps(ct))
-    written.append("frontend.json")
-    write_text_atomic(folder / "card.md", card_markdown(pruned.metadata["card"]))
-    written.append("card.md")
-    return written
+    return write(folder, full, pruned, picture, out.say, figure=figure, result=result, full_picture=full_picture)
 
 
 def check_dot(picture: bool) -> None:

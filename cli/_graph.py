@@ -14,6 +14,7 @@ import click
 
 from sparsetrace.errors import ConfigError
 from sparsetrace.config import FIGURE_LABELS, FigureConfig, ImageConfig, PruneConfig
+from sparsetrace.graphs.folder import default_title as _default_title, make_figure, write_figure
 
 from ._common import (
     Output,
@@ -138,56 +139,6 @@ def _figure_sources(graph: Path, node_threshold: float, edge_threshold: float, o
     return g, result.node_mask, pruned, str(graph)
 
 
-def make_figure(base, spec, width: float, influence=None, where: str = "spec"):
-    """The :class:`Figure` of ``spec`` on ``base`` (scores included)."""
-    from sparsetrace.graphs.figure import build_figure
-
-    return build_figure(base, spec, FigureConfig(width=width), influence=influence, where=where)
-
-
-def write_figure(fig, paths: list[Path], spec_path: Path | None, graph_name: str | None, width: float, dpi: int) -> list[str]:
-    """Draw ``fig`` to every path and save its spec; everything is rendered before anything is written,
-    and a failure leaves none of the files."""
-    from sparsetrace.graphs._paper import figure_bytes
-    from sparsetrace.graphs.figure import spec_info
-
-    blobs = figure_bytes(fig, sorted({p.suffix.lower()[1:] for p in paths}), width, dpi)
-    files: list[tuple[Path, bytes]] = [(p, blobs[p.suffix.lower()[1:]]) for p in paths]
-    if spec_path is not None:
-        info = spec_info(fig, graph_name)
-        info["width"] = width
-        files.append((spec_path, (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode()))
-    done: list[Path] = []
-    try:
-        for p, data in files:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            from sparsetrace._atomic import atomic_write
-
-            atomic_write(p, lambda tmp, data=data: Path(tmp).write_bytes(data))
-            done.append(p)
-    except BaseException:
-        for p in done:
-            p.unlink(missing_ok=True)
-        raise
-    return [str(p) for p, _ in files]
-
-
-def trace_figure(base, pruned, result, cfg, title: str):
-    """The automatic figure of a fresh trace (base: the full graph, candidates: the pruning's node mask),
-    recorded in both graphs' metadata as ``figure`` (nodes drawn and the subgraph's scores)."""
-    from sparsetrace.graphs.figure import auto_spec
-
-    cand = result.node_mask if result is not None and base is not pruned else None
-    influence = result.node_influence if result is not None and base is not pruned else None
-    spec = auto_spec(base, cfg, influence=influence, candidates=cand, title=title)
-    fig = make_figure(base, spec, cfg.width, influence=influence)
-    record = {"nodes": len(fig.units), "edges": int(len(fig.src)), "max_nodes": cfg.max_nodes,
-              "scores": fig.scores.to_dict() if fig.scores is not None else None, "spec": "graph.spec.json"}
-    for g in {id(base): base, id(pruned): pruned}.values():
-        g.metadata["figure"] = dict(record)
-    return fig
-
-
 def _spec_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.stem + ".spec.json")
 
@@ -199,13 +150,6 @@ def _check_figure_paths(paths: list[Path]) -> None:
         if p.suffix.lower() not in PICTURES:
             raise ConfigError(f"--out {str(p)!r}; allowed suffixes: {', '.join(PICTURES)}")
         check_writable_parent(p, "--out")
-
-
-def _default_title(g) -> str:
-    title = (g.prompt or "attribution graph")[:80]
-    if (g.metadata.get("transcoder_source") or {}).get("random"):
-        title += "  [RANDOM untrained transcoders]"
-    return title
 
 
 def _scores_text(sc) -> str:

@@ -23,6 +23,10 @@ COMMANDS = {
     "fetch-model": "sparsetrace.cli._model:fetch_model",
     "corpus": "sparsetrace.cli._model:corpus",
     "features": "sparsetrace.cli._features:features",
+    "prompts": "sparsetrace.cli._sets:prompts",
+    "trace-many": "sparsetrace.cli._sets:trace_many",
+    "recur": "sparsetrace.cli._sets:recur",
+    "validate-set": "sparsetrace.cli._sets:validate_set",
 }
 
 

@@ -166,39 +166,10 @@ def _stats_folder(given: Path | None, transcoders: str | None, model: str | None
 
 
 def _label(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats: bool, out) -> None:
-    """Labels of the pruned graph's features (tracer.features.describe_features), stored in both graphs'
-    metadata: ``feature_info`` (label, words, contexts, score, promoted tokens), the short
-    ``feature_labels``, where they came from, and the decoder cosines the figure merges by."""
-    from sparsetrace.graphs import NodeKind
-    from sparsetrace.tracer.features import decoder_cosines, describe_features
+    """Labels of the pruned graph's features in both graphs' metadata (tracer.pipeline.label_graphs)."""
+    from sparsetrace.tracer.pipeline import label_graphs
 
-    lay = pruned.layout
-    feat = lay.kind == NodeKind.FEATURE
-    keys = [(int(l), int(f)) for l, f in zip(lay.layer[feat], lay.feature[feat]) if f >= 0]
-    try:
-        info = describe_features(lm, ts, keys, stats, labels)
-    except ConfigError as exc:
-        if not auto_stats:
-            raise
-        out.say(f"warning: not using {stats_dir} ({exc}); labels come from the token lens")
-        stats = labels = None
-        info = describe_features(lm, ts, keys)
-    source = {
-        "source": "token lens (no feature statistics)" if stats is None else (
-            "feature statistics" + ("" if labels is not None else " (top tokens only: no feature_labels.json.gz)")),
-        "statistics": str(stats_dir) if stats is not None else None,
-        "sample": stats.sample if stats is not None else None,
-        "sample_tokens": stats.n_tokens if stats is not None else None,
-        "heldout": labels.heldout if labels is not None else None,
-        "heldout_tokens": labels.heldout_tokens if labels is not None else None,
-    }
-    cos = {"floor": 0.5, "pairs": [list(p) for p in decoder_cosines(ts, keys, 0.5)]}
-    for g in (graph, pruned):
-        g.metadata["feature_info"] = {f"{l}.{f}": d for (l, f), d in info.items()}
-        g.metadata["feature_labels"] = {f"{l}.{f}": d["short"] for (l, f), d in info.items()}
-        g.metadata["feature_labels_source"] = source["source"]
-        g.metadata["labels"] = source
-        g.metadata["decoder_cosine"] = cos
+    label_graphs(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats, out.say)
 
 
 def _counts(g) -> dict:

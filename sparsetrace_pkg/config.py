@@ -507,3 +507,111 @@ class ValidationConfig:
         if self.n_feature_targets < 0 or self.batch_size < 1:
             raise ConfigError(f"n_feature_targets={self.n_feature_targets} (≥ 0), batch_size={self.batch_size} (≥ 1)")
 
+
+
+# --- prompt sets (issue 18) ---
+COMBINES = ("product", "zip")
+"""How a template's field lists are combined: every combination, or the lists side by side."""
+ALIGNS = ("field", "end")
+"""How ``recur`` aligns positions across prompts: by template field (other positions by offset from the
+end), or by offset from the end only."""
+EXPECTS = ("increase", "decrease")
+"""The expected sign of a hypothesis' effect on its metric."""
+MANIFEST_FILE = "manifest.json"
+"""The manifest ``trace-many`` keeps in its output folder."""
+
+
+@dataclass(frozen=True)
+class PromptSetConfig:
+    """How a template file becomes a prompt set (tracer/prompt_sets.py)."""
+
+    combine: str = "product"
+    """product: every combination of the field lists; zip: the lists side by side (equal lengths)."""
+    distinct: bool = True
+    """product: skip combinations in which two fields take the same value (A ≠ B in a name template)."""
+    limit: int | None = None
+    """At most this many prompts, drawn at random with ``seed`` (None: all)."""
+    seed: int = 0
+    """Seed of the draw under ``limit``."""
+    target_separator: str = "|"
+    """Separator of several targets in a CSV ``targets`` column."""
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINES:
+            raise ConfigError(f"combine={self.combine!r}; allowed: {', '.join(COMBINES)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit={self.limit}; allowed: ≥ 1 or None")
+
+
+@dataclass(frozen=True)
+class TraceManyConfig:
+    """How ``trace-many`` spreads a prompt set over workers (tracer/trace_many.py)."""
+
+    workers: int = 1
+    """Local worker processes (each loads the model once); 1 runs in the calling process."""
+    connect_timeout: float = 10.0
+    """Seconds to wait for a Dask scheduler before giving up."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers={self.workers}; allowed: ≥ 1")
+        if not self.connect_timeout > 0:
+            raise ConfigError(f"connect_timeout={self.connect_timeout}; allowed: > 0")
+
+
+@dataclass(frozen=True)
+class RecurConfig:
+    """What ``recur`` counts as recurring and how it bootstraps (graphs/recur.py)."""
+
+    align: str = "field"
+    """field: positions named by template field (others by offset from the end); end: offset from the end."""
+    min_fraction: float = 0.5
+    """A feature recurs when its pruned graphs keep it at the aligned position in ≥ this fraction of prompts."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of the prompts for each confidence interval."""
+    confidence: float = 0.95
+    """Coverage of the percentile bootstrap intervals."""
+    top: int = 20
+    """Recurring features shown in the report and plot (by mean influence)."""
+    cosine: float = 0.5
+    """Supernodes: recurring features at one aligned position join when the cosine of their summed
+    out-edge vectors (aligned targets, all prompts) is ≥ this."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+    def __post_init__(self) -> None:
+        if self.align not in ALIGNS:
+            raise ConfigError(f"align={self.align!r}; allowed: {', '.join(ALIGNS)}")
+        _check_fraction("min_fraction", self.min_fraction)
+        _check_fraction("confidence", self.confidence)
+        if self.n_bootstrap < 1 or self.top < 1:
+            raise ConfigError(f"n_bootstrap={self.n_bootstrap}, top={self.top}; allowed: ≥ 1")
+        if not -1 <= self.cosine <= 1:
+            raise ConfigError(f"cosine={self.cosine}; allowed: -1..1")
+
+
+@dataclass(frozen=True)
+class ValidateSetConfig:
+    """How ``validate-set`` tests a hypothesis file over a traced set (tracer/validate_set.py)."""
+
+    modes: tuple[str, ...] = MODES
+    """Intervention modes to measure in (constrained over all layers)."""
+    n_random: int = 8
+    """Random feature sets per prompt and hypothesis for the baseline (equal size and activation mass)."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of the prompts for each confidence interval."""
+    confidence: float = 0.95
+    """Coverage of the percentile bootstrap intervals."""
+    seed: int = 0
+    """Seed of the random sets and the bootstrap."""
+    batch_size: int = 16
+    """Intervention sets per forward."""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"modes={self.modes!r}; allowed: a non-empty subset of {', '.join(MODES)}")
+        if self.n_random < 0 or self.n_bootstrap < 1 or self.batch_size < 1:
+            raise ConfigError(f"n_random={self.n_random} (≥ 0), n_bootstrap={self.n_bootstrap} (≥ 1), "
+                              f"batch_size={self.batch_size} (≥ 1)")
+        _check_fraction("confidence", self.confidence)
