@@ -507,3 +507,26 @@ class ValidationConfig:
         if self.n_feature_targets < 0 or self.batch_size < 1:
             raise ConfigError(f"n_feature_targets={self.n_feature_targets} (≥ 0), batch_size={self.batch_size} (≥ 1)")
 
+
+
+# --- QK attribution (issue 17) ---
+@dataclass(frozen=True)
+class QKConfig:
+    """Settings of QK attribution (``tracer/qk.py``, ``sparsetrace qk``; docs/design.md §13)."""
+
+    n_hops: int = 4
+    """Without a named site: explain this many attention hops, those carrying the most influence on the
+    graph's logit targets (the budget)."""
+    top: int = 10
+    """Rows (source pairs and constant terms) shown per explained score."""
+    batch_size: int = 32
+    """Copies of the prompt per frozen forward when reading Jacobian rows (memory ∝ batch × prompt × layers)."""
+    min_key_pos: int = 1
+    """Hops from keys before this position are not selected (position 0 is the attention sink, a constant)."""
+
+    def __post_init__(self) -> None:
+        if self.n_hops < 1 or self.top < 1 or self.batch_size < 1 or self.min_key_pos < 0:
+            raise ConfigError(
+                f"n_hops={self.n_hops}, top={self.top}, batch_size={self.batch_size} (each ≥ 1), "
+                f"min_key_pos={self.min_key_pos} (≥ 0)"
+            )
