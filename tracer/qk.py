@@ -180,14 +180,15 @@ class QKDecomposition:
         }
 
     def rows(self, top: int | None = None) -> list[tuple[int, int, float]]:
-        """Every part as (query node or CONST, key node or CONST, value), largest |value| first."""
+        """Every nonzero part as (query node or CONST, key node or CONST, value), largest |value| first."""
         P = self.pairs()
-        qi, ki = np.nonzero(P) if P.size else (np.zeros(0, int), np.zeros(0, int))
+        qi, ki = np.nonzero(P)
         vals = [P[qi, ki], self.query_const(), self.const_key(), np.array([self.const_const()])]
         qs = [self.q_nodes[qi], self.q_nodes, np.full(len(self.k_nodes), CONST), np.array([CONST])]
         ks = [self.k_nodes[ki], np.full(len(self.q_nodes), CONST), self.k_nodes, np.array([CONST])]
         v, q, k = (np.concatenate(x) for x in (vals, qs, ks))
-        order = np.argsort(-np.abs(v), kind="stable")[: top if top is not None else len(v)]
+        keep = np.flatnonzero(v != 0)
+        order = keep[np.argsort(-np.abs(v[keep]), kind="stable")][:top]
         return [(int(q[o]), int(k[o]), float(v[o])) for o in order]
 
     def _vec(self, nodes: np.ndarray, M: np.ndarray, node: int) -> np.ndarray:
