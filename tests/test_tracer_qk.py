@@ -194,3 +194,114 @@ def test_bad_sites_are_one_line_errors():
         for site, msg in cases:
             with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
                 qa.decompose([site])
+
+
+class _ZeroPattern(torch.overrides.TorchFunctionMode):
+    """Inside one attention module (armed by hooks), sets pattern entries [head, query, keys] to 0 after
+    the model's softmax: an intervention on the frozen pattern."""
+
+    def __init__(self, head, query, keys):
+        super().__init__()
+        self.head, self.query, self.keys, self.armed = head, query, list(keys), False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.armed and func is torch.nn.functional.softmax:
+            out = out.clone()
+            out[:, self.head, self.query, self.keys] = 0
+        return out
+
+    def specs(self, rm, layer):
+        att = rm.adapter.attention(rm.model, layer)
+        return [(att, "pre", lambda m, a, k: setattr(self, "armed", True)),
+                (att, "forward", lambda m, a, o: setattr(self, "armed", False))]
+
+
+def _target_values(qa, out, node):
+    l, c, vec, _ = qa._target_read(node)
+    x = out.final if l == qa.n_layers else out.x[l]
+    return (x[:, c] @ vec).detach().double().numpy()
+
+
+def _edge_measured(qa, target, source, edit=None, layer=None):
+    """A[target, source] measured in the frozen model: one more copy of the source's write (copy 1
+    against copy 0), optionally with a pattern edit in ``layer``."""
+    rm, run = qa.rm, qa.run
+    l, c, v = _source(qa, source)
+    h0 = run.h0.expand(2, *run.h0.shape).clone()
+    writes = [w.expand(2, *w.shape).clone() for w in rm.clean_writes(run)]
+    (h0 if l is None else writes[l])[1, c] += v
+    specs = edit.specs(rm, layer) if edit is not None else []
+    with torch.no_grad(), (edit if edit is not None else torch.overrides.TorchFunctionMode()):
+        out = rm.frozen(run, h0, writes, extra=specs)
+    t = _target_values(qa, out, target)
+    return t[1] - t[0]
+
+
+def _cross_edges(g, n):
+    """The n largest cross-position edges into feature and logit targets."""
+    lay, adj = g.layout, g.adjacency
+    rows, cols, vals = adj.rows(), adj.indices, adj.data
+    ok = (lay.pos[cols] < lay.pos[rows]) & np.isin(lay.kind[rows], [NodeKind.FEATURE, NodeKind.LOGIT])
+    ok &= lay.kind[cols] != NodeKind.LOGIT
+    e = np.flatnonzero(ok)
+    e = e[np.argsort(-np.abs(vals[e]))[:n]]
+    return [(int(rows[i]), int(cols[i]), float(vals[i])) for i in e]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_loadings_add_up_to_the_edge_and_match_pattern_ablation(arch):
+    lm, ts, g = _setup(arch)
+    with open_qk(g, lm, ts) as qa:
+        edges = _cross_edges(g, 3)
+        assert any(g.layout.kind[t] == NodeKind.LOGIT for t, _, _ in _cross_edges(g, 10**6))
+        edges += [e for e in _cross_edges(g, 10**6) if g.layout.kind[e[0]] == NodeKind.LOGIT][:1]
+        for t, s, a in edges:
+            hl = qa.head_loadings(t, s)
+            assert hl.stored == pytest.approx(a, abs=0)
+            assert abs(hl.loading.sum() - a) <= 1e-9 * max(1.0, abs(a)), (t, s, hl.loading.sum(), a)
+            assert abs(hl.edge - a) <= 1e-9 * max(1.0, abs(a))
+            # zeroing head (m, h)'s hop into the target's position removes exactly its loading
+            m, h = np.unravel_index(np.argmax(np.abs(hl.loading)), hl.loading.shape)
+            ct = int(g.layout.pos[t]) if g.layout.kind[t] == NodeKind.FEATURE else len(PROMPT) - 1
+            edit = _ZeroPattern(int(h), ct, [c for c in range(ct)])
+            after = _edge_measured(qa, t, s, edit, int(m))
+            assert abs((a - after) - hl.loading[m, h]) <= 1e-9 * max(1.0, abs(a)), (a, after, hl.loading[m, h])
+            assert abs(hl.loading[m, h]) > 1e-6
+
+
+def test_head_loadings_refuse_same_position_and_non_edges():
+    lm, ts, g = _setup("llama")
+    lay = g.layout
+    with open_qk(g, lm, ts) as qa:
+        f = [i for i in range(lay.features.start, lay.features.stop) if lay.layer[i] == 2 and lay.pos[i] == 5][0]
+        tok5, tok6 = int(lay.token_index(5)), int(lay.token_index(6))
+        with pytest.raises(ConfigError, match="stays at position 5; head loadings are for cross-position edges"):
+            qa.head_loadings(f, tok5)
+        with pytest.raises(ConfigError, match="cannot feed"):
+            qa.head_loadings(f, tok6)
+        with pytest.raises(ConfigError, match="token node; allowed: a feature or a logit"):
+            qa.head_loadings(tok6, tok5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_hop_weight_is_the_logit_change_of_removing_the_hop(arch):
+    lm, ts, g = _setup(arch)
+    with open_qk(g, lm, ts) as qa:
+        hops = qa.select_hops(3)
+        assert len(hops) == 3 and hops[0].weight >= hops[1].weight >= hops[2].weight > 0
+        logits = np.arange(g.layout.logits.start, g.layout.logits.stop)
+        for hop in hops:
+            s = hop.site
+            assert s.key_pos < s.query_pos and s.key_pos >= 1
+            rm, run = qa.rm, qa.run
+            writes = [w[None] for w in rm.clean_writes(run)]
+            base = rm.frozen(run, run.h0[None], writes)
+            edit = _ZeroPattern(s.head, s.query_pos, [s.key_pos])
+            with torch.no_grad(), edit:
+                cut = rm.frozen(run, run.h0[None], writes, extra=edit.specs(rm, s.layer))
+            delta = np.array([(_target_values(qa, cut, k) - _target_values(qa, base, k))[0] for k in logits])
+            want = float(np.sum(g.logit_probability * np.abs(delta)))
+            assert abs(hop.weight - want) <= 1e-9 * max(1.0, want), (s, hop.weight, want)
+        only = qa.select_hops(2, layer=1, head=0)
+        assert all(h.site.layer == 1 and h.site.head == 0 for h in only)

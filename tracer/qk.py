@@ -574,6 +574,158 @@ class QKAnalyzer:
         return AttentionRow(layer, head, query_pos, keys, pat, decs)
 
 
+    # ---- heads: loadings of an edge, hops worth explaining -------------------------------------
+    def _head_forward(self, writes_delta: Tensor | None, B: int) -> tuple:
+        """A frozen forward of B copies (copy 1 gets ``writes_delta`` = (layer or −1, pos, vector) added
+        when given) with a zero tensor Z_m [B, T, n_q·hd] added to every output projection's input (so
+        its gradient is the gradient at each head's output) and every value projection's output
+        captured [B, T, n_kv·hd]. Returns (FrozenOutput, Z list, V list)."""
+        rm, run = self.rm, self.run
+        T, d = run.n_pos, run.h0.shape[-1]
+        h0 = run.h0.expand(B, T, d).clone()
+        writes = [w.detach().expand(B, T, d).clone() for w in rm.clean_writes(run)]
+        if writes_delta is not None:
+            l, c, v = writes_delta
+            (h0 if l < 0 else writes[l])[1, c] += v
+        Z = [h0.new_zeros(B, T, self.n_q * self.hd, requires_grad=True) for _ in range(self.n_layers)]
+        V: list[Tensor | None] = [None] * self.n_layers
+        fused = rm.adapter.qk == "fused"
+        specs = []
+        for m in range(self.n_layers):
+            att = rm.adapter.attention(rm.model, m)
+
+            def add(module, args, kwargs, z=Z[m]):
+                return (args[0] + z,) + tuple(args[1:]), kwargs
+
+            def grab(module, args, output, m=m):
+                V[m] = output[..., 2 * output.shape[-1] // 3 :] if fused else output
+
+            specs += [(att.c_proj if fused else att.o_proj, "pre", add), (att.c_attn if fused else att.v_proj, "forward", grab)]
+        with torch.enable_grad():
+            out = rm.frozen(run, h0, writes, extra=specs)
+        return out, Z, V
+
+    def _heads(self, v: Tensor) -> Tensor:
+        """[..., T, n_kv·hd] values → [..., n_q, T, hd], each query head with its group's value."""
+        grp = self.n_q // self.n_kv
+        x = v.reshape(*v.shape[:-1], self.n_kv, self.hd).movedim(-2, -3)
+        return x.repeat_interleave(grp, dim=-3)
+
+    def _target_read(self, node: int) -> tuple[int, int, Tensor, str]:
+        """(layer or n_layers for a logit, position, read vector, label) of target node ``node``."""
+        lay, g = self.graph.layout, self.graph
+        kind = NodeKind(int(lay.kind[node]))
+        if kind is NodeKind.FEATURE:
+            l, f = int(lay.layer[node]), int(lay.feature[node])
+            return l, int(lay.pos[node]), self.rm.transcoders[l].W_enc[f].detach(), "feature"
+        if kind is NodeKind.LOGIT:
+            tok = int(g.logit_token[node - lay.logits.start])
+            if tok < 0:
+                raise ConfigError(f"target {lay.node_id(node)} is a custom direction; head loadings need a feature or token logit")
+            W_U = self.rm.unembedding().detach()
+            return self.n_layers, self.n_pos - 1, W_U[tok] - W_U.mean(0), "logit"
+        raise ConfigError(f"target {lay.node_id(node)} is a {kind.name.lower()} node; allowed: a feature or a logit")
+
+    def _read(self, out, l: int, c: int, vec: Tensor) -> Tensor:
+        """[B] the value read by ``vec`` at (l, c) of a frozen forward (l = n_layers: the final residual)."""
+        x = out.final if l == self.n_layers else out.x[l]
+        return x[:, c] @ vec
+
+    def head_loadings(self, target: int, source: int) -> HeadLoadings:
+        """How the cross-position edge A[target, source] splits over heads (:class:`HeadLoadings`):
+        loading[m, h] = Σ_{c' ≠ c_t} p^{m,h}[c_t, c']·(g_m[c_t, h] · ΔV^{m,h}[c']), g_m the target's gradient
+        at head h's output (position c_t), ΔV the source's exact change of the head's value at c'."""
+        lay = self.graph.layout
+        n = self.graph.n_nodes
+        for name, i in (("target", target), ("source", source)):
+            if not 0 <= i < n:
+                raise ConfigError(f"{name} node {i}; allowed: 0..{n - 1}")
+        lt, ct, vec, _ = self._target_read(target)
+        hit = np.flatnonzero(self.sources.node == source)
+        if not len(hit):
+            raise ConfigError(f"source {lay.node_id(source)} is a {NodeKind(int(lay.kind[source])).name.lower()} node; allowed: a feature, error or token")
+        k = int(hit[0])
+        ls, cs = int(self.sources.layer[k]), int(self.sources.pos[k])
+        if ls >= lt or cs > ct:
+            raise ConfigError(f"{lay.node_id(source)} cannot feed {lay.node_id(target)} (it must sit at a lower layer and a position ≤ the target's)")
+        if cs == ct:
+            raise ConfigError(
+                f"{lay.node_id(source)} → {lay.node_id(target)} stays at position {ct}; head loadings are for cross-position edges"
+            )
+        out, Z, V = self._head_forward((ls, cs, self.sources.vec[k]), B=2)
+        with torch.enable_grad():
+            val = self._read(out, lt, ct, vec.to(out.final.dtype))
+            grads = torch.autograd.grad(val[0], Z[: lt + 1], allow_unused=True)  # x̃_l reads layer l's attention too
+        load = np.zeros((self.n_layers, self.n_q))
+        for m, g in enumerate(grads):
+            if g is None:
+                continue
+            gm = g[0, ct].view(self.n_q, self.hd)  # [n_q, hd]
+            dv = self._heads((V[m][1] - V[m][0]).detach())  # [n_q, T, hd]
+            p = self.run.patterns[m][:, ct].clone()  # [n_q, T] the pattern row of the target's position
+            p[:, ct] = 0  # a hop changes position
+            load[m] = torch.einsum("ht,htd,hd->h", p.to(dv.dtype), dv, gm).double().cpu().numpy()
+        edge = float((val[1] - val[0]).item())
+        cols, vals = self.graph.adjacency.row(target)
+        at = np.flatnonzero(cols == source)
+        return HeadLoadings(target, source, load, edge, float(vals[at[0]]) if len(at) else None)
+
+    def select_hops(self, n_hops: int | None = None, *, layer: int | None = None, head: int | None = None,
+                    query_pos: int | None = None, key_pos: int | None = None) -> list[Hop]:
+        """The ``n_hops`` (default ``config.n_hops``) attention hops (query i ← key j < i, j ≥
+        ``config.min_key_pos``) with the largest weight Σ_k w_k·|p_ij·(g_k · V_j)| (:class:`Hop`), among
+        those matching the given layer/head/positions."""
+        n_hops = self.config.n_hops if n_hops is None else n_hops
+        if n_hops < 1:
+            raise ConfigError(f"n_hops={n_hops}; allowed: ≥ 1")
+        g = self.graph
+        lay = g.layout
+        logits = [i for i in range(lay.n_logits) if int(g.logit_token[i]) >= 0]
+        if not logits:
+            raise GraphError("the graph has no token logit targets to rank hops by")
+        W_U = self.rm.unembedding().detach()
+        vecs = torch.stack([W_U[int(g.logit_token[i])] - W_U.mean(0) for i in logits])
+        w = torch.as_tensor(g.logit_probability[logits], dtype=vecs.dtype)
+        T = self.n_pos
+        weight = np.zeros((self.n_layers, self.n_q, T, T))
+        out, Z, V = self._head_forward(None, B=len(logits))
+        with torch.enable_grad():
+            val = (out.final[:, T - 1] * vecs.to(out.final.dtype)).sum()
+            grads = torch.autograd.grad(val, Z, allow_unused=True)
+        i_, j_ = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+        ok = (j_ < i_) & (j_ >= self.config.min_key_pos)
+        for m, gr in enumerate(grads):
+            if gr is None:
+                continue
+            G = gr.detach().view(len(logits), T, self.n_q, self.hd)
+            Vh = self._heads(V[m][0].detach())  # [n_q, T, hd]
+            c = torch.einsum("kihd,hjd->khij", G, Vh) * self.run.patterns[m][None].to(G.dtype)
+            weight[m] = torch.einsum("k,khij->hij", w.to(c.dtype), c.abs()).double().cpu().numpy()
+        for name, val_, size in (("layer", layer, self.n_layers), ("head", head, self.n_q), ("query position", query_pos, T),
+                                 ("key position", key_pos, T)):
+            if val_ is not None and not 0 <= val_ < size:
+                raise ConfigError(f"{name} {val_}; allowed: 0..{size - 1}")
+        mask = np.broadcast_to(ok, weight.shape).copy()
+        if layer is not None:
+            mask[np.arange(self.n_layers) != layer] = False
+        if head is not None:
+            mask[:, np.arange(self.n_q) != head] = False
+        if query_pos is not None:
+            mask[:, :, np.arange(T) != query_pos] = False
+        if key_pos is not None:
+            mask[:, :, :, np.arange(T) != key_pos] = False
+        cand = np.flatnonzero(mask & (weight > 0))
+        if not len(cand):
+            raise ConfigError("no attention hop matches (a hop needs a key before its query, at position ≥ "
+                              f"{self.config.min_key_pos})")
+        best = cand[np.argsort(-weight.ravel()[cand], kind="stable")[:n_hops]]
+        out_hops = []
+        for b in best:
+            m, h, i, j = (int(x) for x in np.unravel_index(b, weight.shape))
+            out_hops.append(Hop(QKSite(m, h, i, j), float(weight.ravel()[b]), float(self.run.patterns[m, h, i, j])))
+        return out_hops
+
+
 @contextlib.contextmanager
 def open_qk(graph: AttributionGraph, lm: LoadedModel, ts: TranscoderSet, config: QKConfig | None = None) -> Iterator[QKAnalyzer]:
     """A :class:`QKAnalyzer` for ``graph`` traced with ``lm`` and ``ts``: runs in the graph's dtype (restored
