@@ -23,6 +23,7 @@ COMMANDS = {
     "fetch-model": "sparsetrace.cli._model:fetch_model",
     "corpus": "sparsetrace.cli._model:corpus",
     "features": "sparsetrace.cli._features:features",
+    "qk": "sparsetrace.cli._qk:qk",
 }
 
 
