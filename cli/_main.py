@@ -27,6 +27,7 @@ COMMANDS = {
     "trace-many": "sparsetrace.cli._sets:trace_many",
     "recur": "sparsetrace.cli._sets:recur",
     "validate-set": "sparsetrace.cli._sets:validate_set",
+    "qk": "sparsetrace.cli._qk:qk",
 }
 
 

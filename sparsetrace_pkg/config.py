@@ -615,3 +615,24 @@ class ValidateSetConfig:
             raise ConfigError(f"n_random={self.n_random} (≥ 0), n_bootstrap={self.n_bootstrap} (≥ 1), "
                               f"batch_size={self.batch_size} (≥ 1)")
         _check_fraction("confidence", self.confidence)
+# --- QK attribution (issue 17) ---
+@dataclass(frozen=True)
+class QKConfig:
+    """Settings of QK attribution (``tracer/qk.py``, ``sparsetrace qk``; docs/design.md §13)."""
+
+    n_hops: int = 4
+    """Without a named site: explain this many attention hops, those carrying the most influence on the
+    graph's logit targets (the budget)."""
+    top: int = 10
+    """Rows (source pairs and constant terms) shown per explained score."""
+    batch_size: int = 32
+    """Copies of the prompt per frozen forward when reading Jacobian rows (memory ∝ batch × prompt × layers)."""
+    min_key_pos: int = 1
+    """Hops from keys before this position are not selected (position 0 is the attention sink, a constant)."""
+
+    def __post_init__(self) -> None:
+        if self.n_hops < 1 or self.top < 1 or self.batch_size < 1 or self.min_key_pos < 0:
+            raise ConfigError(
+                f"n_hops={self.n_hops}, top={self.top}, batch_size={self.batch_size} (each ≥ 1), "
+                f"min_key_pos={self.min_key_pos} (≥ 0)"
+            )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from sparsetrace.errors import ConfigError
 from sparsetrace.transcoders import TranscoderSet
 
-from ..models.hooks import hooks
+from ..models.hooks import HookSpec, hooks
 from ..models.loading import LoadedModel, NormKind, norm_eps, norm_kind
 
 __all__ = ["ReplacementModel", "CleanRun", "FrozenOutput", "check_compatible", "eager_attention", "frozen_norm", "norm_state"]
@@ -190,13 +190,18 @@ class ReplacementModel:
         h0: Tensor,
         writes: list[Tensor] | None = None,
         mlp: list[Callable[[Tensor], Tensor]] | None = None,
+        *,
+        live_qk: int | None = None,
+        extra: Sequence[HookSpec] = (),
     ) -> FrozenOutput:
         """Frozen forward from residual input ``h0`` [B, T, d] and MLP writes ``writes[l]`` [B, T, d].
 
         Differentiable w.r.t. ``h0`` and ``writes`` (and exactly affine in them). Patterns are those of
         ``run``; norm denominators are those of ``run``. ``mlp[l]`` (instead of ``writes``) gives layer
         l's MLP output as a function of its input x̃ [B, T, d] — e.g. re-encoding through the transcoder
-        for iterative patching.
+        for iterative patching. ``live_qk``: the layer whose Q/K projections are computed from the live
+        residual (its norm and QK-norm denominators stay frozen), for QK attribution (docs/design.md §13);
+        ``extra``: more hooks, registered last.
         """
         if (writes is None) == (mlp is None):
             raise ConfigError("give exactly one of writes= and mlp=")
@@ -242,10 +247,11 @@ class ReplacementModel:
 
         specs = [(self.adapter.layers(self.model)[0], "pre", h0_hook)]
         specs += [(self.adapter.mlp(self.model, i), "forward", mlp_hook(i)) for i in range(L)]
-        specs += [(m, "forward", qk_hook) for i in range(L) for m in self.adapter.qk_modules(self.model, i)]
+        specs += [(m, "forward", qk_hook) for i in range(L) if i != live_qk for m in self.adapter.qk_modules(self.model, i)]
         specs += [(m, "forward", norm_hook(k)) for m, k, _ in self._norms]
         # registered after the final norm's own freeze hook, so it sees the frozen output
         specs += [(self.adapter.final_norm(self.model), "forward", final_hook)]
+        specs += list(extra)
         ids = run.input_ids.reshape(1, -1).expand(B, T)
         with hooks(specs), eager_attention(self.model):
             self._decode(ids)
