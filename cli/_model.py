@@ -23,6 +23,7 @@ from sparsetrace.transcoders.data import GENERAL_PACKAGES
 
 from ._common import (
     parse_layers,
+    quiet_transformers,
     Bars,
     Output,
     check_writable_parent,
@@ -51,6 +52,7 @@ def fetch_model(name, as_json, quiet):
     from sparsetrace.models.cache import fetch_model as fetch
 
     out = Output(as_json, quiet)
+    quiet_transformers()
     model = embedded_model(name)
     path = fetch(model.name, out.say)
     out.result({"model": model.name, "path": str(path)}, str(path))

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from sparsetrace.config import embedded_model
+from sparsetrace.config import EMBEDDED_MODEL_NAMES, embedded_model
 from sparsetrace.errors import ConfigError, ModelError
 
 from .cache import cache_dir, cached_gguf, fetch_model
@@ -314,7 +314,8 @@ def _resolve(name_or_path: str | None, progress: Callable[[str], None] | None) -
         return p, str(name_or_path)
     if name_or_path.count("/") <= 1 and not name_or_path.startswith((".", "/", "~")):
         return name_or_path, str(name_or_path)  # a hub id: transformers resolves (and may fail offline)
-    raise ModelError(f"model {name_or_path!r} is neither an existing path, an embedded model nor a hub id")
+    raise ModelError(f"model {name_or_path!r} is neither an existing path nor a hub id; embedded models: "
+                     f"{', '.join(EMBEDDED_MODEL_NAMES)}")
 
 
 # ---- activations for training and evaluation ------------------------------------------------------
