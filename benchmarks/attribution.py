@@ -19,7 +19,7 @@ Prompts are the first TOKENS tokens of the GPL-3 text that every Debian machine 
 
     .venv/bin/python benchmarks/attribution.py                                   # 16:0 64:4096
     .venv/bin/python benchmarks/attribution.py --model SmolLM2-135M-Instruct --model gemma-3-270m --cases 8:0 32:0 \
-        --out benchmarks/results/attribution-gemma.json                          # the two embedded models
+        --transcoders random:1024:8 --threads 1 --out benchmarks/results/attribution-gemma.json   # the two embedded models
     .venv/bin/python benchmarks/attribution.py --cases 512:1024:32:1e-3 512:8192:32:1e-3 2048:1024:16:1e-3
 """
 
@@ -123,10 +123,10 @@ def child(args: argparse.Namespace) -> None:
 def _transcoders(lm, spec: str):
     from sparsetrace.transcoders import TranscoderSet, TranscoderSetConfig, load_transcoders
 
-    if spec == "random":  # 4 × d_model features, as the shipped set (2304 for SmolLM2, 2560 for Gemma-3-270M)
-        F = 4 * lm.d_model
-        cfg = TranscoderSetConfig(lm.model_id, lm.adapter.name, lm.n_layers, lm.d_model, F, "topk", 32)
-        return TranscoderSet.random(cfg, seed=0), f"random TopK F={F} k=32"
+    if spec == "random" or spec.startswith("random:"):  # random: 4 × d_model features and k = 32, as the shipped set
+        F, k = (int(x) for x in spec.split(":")[1:]) if ":" in spec else (4 * lm.d_model, 32)
+        cfg = TranscoderSetConfig(lm.model_id, lm.adapter.name, lm.n_layers, lm.d_model, F, "topk", k)
+        return TranscoderSet.random(cfg, seed=0), f"random TopK F={F} k={k}"
     return load_transcoders(spec), spec
 
 
@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=["16:0", "64:4096"])
     ap.add_argument("--model", action="append", dest="models", metavar="NAME|PATH",
                     help="an embedded model's name, a GGUF or an HF folder (repeatable; default: the default model)")
-    ap.add_argument("--transcoders", default=None, help="a set folder, or 'random' (default: the shipped set if present "
+    ap.add_argument("--transcoders", default=None, help="a set folder, 'random' (F = 4·d_model, k = 32) or random:F:K (default: the shipped set if present "
                     "for the default model, else random)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")

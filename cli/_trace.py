@@ -205,8 +205,10 @@ def _label(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats: bool, ou
 
 
 class _Clock:
-    """The trace's time line: seconds per phase (loading, attribution, pruning, labels, outputs) and the
-    total from the command's start; ``seconds`` splits outputs into pictures and writing."""
+    """The trace's time line: seconds per phase and the total from the command's start. Loading runs
+    from the start (imports included) to the engine's start (model, transcoders, statistics);
+    attribution is the engine; ``seconds`` splits the outputs into pictures (the compact figure) and
+    writing (graphs, viewer, frontend JSON, card)."""
 
     def __init__(self, t0: float) -> None:
         self.t0 = self.last = t0
