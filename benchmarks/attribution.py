@@ -192,7 +192,8 @@ def main() -> None:
         raise SystemExit(f"{TEXT_FILE} not found (Debian's base-files ships it)")
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                           "load_average": os.getloadavg()},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": " ".join([".venv/bin/python", "benchmarks/attribution.py"] + sys.argv[1:]),
                "results": []}

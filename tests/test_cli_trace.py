@@ -7,7 +7,7 @@ import json
 import click
 import pytest
 
-from sparsetrace.graphs import AttributionGraph, PruneConfig
+from sparsetrace.graphs import AttributionGraph, NodeKind, PruneConfig
 from sparsetrace.tracer.attribution import AttributionConfig
 
 from _cli_common import files_under, one_line_error, run
@@ -46,6 +46,10 @@ def test_trace_writes_every_file(traced):
     full = AttributionGraph.load(out / "graph.safetensors")
     pruned = AttributionGraph.load(out / "graph.pruned.safetensors")
     assert full.n_nodes == data["graph"]["nodes"] and pruned.n_nodes == data["pruned"]["nodes"]
+    # labels are made for the kept features only (the token lens costs a product with the vocabulary each)
+    lay = pruned.layout
+    kept = {f"{l}.{f}" for l, f, k in zip(lay.layer, lay.feature, lay.kind) if k == NodeKind.FEATURE and f >= 0}
+    assert set(pruned.metadata["feature_info"]) == kept and len(kept) < full.layout.n_features
     card = pruned.metadata["card"]
     assert card["transcoders"]["random"] is True
     assert card["scores"]["pruned_graph"]["replacement"] == data["scores"]["pruned"]["replacement"]
