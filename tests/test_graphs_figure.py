@@ -307,6 +307,14 @@ def test_fit_lines_never_overflow():
     assert _text_width("MMMM", 7) > _text_width("iiii", 7) > 0
 
 
+def test_text_width_of_glyphs_the_font_lacks():
+    # Gemma's vocabulary puts CJK and control characters in labels; DejaVu Sans has no glyph for them
+    assert _text_width("中文", 7.0) == 2 * 7.0 / 72.0  # one em each
+    assert _text_width("\x01", 7.0) == 7.0 / 72.0
+    lines = fit_lines("中文中文中文中文 label", 0.5, 7.0)
+    assert all(_text_width(x, 7.0) <= 0.5 + 1e-9 for x in lines)
+
+
 def _overlap(a, b) -> bool:
     return abs(a[0] - b[0]) < (a[2] + b[2]) / 2 - 1e-9 and abs(a[1] - b[1]) < (a[3] + b[3]) / 2 - 1e-9
 

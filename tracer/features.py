@@ -383,38 +383,37 @@ def _check_feature(ts: TranscoderSet, layer: int, feature: int) -> None:
 
 @torch.no_grad()
 def _lens(lm: LoadedModel, ts: TranscoderSet, keys: Sequence[tuple[int, int]], n: int) -> tuple[list, list]:
-    """Top-n (token id, score) of W_U·d_f and of E·e_f for each (layer, feature)."""
-    W_U = lm.adapter.unembedding(lm.model).float()  # [V, d]
-    E = lm.adapter.embedding(lm.model).weight.float()  # [V, d]
-    outs, ins = [], []
-    for layer, f in keys:
-        tc = ts[layer]
-        o = W_U @ tc.W_dec[f].float().to(W_U.device)  # [V]
-        i = E @ tc.W_enc[f].float().to(E.device)
-        ov, oi = o.topk(min(n, len(o)))
-        iv, ii = i.topk(min(n, len(i)))
-        outs.append(list(zip(oi.tolist(), ov.tolist())))
-        ins.append(list(zip(ii.tolist(), iv.tolist())))
-    return outs, ins
+    """Top-n (token id, score) of W_U·d_f and of E·e_f for each (layer, feature), batched as :func:`_output_lens`."""
+    E = lm.adapter.embedding(lm.model).weight  # [V, d]
+    return _output_lens(lm, ts, keys, n), _top_products(E, keys, lambda layer, fs: ts[layer].W_enc[fs], n)
 
 
 @torch.no_grad()
 def _output_lens(lm: LoadedModel, ts: TranscoderSet, keys: Sequence[tuple[int, int]], n: int) -> list:
     """Top-n (token id, score) of W_U·d_f for each (layer, feature): :func:`_lens`'s output half, batched
-    (one [k, d]·[d, V] product per layer and chunk instead of a matrix-vector product per feature)."""
-    W_U = lm.adapter.unembedding(lm.model).float()  # [V, d]
+    (one [k, d]·[d, V] product per layer and chunk instead of a matrix-vector product per feature; with
+    a 262k-token vocabulary each product is the cost of a label, so callers pass only the features they
+    show)."""
+    W_U = lm.adapter.unembedding(lm.model)  # [V, d]
+    return _top_products(W_U, keys, lambda layer, fs: ts[layer].W_dec[fs], n)
+
+
+def _top_products(M: Tensor, keys: Sequence[tuple[int, int]], rows_of: Callable, n: int, chunk: int = 256) -> list:
+    """Top-n (row of M, score) of M·v for each key's vector v = ``rows_of(layer, [features])`` row, in
+    float32, one product per layer and chunk of features."""
+    M = M.float()
     out: dict[tuple[int, int], list] = {}
     by_layer: dict[int, list[int]] = {}
     for layer, f in keys:
         by_layer.setdefault(layer, []).append(f)
     for layer, fs in by_layer.items():
-        for k in range(0, len(fs), 256):
-            chunk = fs[k : k + 256]
-            D = ts[layer].W_dec[chunk].float().to(W_U.device)  # [c, d]
-            vals, ids = (D @ W_U.T).topk(min(n, W_U.shape[0]), dim=1)  # [c, n]
-            for f, v, i in zip(chunk, vals.tolist(), ids.tolist()):
+        for k in range(0, len(fs), chunk):
+            part = fs[k : k + chunk]
+            V = rows_of(layer, part).float().to(M.device)  # [c, d]
+            vals, ids = (V @ M.T).topk(min(n, M.shape[0]), dim=1)  # [c, n]
+            for f, v, i in zip(part, vals.tolist(), ids.tolist()):
                 out[(layer, f)] = list(zip(i, v))
-    return [out[k] for k in keys]
+    return [out[(int(l), int(f))] for l, f in keys]
 
 
 def _show(tok: str) -> str:
