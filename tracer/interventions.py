@@ -63,9 +63,10 @@ __all__ = [
     "intervene",
     "intervene_batch",
     "generate",
+    "filter_logits",
 ]
 
-OPS = ("set", "scale")
+OPS = ("set", "scale", "add")
 TOKEN_LAYER = -1
 """``Intervention.layer`` of a token embedding (the graph's convention: tokens sit at layer −1)."""
 
@@ -78,7 +79,8 @@ class Intervention:
     ``layer``: transcoder layer, or ``TOKEN_LAYER`` (−1) for a token embedding. ``position``: a prompt
     position (negative counts from the end) or a slice of them. ``feature``: the feature id; ``None``
     for an error node (layer ≥ 0) or a token. ``op``: ``"set"`` (clamp the feature at ``value``; only
-    features) or ``"scale"`` (multiply by ``value``). Use the constructors: :meth:`set_feature`,
+    features), ``"scale"`` (multiply by ``value``) or ``"add"`` (add ``value`` · the feature's decoder row
+    to the MLP output, without clamping: steering, docs/design.md §16; only features). Use the constructors: :meth:`set_feature`,
     :meth:`scale_feature`, :meth:`zero_feature`, :meth:`scale_error`, :meth:`zero_error`,
     :meth:`scale_token`, :meth:`zero_token`.
     """
@@ -114,9 +116,9 @@ class Intervention:
                 raise ConfigError(f"feature={self.feature}; allowed: ≥ 0")
         if self.op not in OPS:
             raise ConfigError(f"op={self.op!r}; allowed: {', '.join(OPS)}")
-        if self.op == "set" and self.kind != "feature":
+        if self.op in ("set", "add") and self.kind != "feature":
             raise ConfigError(
-                f"op='set' on a {self.kind}; allowed for {self.kind}s: 'scale' (they are vectors, not scalars)"
+                f"op={self.op!r} on a {self.kind}; allowed for {self.kind}s: 'scale' (they are vectors, not scalars)"
             )
         value = float(self.value)
         if not math.isfinite(value):
@@ -139,6 +141,11 @@ class Intervention:
     def scale_feature(cls, layer: int, position: int | slice, feature: int, factor: float) -> "Intervention":
         """Clamp the feature at ``factor`` × its clean activation."""
         return cls(layer, position, feature, factor, "scale")
+
+    @classmethod
+    def add_feature(cls, layer: int, position: int | slice, feature: int, alpha: float) -> "Intervention":
+        """Add ``alpha`` · the feature's decoder row to the MLP output of ``layer`` (steering)."""
+        return cls(layer, position, feature, alpha, "add")
 
     @classmethod
     def zero_feature(cls, layer: int, position: int | slice, feature: int) -> "Intervention":
@@ -253,6 +260,7 @@ class _Plan:
     B: int
     feats: dict[int, list[tuple[int, int, int, float]]] = field(default_factory=dict)  # l → (b, c, f, v)
     errs: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)  # l → (b, c, x)
+    adds: dict[int, list[tuple[int, int, int, float]]] = field(default_factory=dict)  # l → (b, c, f, α)
     toks: list[tuple[int, int, float]] = field(default_factory=list)  # (b, c, x)
     gen: list[tuple[int, int, str, float]] = field(default_factory=list)  # (layer, f, op, value)
     n_prompt: int = 0
@@ -294,11 +302,13 @@ def _resolve(
             if iv.kind == "feature" and iv.feature >= F:
                 raise ConfigError(f"{iv}: feature={iv.feature}; allowed: 0..{F - 1}")
             for c in _positions(iv.position, T, str(iv)):
-                key = (iv.kind, iv.layer, c, iv.feature)
+                key = (iv.kind, iv.layer, c, iv.feature, iv.op == "add")
                 if key in seen:
                     raise ConfigError(f"{iv} targets {iv.kind} (layer {iv.layer}, position {c}) twice in one set")
                 seen.add(key)
-                if iv.kind == "feature":
+                if iv.op == "add":
+                    plan.adds.setdefault(iv.layer, []).append((b, c, iv.feature, iv.value))
+                elif iv.kind == "feature":
                     a = float(clean.act[iv.layer][c, iv.feature])
                     v = iv.value if iv.op == "set" else iv.value * a
                     plan.feats.setdefault(iv.layer, []).append((b, c, iv.feature, v))
@@ -326,9 +336,18 @@ def _norm_modules(rm: ReplacementModel) -> list:
     return [(m, norm_kind(m), norm_eps(m)) for m in rm.adapter.norms(rm.model)]
 
 
+def _add_rows(out: Tensor, adds: list[tuple], W_dec: Tensor) -> Tensor:
+    """``out`` [B, T, d] plus α · W_dec[f] at (b, c) for each (b, c, f, α) of ``adds``."""
+    if not adds:
+        return out
+    dev = out.device
+    b, c, f, a = _idx(adds, 0, dev), _idx(adds, 1, dev), _idx(adds, 2, dev), _vals(adds, 3, out)
+    return out.index_put((b, c), a[:, None] * W_dec[f].to(out.dtype), accumulate=True)
+
+
 def _frozen_mlp(rm: ReplacementModel, clean: _Clean, plan: _Plan, l: int, constrained: bool):
     tc = rm.transcoders[l]
-    feats, errs = plan.feats.get(l, []), plan.errs.get(l, [])
+    feats, errs, adds = plan.feats.get(l, []), plan.errs.get(l, []), plan.adds.get(l, [])
 
     def fn(x: Tensor) -> Tensor:  # x [B, T, d] → MLP output [B, T, d]
         B = x.shape[0]
@@ -342,7 +361,7 @@ def _frozen_mlp(rm: ReplacementModel, clean: _Clean, plan: _Plan, l: int, constr
             if errs:
                 b, c, s = _idx(errs, 0, dev), _idx(errs, 1, dev), _vals(errs, 2, x)
                 out = out.index_put((b, c), (s - 1)[:, None] * clean.eps[l][c], accumulate=True)
-            return out
+            return _add_rows(out, adds, tc.W_dec)
         a = tc.encode(x)  # [B, T, F]
         if feats:
             b, c, f = _idx(feats, 0, dev), _idx(feats, 1, dev), _idx(feats, 2, dev)
@@ -351,7 +370,7 @@ def _frozen_mlp(rm: ReplacementModel, clean: _Clean, plan: _Plan, l: int, constr
         if errs:
             b, c, s = _idx(errs, 0, dev), _idx(errs, 1, dev), _vals(errs, 2, x)
             eps[b, c] = eps[b, c] * s[:, None]
-        return tc.decode(a, x) + eps
+        return _add_rows(tc.decode(a, x) + eps, adds, tc.W_dec)
 
     return fn
 
@@ -410,11 +429,15 @@ def _unfrozen_specs(rm: ReplacementModel, plan: _Plan, box: dict, xs: list) -> l
             lo, (B, t) = box["offset"], x.shape[:2]
             feats = rows_in_chunk(plan.feats.get(l, []), lo, t)
             live = [] if not plan.gen else [(r, l_, f, op, v) for r in range(B) for l_, f, op, v in plan.gen if l_ == l]
+            adds = rows_in_chunk(plan.adds.get(l, []), lo, t)
             for c in range(max(plan.n_prompt - lo, 0), t):  # generated positions of the chunk
                 for b, _, f, op, v in live:
-                    feats.append((b, c, f, v if op == "set" else None, v))
+                    if op == "add":
+                        adds.append((b, c, f, v))
+                    else:
+                        feats.append((b, c, f, v if op == "set" else None, v))
             errs = rows_in_chunk(plan.errs.get(l, []), lo, t)
-            if not feats and not errs:
+            if not feats and not errs and not adds:
                 return None
             dev, out = x.device, output
             if feats:
@@ -426,7 +449,7 @@ def _unfrozen_specs(rm: ReplacementModel, plan: _Plan, box: dict, xs: list) -> l
                 b, c, s = _idx(errs, 0, dev), _idx(errs, 1, dev), _vals(errs, 2, x)
                 err = output[b, c] - tc(x[b, c])  # live error y − ŷ(x̃)
                 out = out.index_put((b, c), (s - 1)[:, None] * err, accumulate=True)
-            return out
+            return _add_rows(out, adds, tc.W_dec)
 
         return hook
 
@@ -605,6 +628,23 @@ def _measure(rm: ReplacementModel, xs: list[Tensor], refs: list[FeatureRef], pla
     return pre, act
 
 
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float = 1.0) -> Tensor:
+    """``logits`` [V] with every token outside the sampling set at −inf. top-k keeps tokens whose logit
+    is ≥ the k-th largest (ties kept); top-p then keeps the smallest set of most probable tokens whose
+    probability sums to ≥ ``top_p`` (the token that crosses it included; at least one token)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        probs, order = logits.float().softmax(-1).sort(descending=True)
+        before = probs.cumsum(-1) - probs  # probability mass of the more probable tokens
+        drop = before >= top_p
+        drop[0] = False
+        logits = logits.clone()
+        logits[order[drop]] = -math.inf
+    return logits
+
+
 def _cache_kwarg(model, past) -> dict:
     """transformers ≥ 5.2x names the KV cache argument ``cache`` (``past_key_values`` is deprecated)."""
     if past is None:
@@ -625,6 +665,7 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float = 1.0,
     seed: int | None = None,
     use_cache: bool = True,
     apply_to_generated: bool = False,
@@ -634,8 +675,8 @@ def generate(
 
     Interventions apply at their prompt positions on every step (with or without the KV cache: the
     same tokens). ``apply_to_generated``: feature interventions also act at every generated position
-    (a "scale" there multiplies the live activation). Greedy, or sampled with ``temperature``/``top_k``
-    from a generator seeded with ``seed``.
+    (a "scale" there multiplies the live activation, an "add" adds α · d_f). Greedy, or sampled with
+    ``temperature``, ``top_k`` and ``top_p`` (:func:`filter_logits`) from a generator seeded with ``seed``.
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens}; allowed: ≥ 0")
@@ -643,6 +684,8 @@ def generate(
         raise ConfigError(f"temperature={temperature}; allowed: > 0")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k={top_k}; allowed: ≥ 1 or None")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p={top_p!r}; allowed: a number in (0, 1]")
     rm = ReplacementModel(lm, transcoders)
     ids = _prompt_ids(prompt, lm).to(lm.device)
     clean = _clean(rm, ids)
@@ -669,10 +712,7 @@ def generate(
                 out = rm.model(input_ids=seq, use_cache=False)
             logits = out.logits[0, -1]
             if do_sample:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    kth = logits.topk(top_k).values[-1]
-                    logits = logits.masked_fill(logits < kth, -math.inf)
+                logits = filter_logits(logits / temperature, top_k, top_p)
                 nxt = int(torch.multinomial(logits.float().softmax(-1), 1, generator=gen))
             else:
                 nxt = int(logits.argmax())
