@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from sparsetrace.config import CrossLayerConfig
 from sparsetrace.errors import ConfigError, FormatError
 
 from .clt import CROSS_LAYER, CrossLayerTranscoder, CrossLayerTranscoderConfig
@@ -149,7 +150,8 @@ def save_clt(clt: CrossLayerTranscoder, folder: str | os.PathLike, dtype: str | 
 
 
 def load_clt(folder: str | os.PathLike, device: torch.device | str | None = None,
-             dtype: torch.dtype = torch.float32, lazy_decoders: bool = False) -> CrossLayerTranscoder:
+             dtype: torch.dtype = torch.float32,
+             lazy_decoders: bool = CrossLayerConfig.lazy_decoders) -> CrossLayerTranscoder:
     """Load a CLT saved by :func:`save_clt`, checking every tensor's shape against the config.
 
     ``lazy_decoders``: leave the decoders on disk (memory-mapped, rows read on demand); else read them,
@@ -227,7 +229,7 @@ def _layer_files(folder: Path, prefix: str) -> dict[int, Path]:
 
 def import_circuit_tracer_clt(
     folder: str | os.PathLike, *, model_id: str | None = None, architecture: str = "llama",
-    n_layers: int | None = None, d_model: int | None = None, lazy_decoders: bool = False,
+    n_layers: int | None = None, d_model: int | None = None, lazy_decoders: bool = CrossLayerConfig.lazy_decoders,
     dtype: torch.dtype = torch.float32,
 ) -> CrossLayerTranscoder:
     """Load a circuit-tracer CLT folder (see the module docstring), refusing with one line that names
