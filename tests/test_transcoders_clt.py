@@ -206,3 +206,10 @@ def test_mismatched_encoder_shapes_refused(tmp_path):
     save_file(t, str(ct / "W_enc_1.safetensors"))
     with pytest.raises(FormatError, match=rf"W_enc_1.safetensors.*b_enc_1 has shape \({F + 1},\), expected \({F},\)"):
         import_circuit_tracer_clt(ct)
+
+
+def test_write_direction_sums_the_decoders_over_targets():
+    clt = _clt()
+    f = torch.tensor([2, 7])
+    want = torch.stack([sum(clt.W_dec[1][int(i), j] for j in range(L - 1)) for i in f])
+    torch.testing.assert_close(clt.write_direction(1, f), want, rtol=0, atol=1e-12)

@@ -1,6 +1,7 @@
 """Feature inspection: what makes a transcoder feature fire, and what it writes.
 
-For feature f of layer l (encoder row e_f, decoder row d_f):
+For feature f of layer l (encoder row e_f, decoder row d_f; for a cross-layer transcoder d_f is the sum of
+its decoder rows over its target layers, ``write_direction``, docs/design.md §14):
 - top-activating contexts from a corpus sample (the tokens around the maximum, with per-token
   activations so the active ones can be highlighted);
 - its activation histogram (log-spaced bins) and density (share of tokens where it fires);
@@ -164,8 +165,9 @@ def _identity(lm: LoadedModel, ts: TranscoderSet) -> dict:
     """What the statistics belong to: model id and a fingerprint of every layer's weights (a cache made
     with other transcoders must not be resumed or used for labels)."""
     h = hashlib.sha256(json.dumps(ts.config.to_dict(), sort_keys=True, default=str).encode())
-    for tc in ts:
-        for t in (tc.W_enc, tc.b_enc, tc.W_dec):
+    for l, tc in enumerate(ts):
+        first = torch.arange(min(4, ts.n_features))
+        for t in (tc.W_enc, tc.b_enc, ts.write_direction(l, first)):
             h.update(t.detach()[:4].float().cpu().numpy().tobytes())
     return {"model_id": lm.model_id, "transcoders": h.hexdigest()[:16]}
 
@@ -389,7 +391,7 @@ def _lens(lm: LoadedModel, ts: TranscoderSet, keys: Sequence[tuple[int, int]], n
     outs, ins = [], []
     for layer, f in keys:
         tc = ts[layer]
-        o = W_U @ tc.W_dec[f].float().to(W_U.device)  # [V]
+        o = W_U @ ts.write_direction(layer, torch.tensor([f]))[0].float().to(W_U.device)  # [V]
         i = E @ tc.W_enc[f].float().to(E.device)
         ov, oi = o.topk(min(n, len(o)))
         iv, ii = i.topk(min(n, len(i)))
@@ -410,7 +412,7 @@ def _output_lens(lm: LoadedModel, ts: TranscoderSet, keys: Sequence[tuple[int, i
     for layer, fs in by_layer.items():
         for k in range(0, len(fs), 256):
             chunk = fs[k : k + 256]
-            D = ts[layer].W_dec[chunk].float().to(W_U.device)  # [c, d]
+            D = ts.write_direction(layer, torch.tensor(chunk)).float().to(W_U.device)  # [c, d]
             vals, ids = (D @ W_U.T).topk(min(n, W_U.shape[0]), dim=1)  # [c, n]
             for f, v, i in zip(chunk, vals.tolist(), ids.tolist()):
                 out[(layer, f)] = list(zip(i, v))
@@ -879,7 +881,7 @@ def decoder_cosines(transcoders: TranscoderSet, keys: Sequence[tuple[int, int]],
     keys = sorted(set((int(l), int(f)) for l, f in keys))
     if len(keys) < 2:
         return []
-    rows = torch.stack([transcoders[l].W_dec[f].float() for l, f in keys])  # [K, d]
+    rows = torch.cat([transcoders.write_direction(l, torch.tensor([f])).float() for l, f in keys])  # [K, d]
     unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
     cos = (unit @ unit.T).cpu().numpy()
     ii, jj = np.nonzero(np.triu(cos >= floor, k=1))

@@ -176,6 +176,11 @@ class CrossLayerTranscoder(nn.Module):
         rows = self._lazy.rows(layer, features.detach().cpu())
         return rows.to(self.b_enc.device, self.b_enc.dtype)
 
+    def write_direction(self, layer: int, features: Tensor) -> Tensor:
+        """Each feature's total write [n, d] = Σ_t W_dec[layer][f, t − layer] over its target layers (what
+        the logit lens and the decoder cosines of ``tracer/features.py`` read for a CLT feature)."""
+        return self.decoder_rows(layer, features).sum(1)
+
     def decoder(self, layer: int) -> Tensor:
         """The whole decoder [F, L − layer, d] of source ``layer`` (read from disk when lazy)."""
         if self._lazy is None:

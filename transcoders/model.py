@@ -226,6 +226,11 @@ class TranscoderSet(nn.Module):
         """Decoder rows [n, 1, d] of ``features`` [n] of source ``layer`` (one target: ``targets(layer)``)."""
         return self.transcoders[layer].W_dec[features][:, None, :]
 
+    def write_direction(self, layer: int, features: Tensor) -> Tensor:
+        """Each feature's write to the residual stream [n, d]: its decoder row (the logit lens and the
+        decoder cosines read it)."""
+        return self.transcoders[layer].W_dec[features]
+
     def decode_layer(self, layer: int, acts: Sequence[Tensor], x: Tensor | None = None) -> Tensor:
         """ŷ of ``layer`` from the activations ``acts[l]`` [..., F] of every layer (only ``acts[layer]`` is
         read), plus the skip of x̃ ``x`` when given."""
