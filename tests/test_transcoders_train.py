@@ -256,3 +256,73 @@ def test_auto_dtypes_resolve_to_this_machine():
     assert Trainer(TrainConfig(n_features=8, k=2), 1, 4).config.matmul_dtype == fast_dtype("cpu")
     with pytest.raises(Exception, match="matmul_dtype='float16'; allowed: auto, float32, bfloat16"):
         TrainConfig(matmul_dtype="float16")
+
+
+class _Buffers:
+    """An in-memory ActivationSource: consecutive slices of fixed (x, y)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.position = x, y, 0
+
+    def read(self, n):
+        s = slice(self.position, self.position + n)
+        self.position += n
+        return self.x[:, s], self.y[:, s]
+
+    def seek(self, position):
+        self.position = position
+
+
+def _fit_config(**kw):
+    base = dict(n_features=32, k=4, n_tokens=8 * 256, batch_tokens=256, shuffle_buffer_tokens=512,
+                checkpoint_every_tokens=512, warmup_steps=2, progress=False, matmul_dtype="float32")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_background_checkpoint_holds_the_state_at_save_time(tmp_path):
+    """The checkpoint is written by a thread while training goes on: what it holds is the state when
+    ``save`` was called, and resuming from it reproduces the uninterrupted run bit for bit."""
+    from sparsetrace.transcoders.train import Checkpointer, fit
+
+    x, y = _data(N=4096)
+    cfg = _fit_config()
+    full = fit(Trainer(cfg, 2, 16, 16), _Buffers(x, y), tmp_path / "a")
+    # the last checkpoint (taken at 1536 tokens, with steps still to go) resumes to the same weights
+    ck = Checkpointer(tmp_path / "a" / "checkpoint")
+    assert ck.exists()
+    t = Trainer(cfg, 2, 16, 16)
+    resumed = fit(t, _Buffers(x, y), tmp_path / "a", resume=True)
+    assert resumed.tokens == full.tokens
+    for a, b in zip(full.transcoders, resumed.transcoders):
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+
+    # a snapshot is not changed by steps taken after save() returned
+    tr = Trainer(cfg, 2, 16, 16)
+    tr.initialize(x[:, :512], y[:, :512])
+    tr.step(x[:, :256], y[:, :256])
+    before = {k: v.clone() for k, v in tr.state_tensors().items()}
+    ck2 = Checkpointer(tmp_path / "b")
+    sub = ck2.save(tr, torch.Generator().manual_seed(0), {"tokens": 256, "position": 256, "step": 1})
+    for _ in range(3):
+        tr.step(x[:, 256:512], y[:, 256:512])
+    ck2.wait()
+    from sparsetrace.transcoders.io import read_safetensors
+
+    saved = read_safetensors(sub / "rank0.safetensors")
+    for k, v in before.items():
+        assert torch.equal(saved[k], v), k
+
+
+def test_background_checkpoint_error_is_raised_by_fit(tmp_path, monkeypatch):
+    from sparsetrace.transcoders import train as train_mod
+
+    def broken(tensors, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_mod, "save_file", broken)
+    x, y = _data(N=4096)
+    with pytest.raises(OSError, match="disk full"):
+        train_mod.fit(Trainer(_fit_config(), 2, 16, 16), _Buffers(x, y), tmp_path / "c")
+    assert not (tmp_path / "c" / "checkpoint" / "latest.json").exists()
+    assert not list((tmp_path / "c" / "checkpoint").rglob("*.safetensors"))

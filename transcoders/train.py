@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -399,7 +400,7 @@ def fit(
     cfg = trainer.config
     ckpt = Checkpointer(Path(out_dir) / CHECKPOINT_DIR, rank, world_size) if out_dir is not None else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    tokens, since_ckpt, stats = 0, 0, None
+    tokens = 0
     if resume and ckpt is not None and ckpt.exists():
         meta = ckpt.load(trainer, gen)
         tokens = meta["tokens"]
@@ -410,6 +411,25 @@ def fit(
     layer_ids = list(range(trainer.n_layers)) if layer_ids is None else layer_ids
     n_total = n_layers_total or trainer.n_layers
     bar = _progress(cfg, rank, tokens)
+    try:
+        stats, tokens = _train_loop(trainer, source, ckpt, gen, tokens, initialised, bar, rank, log, reduce,
+                                    layer_ids, n_total)
+    except BaseException:
+        if ckpt is not None:
+            ckpt.wait(raise_error=False)  # finish the file being written; the original error wins
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if ckpt is not None:
+        ckpt.wait()
+    return FitResult(trainer.to_transcoders(), tokens, trainer.step_count, stats, (trainer.rms_x, trainer.rms_y))
+
+
+def _train_loop(trainer, source, ckpt, gen, tokens, initialised, bar, rank, log, reduce, layer_ids, n_total):
+    """Read buffers and step until ``total_steps``; checkpoint between buffers. → (last stats, tokens)."""
+    cfg = trainer.config
+    since_ckpt, stats = 0, None
     t0, tok0 = time.perf_counter(), tokens
     while trainer.step_count < cfg.total_steps:
         # never read past what the remaining steps train on (the last buffer may be shorter)
@@ -440,9 +460,7 @@ def fit(
             if trainer.step_count < cfg.total_steps:
                 ckpt.save(trainer, gen, {"tokens": tokens, "position": source.position, "step": trainer.step_count})
             since_ckpt = 0
-    if bar is not None:
-        bar.close()
-    return FitResult(trainer.to_transcoders(), tokens, trainer.step_count, stats, (trainer.rms_x, trainer.rms_y))
+    return stats, tokens
 
 
 def _record(stats, trainer, tokens, new_tokens, elapsed, layer_ids, n_total, reduce) -> dict[str, Any]:
@@ -489,21 +507,54 @@ def _progress(cfg: TrainConfig, rank: int, tokens: int):
 # ---- checkpoints ----------------------------------------------------------------------------------
 class Checkpointer:
     """``checkpoint/ckpt_{tokens}/rank{r}.safetensors`` + ``rank{r}.json``; ``latest.json`` names the last
-    complete one and is written (atomically, by rank 0) only after every rank has written its files."""
+    complete one and is written (atomically, by rank 0) only after every rank has written its files.
+
+    With one rank the files are written by a background thread (docs/design.md §9): :meth:`save` copies
+    the state and returns, training goes on while the ~1 GB file is written, and the next :meth:`save`
+    or :meth:`wait` joins it (re-raising its error). A process killed meanwhile leaves ``latest.json``
+    on the previous complete checkpoint, because every file is written atomically and ``latest.json`` last.
+    """
 
     def __init__(self, folder: Path, rank: int = 0, world_size: int = 1) -> None:
         self.folder, self.rank, self.world_size = folder, rank, world_size
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def exists(self) -> bool:
         return (self.folder / "latest.json").is_file()
 
     def save(self, trainer: Trainer, gen: torch.Generator, meta: dict[str, Any]) -> Path:
+        """Snapshot the trainer and the shuffle RNG now; write them (in the background with one rank)."""
+        self.wait()
         sub = self.folder / f"ckpt_{meta['tokens']:012d}"
         sub.mkdir(parents=True, exist_ok=True)
         tensors = trainer.state_tensors()
         tensors["rng_state"] = gen.get_state()
-        atomic_write(sub / f"rank{self.rank}.safetensors", lambda tmp: save_file(tensors, tmp))
         full = {**meta, "world_size": self.world_size, "rank": self.rank, "config": trainer.config.to_dict()}
+        if self.world_size == 1:
+            self._writer = threading.Thread(target=self._write_in_background, args=(sub, tensors, full, meta), daemon=True)
+            self._writer.start()
+        else:
+            self._write(sub, tensors, full, meta)
+        return sub
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the checkpoint being written is complete; re-raise the writer's error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        err, self._error = self._error, None
+        if err is not None and raise_error:
+            raise err
+
+    def _write_in_background(self, sub: Path, tensors: dict[str, Tensor], full: dict, meta: dict) -> None:
+        try:
+            self._write(sub, tensors, full, meta)
+        except BaseException as e:  # re-raised by wait() in the training thread
+            self._error = e
+
+    def _write(self, sub: Path, tensors: dict[str, Tensor], full: dict, meta: dict) -> None:
+        atomic_write(sub / f"rank{self.rank}.safetensors", lambda tmp: save_file(tensors, tmp))
         _write_json(sub / f"rank{self.rank}.json", full)
         self._barrier()
         if self.rank == 0:
@@ -512,7 +563,6 @@ class Checkpointer:
             if prev and prev != sub.name:
                 shutil.rmtree(self.folder / prev, ignore_errors=True)
         self._barrier()
-        return sub
 
     def _latest_name(self) -> str | None:
         if not self.exists():
