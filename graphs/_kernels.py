@@ -1,8 +1,10 @@
 """Private numba kernels on the CSR edge store (rows = targets, ``indices`` = sources).
 
 Array-only: every function takes and returns plain numpy arrays; validation and wrapping live in
-``prune.py``. Each kernel has a parity test against the dense numpy reference in
-``tests/reference/influence_naive.py`` (STYLE.md §7, §8); tests/test_numba_cache.py runs those parity
+``prune.py``. The attribution engine's row store (tracer/_store.py) ranks features with the same
+:func:`row_denominators` and :func:`influence_sweep`. Each kernel has a parity test against the dense
+numpy reference in ``tests/reference/influence_naive.py`` (docs/design.md §7);
+tests/test_numba_cache.py runs those parity
 tests again with ``NUMBA_DISABLE_JIT=1`` (these lines as plain Python) and with ``NUMBA_BOUNDSCHECK=1``.
 
 Kernels are ``sparsetrace._numba.kernel`` functions: cached per CPU and thread count, compiled under a
@@ -47,48 +49,52 @@ def reverse_topological_order(indptr, indices, n):
 
 
 @kernel
-def row_denominators(indptr, indices, data, remainder, node_mask):
-    """Per target row: Σ|A[t, s]| over kept sources s, plus the row's stored ``remainder``.
+def row_denominators(targets, starts, ends, indices, data, remainder, node_mask):
+    """Per row r (target node ``targets[r]``, entries ``starts[r] : ends[r]``): Σ|A[t, s]| over kept
+    sources s, plus the target's stored ``remainder``. A CSR is ``(arange(n), indptr[:-1], indptr[1:])``
+    (``prune.csr_rows``); the row store passes its blocks' rows.
 
     The remainder is the absolute mass thresholded storage dropped, so counting it keeps Â identical to
     the un-thresholded one. Sources outside ``node_mask`` are *not* counted: a node-pruned graph is
     renormalised over its surviving sources (circuit-tracer's golden edge scores, prune-12.json).
-    Rows outside the mask get 0.
+    Rows whose target is outside the mask get 0.
     """
-    n = indptr.shape[0] - 1
-    out = np.zeros(n, dtype=np.float64)
-    for t in range(n):
+    out = np.zeros(targets.shape[0], dtype=np.float64)
+    for r in range(targets.shape[0]):
+        t = targets[r]
         if not node_mask[t]:
             continue
         acc = np.float64(remainder[t])
-        for e in range(indptr[t], indptr[t + 1]):
+        for e in range(starts[r], ends[r]):
             if node_mask[indices[e]]:
                 acc += abs(np.float64(data[e]))
-        out[t] = acc
+        out[r] = acc
     return out
 
 
 @kernel
-def influence_sweep(indptr, indices, data, denom, w, order, node_mask):
-    """I = wᵀ(Â + Â² + …) in one pass: I_s = Σ_t (I_t + w_t)·Â[t, s], targets visited before sources.
+def influence_sweep(infl, w, visit, targets, starts, ends, indices, data, denom, node_mask):
+    """I = wᵀ(Â + Â² + …), accumulated into ``infl`` in place: for each row r in ``visit``, in order,
+    I_s += (I_t + w_t)·|A[t, s]| / denom[r] for its target t = targets[r] and every stored source s.
 
-    ``order`` is a reverse topological order (see :func:`reverse_topological_order`). Rows with a zero
-    denominator have no inputs and push nothing (Â's row stays 0, DESIGN.md §5).
+    Rows are given as in :func:`row_denominators` (``denom`` from it). Exact when ``visit`` puts every
+    target before its sources (:func:`reverse_topological_order` on a CSR; the row store sweeps its
+    rows by layer descending), I_t then being final when it is pushed. The only influence sweep in the
+    project: pruning and the engine's row budget both call it. Rows with a zero denominator have no
+    inputs and push nothing (Â's row stays 0, docs/design.md §5).
     """
-    n = indptr.shape[0] - 1
-    infl = np.zeros(n, dtype=np.float64)
-    for k in range(n):
-        t = order[k]
-        if not node_mask[t] or denom[t] == 0.0:
+    for k in range(visit.shape[0]):
+        r = visit[k]
+        t = targets[r]
+        if not node_mask[t] or denom[r] == 0.0:
             continue
-        push = (infl[t] + w[t]) / denom[t]
+        push = (infl[t] + w[t]) / denom[r]
         if push == 0.0:
             continue
-        for e in range(indptr[t], indptr[t + 1]):
+        for e in range(starts[r], ends[r]):
             s = indices[e]
             if node_mask[s]:
                 infl[s] += push * abs(np.float64(data[e]))
-    return infl
 
 
 @kernel

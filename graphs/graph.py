@@ -1,4 +1,4 @@
-"""The attribution graph and the one object that owns node ordering (DESIGN.md §4).
+"""The attribution graph and the one object that owns node ordering (docs/design.md §4).
 
 torch-free: a saved graph can be pruned, scored, exported and rendered with numpy alone.
 
@@ -194,6 +194,80 @@ class NodeLayout:
             raise GraphError(f"feature {feature} at layer {layer}, position {pos} is not a node of this graph")
         return int(s.start + hit[0])
 
+    # ---- features by layer and by (layer, position) group; sources; rows --------------------------
+    @property
+    def n_sources(self) -> int:
+        """Nodes that can be sources (features | errors | tokens): the columns of a row."""
+        return self.logits.start
+
+    @property
+    def feature_layer_starts(self) -> np.ndarray:
+        """[n_layers + 1] int64: the feature nodes of layer l are ``starts[l] : starts[l + 1]`` (features
+        are sorted by layer); ``starts[n_layers]`` is the number of features."""
+        f = self.features
+        return f.start + np.searchsorted(self.layer[f], np.arange(self.n_layers + 1)).astype(np.int64)
+
+    def features_from(self, layer: int | np.ndarray) -> np.ndarray | int:
+        """First feature node at ``layer`` or above (``n_layers``, a logit's layer: the end of the
+        features). A row read at ``layer`` has no sources from there to the end of the features."""
+        out = self.feature_layer_starts[layer]
+        return int(out) if np.ndim(out) == 0 else out
+
+    def group(self, layer: int | np.ndarray, pos: int | np.ndarray) -> np.ndarray | int:
+        """Number of the (layer, position) group: ``layer · n_pos + pos``, in [0, n_layers · n_pos)."""
+        out = np.asarray(layer, dtype=np.int64) * self.n_pos + np.asarray(pos, dtype=np.int64)
+        return int(out) if np.ndim(out) == 0 else out
+
+    @property
+    def feature_group(self) -> np.ndarray:
+        """[n_features] int64: each feature's (layer, position) group (ascending: features are sorted)."""
+        f = self.features
+        return self.group(self.layer[f], self.pos[f])
+
+    @property
+    def group_counts(self) -> np.ndarray:
+        """[n_layers, n_pos] int64: feature nodes per (layer, position)."""
+        return np.bincount(self.feature_group, minlength=self.n_layers * self.n_pos).reshape(self.n_layers, self.n_pos)
+
+    @property
+    def rank_in_group(self) -> np.ndarray:
+        """[n_features] int64: each feature's rank among the features of its (layer, position)."""
+        g = self.feature_group
+        first = np.r_[0, np.cumsum(self.group_counts.ravel())[:-1]]
+        return np.arange(len(g)) - first[g]
+
+    def cone_sizes(self, error_present: np.ndarray | None = None) -> np.ndarray:
+        """[n_features] the sources in each feature row's causal cone: features and errors at lower
+        layers and positions ≤ its own, tokens at positions ≤ its own — no row has more entries.
+        ``error_present`` [n_layers, n_pos] bool: errors to count (default all)."""
+        counts = self.group_counts
+        counts = counts + (1 if error_present is None else np.asarray(error_present, dtype=np.int64).reshape(counts.shape))
+        below = np.cumsum(counts, axis=0) - counts  # features and errors at layers < l, per position
+        cone = np.cumsum(below, axis=1)  # … at positions ≤ c
+        f = self.features
+        layer, pos = self.layer[f].astype(np.int64), self.pos[f].astype(np.int64)
+        return cone[layer, pos] + (pos + 1)
+
+    def row_capacity(self, error_present: np.ndarray | None = None) -> np.ndarray:
+        """[n_nodes] most entries each node's row can have: a feature's cone (:meth:`cone_sizes`), every
+        source for a logit, 0 for errors and tokens (they have no rows)."""
+        out = np.zeros(self.n_nodes, dtype=np.int64)
+        out[self.features] = self.cone_sizes(error_present)
+        out[self.logits] = self.n_sources
+        return out
+
+    def fold(self, selected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keeping only the ``selected`` [n_features] features: ``(keep [n_nodes] bool, column map
+        [n_nodes])``, the map sending each unselected feature to its (layer, position) error node and
+        every other node to itself."""
+        selected = np.asarray(selected, dtype=bool)
+        keep = np.ones(self.n_nodes, dtype=bool)
+        keep[self.features] = selected
+        col_map = np.arange(self.n_nodes)
+        unsel = self.features.start + np.flatnonzero(~selected)
+        col_map[unsel] = self.error_index(self.layer[unsel], self.pos[unsel])
+        return keep, col_map
+
     def node_id(self, i: int) -> str:
         """A readable, stable id: ``F{layer}.{feature}@{pos}``, ``E{layer}@{pos}``, ``T@{pos}``, ``L{k}``."""
         k = NodeKind(int(self.kind[i]))
@@ -333,7 +407,7 @@ _atomic_write = atomic_write  # the shared helper, under the name graphs' module
 
 @dataclass(eq=False)
 class AttributionGraph:
-    """An attribution graph (DESIGN.md §4).
+    """An attribution graph (docs/design.md §4).
 
     Per-node arrays have length ``layout.n_nodes``:
       ``activation``: feature activation a; error nodes: ‖ε‖; tokens: 0; logits: the demeaned logit.

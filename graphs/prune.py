@@ -121,8 +121,22 @@ def adjacency_influence(
     if order is None:
         order = topological_order(adjacency)
     indptr, indices, data, rem = _csr(adjacency)
-    denom = _kernels.row_denominators(indptr, indices, data, rem, mask)
-    return _kernels.influence_sweep(indptr, indices, data, denom, w, order, mask)
+    return _influence(indptr, indices, data, rem, w, order, mask)[0]
+
+
+def csr_rows(indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A CSR's rows as the kernels take them: ``(targets, starts, ends)`` = (0…n−1, indptr[:-1], indptr[1:])."""
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    return np.arange(len(indptr) - 1, dtype=np.int64), indptr[:-1], indptr[1:]
+
+
+def _influence(indptr, indices, data, rem, w, order, mask) -> tuple[np.ndarray, np.ndarray]:
+    """(influence [N], row denominators [N]) of a CSR restricted to ``mask``."""
+    rows = csr_rows(indptr)
+    denom = _kernels.row_denominators(*rows, indices, data, rem, mask)
+    infl = np.zeros(len(w), dtype=np.float64)
+    _kernels.influence_sweep(infl, w, order, *rows, indices, data, denom, mask)
+    return infl, denom
 
 
 def node_influence(graph: AttributionGraph) -> np.ndarray:
@@ -174,8 +188,7 @@ def prune(
     everything = np.ones(n, dtype=np.bool_)
 
     # 1. node pruning on the full graph
-    denom = _kernels.row_denominators(indptr, indices, data, rem, everything)
-    infl = _kernels.influence_sweep(indptr, indices, data, denom, w, order, everything)
+    infl, _ = _influence(indptr, indices, data, rem, w, order, everything)
     protected = (layout.kind == NodeKind.TOKEN) | (layout.kind == NodeKind.LOGIT)
     prunable = ~protected
     node_mask = protected.copy()
@@ -184,8 +197,7 @@ def prune(
     # 2. edge pruning on the node-pruned graph (its entries only: the other edges' scores are 0)
     sub_indptr, entry = _kernels.induced_entries(indptr, indices, node_mask)
     sub_indices, sub_data = indices[entry], data[entry]
-    denom2 = _kernels.row_denominators(sub_indptr, sub_indices, sub_data, rem, node_mask)
-    infl2 = _kernels.influence_sweep(sub_indptr, sub_indices, sub_data, denom2, w, order, node_mask)
+    infl2, denom2 = _influence(sub_indptr, sub_indices, sub_data, rem, w, order, node_mask)
     sub_score = _kernels.edge_scores(sub_indptr, sub_indices, sub_data, denom2, infl2, w, node_mask)
     sub_keep = _keep(sub_score, cfg.edge_threshold)
 

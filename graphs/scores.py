@@ -21,7 +21,7 @@ from sparsetrace.errors import GraphError
 
 from . import _kernels
 from .graph import Adjacency, AttributionGraph, NodeKind
-from .prune import PruneResult, _index_array, node_influence, topological_order
+from .prune import PruneResult, _index_array, csr_rows, node_influence, topological_order
 
 __all__ = ["GraphScores", "graph_scores", "fold_pruned", "pruned_graph_scores", "store_scores"]
 
@@ -45,7 +45,8 @@ def _error_fraction(graph: AttributionGraph) -> np.ndarray:
     indptr = np.ascontiguousarray(adj.indptr, dtype=np.int64)
     indices = _index_array(adj.indices)
     data = np.ascontiguousarray(adj.data, dtype=np.float64)
-    denom = _kernels.row_denominators(indptr, indices, data, adj.remainder.astype(np.float64), np.ones(adj.n, bool))
+    denom = _kernels.row_denominators(*csr_rows(indptr), indices, data, adj.remainder.astype(np.float64),
+                                      np.ones(adj.n, bool))
     rows = adj.rows()
     from_error = graph.layout.kind[indices] == NodeKind.ERROR
     safe = np.where(denom > 0, denom, 1.0)

@@ -53,7 +53,7 @@ st = _store_kernels()
 
 GRAPH_KERNELS = ("reverse_topological_order", "row_denominators", "influence_sweep", "edge_scores",
                  "prune_to_fixed_point", "induced_entries")
-STORE_KERNELS = ("_push_rows", "_cuts", "_kept_per_row", "_fill_slots", "_compact", "_place")
+STORE_KERNELS = ("_cuts", "_kept_per_row", "_fill_slots", "_compact", "_place")
 SELECT_KERNELS = ("bucket_order",)
 KERNELS = {**{k: getattr(gk, k) for k in GRAPH_KERNELS}, **{k: getattr(st, k) for k in STORE_KERNELS},
            **{k: getattr(sel, k) for k in SELECT_KERNELS}}
@@ -84,12 +84,24 @@ def call_graph_kernels(dtype, only, out: dict) -> None:
     order, emitted = gk.reverse_topological_order(indptr, indices, n)
     if "reverse_topological_order" in only:
         out["topo_order"], out["topo_emitted"] = order, np.int64(emitted)
-    denom = gk.row_denominators(indptr, indices, data, rem, mask)
+    rows = np.arange(n, dtype=np.int64), indptr[:-1], indptr[1:]  # a CSR's rows (prune.csr_rows)
+    denom = gk.row_denominators(*rows, indices, data, rem, mask)
     if "row_denominators" in only:
         out[f"denom_{tag}"] = denom
     if "influence_sweep" in only:
-        infl = gk.influence_sweep(indptr, indices, data, denom, w, order, mask)
+        infl = np.zeros(n)
+        gk.influence_sweep(infl, w, order, *rows, indices, data, denom, mask)
         out[f"infl_{tag}"] = infl
+        # the row store's use: rows of some targets, anywhere in a buffer, visited by layer descending
+        targets = np.array([7, 6, 5], dtype=np.int64)
+        starts, ends = np.array([0, 4, 6], dtype=np.int64), np.array([4, 6, 9], dtype=np.int64)
+        cols = np.array([0, 1, 5, 6, 2, 3, 0, 1, 4], dtype=np.int32)
+        vals = rng.normal(size=9).astype(dtype)
+        every = np.ones(8, dtype=np.bool_)
+        d = gk.row_denominators(targets, starts, ends, cols, vals, np.full(8, 0.05), every)
+        pushed, w8 = np.zeros(8), np.r_[np.zeros(6), 0.4, 0.6]
+        gk.influence_sweep(pushed, w8, np.arange(3, dtype=np.int64), targets, starts, ends, cols, vals, d, every)
+        out[f"push_{tag}"] = pushed
         if "edge_scores" in only:
             out[f"scores_{tag}"] = gk.edge_scores(indptr, indices, data, denom, infl, w, mask)
     if "prune_to_fixed_point" in only:
@@ -132,15 +144,6 @@ def call_store_kernels(dtype, only, out: dict) -> None:
         if "_compact" in only:
             end = st._compact(cols, vals, starts, counts)
             out[f"compact_{tag}"] = np.r_[end, cols[:end], vals[:end].astype(np.float64)]
-    if "_push_rows" in only:
-        n = 8
-        targets = np.array([7, 6, 5], dtype=np.int64)
-        starts, ends = np.array([0, 4, 6], dtype=np.int64), np.array([4, 6, 9], dtype=np.int64)
-        cols = np.array([0, 1, 5, 6, 2, 3, 0, 1, 4], dtype=np.int32)
-        vals = rng.normal(size=9).astype(dtype)
-        infl, w = np.zeros(n), np.r_[np.zeros(6), 0.4, 0.6]
-        st._push_rows(infl, w, targets, starts, ends, cols, vals, np.full(n, 0.05), np.arange(3, dtype=np.int64))
-        out[f"push_{tag}"] = infl
     if "_place" in only:
         src_indptr = np.array([0, 2, 5], dtype=np.int64)
         src_cols = np.array([1, 3, 0, 2, 4], dtype=np.int32)

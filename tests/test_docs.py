@@ -21,13 +21,6 @@ OLD_SPECS = ("DESIGN" + ".md", "STYLE" + ".md")  # background notes outside the 
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "runs", "node_modules"}
 TEXT_SUFFIXES = {".py", ".md", ".html", ".js", ".css", ".sh", ".toml", ".txt", ".yaml", ".yml", ".cfg"}
 TEXT_NAMES = {"Makefile"}
-PENDING_REWRITE = {
-    # Being rewritten on another branch while this test was written; each must still cite an old note
-    # (test_pending_files_still_cite_an_old_note), so the entry has to go when that rewrite lands.
-    "tracer/attribution.py",
-    "graphs/graph.py",
-    "graphs/_kernels.py",
-}
 CITATION = re.compile(r"(?<![\w/])(?:docs/)?design\.md\b([^\n]*)")
 
 
@@ -97,15 +90,8 @@ def test_nothing_cites_the_old_notes():
     bad = []
     for p in _text_files():
         rel = p.relative_to(ROOT).as_posix()
-        if rel in PENDING_REWRITE:
-            continue
         bad += [f"{rel}:{i}" for i, line in enumerate(_read(p).splitlines(), 1) if _cites_old_note(line)]
     assert not bad, f"{' and '.join(OLD_SPECS)} are not in the repo; cite docs/design.md §N instead:\n" + "\n".join(bad)
-
-
-@pytest.mark.parametrize("rel", sorted(PENDING_REWRITE))
-def test_pending_files_still_cite_an_old_note(rel):
-    assert _cites_old_note(_read(ROOT / rel)), f"{rel} no longer cites {OLD_SPECS}: remove it from PENDING_REWRITE"
 
 
 def test_position_0_statement_of_the_card_holds():

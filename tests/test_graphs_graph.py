@@ -44,6 +44,42 @@ def test_layout_subset_keeps_order_and_lookups():
     assert sub == NodeLayout.from_arrays(3, 4, sub.to_arrays())
 
 
+def test_layout_index_methods_by_counting():
+    """The engine's index arithmetic, each method checked against a count written out by hand."""
+    L, T = 3, 4
+    # features given unsorted: (layer, pos, id)
+    feats = [(2, 3, 7), (0, 1, 5), (0, 1, 2), (1, 2, 9), (0, 3, 1), (2, 3, 4), (2, 1, 0)]
+    lay = NodeLayout.build(L, T, *np.array(feats).T, n_logits=2)
+    srt = sorted(feats)
+    assert lay.n_sources == len(feats) + L * T + T == lay.logits.start
+    np.testing.assert_array_equal(lay.feature_layer_starts, [0, 3, 4, 7])
+    assert lay.features_from(1) == 3 and lay.features_from(L) == 7
+    np.testing.assert_array_equal(lay.features_from(np.array([2, 0])), [4, 0])
+    assert lay.group(2, 3) == 11
+    np.testing.assert_array_equal(lay.feature_group, [l * T + c for l, c, _ in srt])
+    counts = np.zeros((L, T), dtype=int)
+    for l, c, _ in feats:
+        counts[l, c] += 1
+    np.testing.assert_array_equal(lay.group_counts, counts)
+    np.testing.assert_array_equal(lay.rank_in_group, [sum((l2, c2) == (l, c) for l2, c2, _ in srt[:i])
+                                                      for i, (l, c, _) in enumerate(srt)])
+    # a feature row's cone: features and errors at lower layers and positions ≤ its own, tokens ≤ its own
+    present = np.ones((L, T), dtype=bool)
+    present[:, 0] = False
+    for i, (l, c, _) in enumerate(srt):
+        n_feat = sum(l2 < l and c2 <= c for l2, c2, _ in srt)
+        assert lay.cone_sizes()[i] == n_feat + l * (c + 1) + (c + 1)
+        assert lay.cone_sizes(present)[i] == n_feat + l * c + (c + 1)
+    cap = lay.row_capacity()
+    assert cap[lay.logits].tolist() == [lay.n_sources] * 2 and not cap[lay.errors].any() and not cap[lay.tokens].any()
+    selected = np.array([True, False, True, True, False, True, True])
+    keep, col_map = lay.fold(selected)
+    assert keep.sum() == lay.n_nodes - 2 and not keep[[1, 4]].any()
+    for i in (1, 4):
+        assert col_map[i] == lay.error_index(*srt[i][:2])
+    assert np.array_equal(np.delete(col_map, [1, 4]), np.delete(np.arange(lay.n_nodes), [1, 4]))
+
+
 def test_can_feed_is_the_dag_order():
     lay = _layout()
     # node 0: F at layer 0 pos 1; node 2: layer 1 pos 2; node 3: layer 2 pos 1

@@ -18,6 +18,7 @@ from sparsetrace.graphs.prune import (
     PruneConfig,
     adjacency_influence,
     apply_prune,
+    csr_rows,
     cumulative_threshold,
     node_influence,
     prune,
@@ -110,8 +111,8 @@ def test_remainder_keeps_normalisation():
     assert cut.nnz < full.nnz
     indptr, indices, data, rem = (np.asarray(x, dtype=t) for x, t in
                                   ((cut.indptr, np.int64), (cut.indices, np.int64), (cut.data, float), (cut.remainder, float)))
-    d_cut = _kernels.row_denominators(indptr, indices, data, rem, np.ones(cut.n, bool))
-    d_full = _kernels.row_denominators(full.indptr, full.indices, full.data.astype(float),
+    d_cut = _kernels.row_denominators(*csr_rows(indptr), indices, data, rem, np.ones(cut.n, bool))
+    d_full = _kernels.row_denominators(*csr_rows(full.indptr), full.indices, full.data.astype(float),
                                        full.remainder.astype(float), np.ones(full.n, bool))
     np.testing.assert_allclose(d_cut, d_full, rtol=1e-12)
     np.testing.assert_allclose(d_full, np.abs(a).sum(1), rtol=1e-12)
@@ -127,7 +128,8 @@ def test_edge_score_kernel_parity():
     infl = adjacency_influence(g.adjacency, w, node_mask=keep)
     np.testing.assert_allclose(infl, infl_ref, rtol=1e-12, atol=1e-14)
     adj = g.adjacency
-    denom = _kernels.row_denominators(adj.indptr, adj.indices, adj.data.astype(float), adj.remainder.astype(float), keep)
+    denom = _kernels.row_denominators(*csr_rows(adj.indptr), adj.indices, adj.data.astype(float),
+                                      adj.remainder.astype(float), keep)
     sc = _kernels.edge_scores(adj.indptr, adj.indices, adj.data.astype(float), denom, infl, w, keep)
     np.testing.assert_allclose(sc, ref.edge_scores(ahat, infl_ref, w)[adj.rows(), adj.indices], rtol=1e-12, atol=1e-14)
 

@@ -120,7 +120,7 @@ def parity_runs(request, tmp_path_factory):
 
 def test_cold_compile_gives_the_plain_python_results_and_writes_the_cache(runs):
     report, results, stderr = runs["cold"]
-    assert set(report["kernels"]) == {*PARALLEL, "_push_rows", "_compact", "_place", "reverse_topological_order",
+    assert set(report["kernels"]) == {*PARALLEL, "_compact", "_place", "reverse_topological_order",
                                       "row_denominators", "influence_sweep", "edge_scores", "prune_to_fixed_point",
                                       "induced_entries", "bucket_order"}
     _assert_same_results(results, runs["ref"])
@@ -236,7 +236,7 @@ def test_an_unusable_cache_costs_the_cache_not_the_result(runs, tmp_path):
     with ENOSPC after the index was written (a later process then finds an index entry without its data
     file): each time the right results, exit 0 and one warning line, never a crash."""
     (tmp_path / "file").write_text("")
-    only = ["--only", "reverse_topological_order,row_denominators,_push_rows", "--dtypes", "float64"]
+    only = ["--only", "reverse_topological_order,row_denominators,_place", "--dtypes", "float64"]
     cases = {
         "unwritable": _Run(tmp_path / "o1", tmp_path / "file" / "cache", *only),
         "fsize0": _Run(tmp_path / "o2", tmp_path / "full", *only, "--fsize0"),

@@ -209,6 +209,52 @@ def test_batch_size_and_row_order_invariance(arch):
         np.testing.assert_allclose(other.bias, graphs[0].bias, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("budget", [None, 12])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_row_order_and_batch_composition_invariance(arch, budget, monkeypatch):
+    """Feature rows computed in a shuffled order, in batches of random size and composition (instead of
+    the engine's (position, layer) order in full batches): the same graph — layout, sparsity, κ, values
+    bit for bit, edge weights to rounding. With a row budget the windows are the ranking's; only the
+    order and grouping inside each window changes."""
+    import sparsetrace.tracer.attribution as attr
+
+    lm = tiny_lm(arch)
+    ts = random_transcoders(lm)
+    cfg = AttributionConfig(dtype="float64", batch_size=6, max_feature_nodes=budget)
+    default, shuffled = [], []
+    plain = attr._batches
+
+    def recorded(idx, cand, B):
+        for take in plain(idx, cand, B):
+            default.append(take.copy())
+            yield take
+
+    monkeypatch.setattr(attr, "_batches", recorded)
+    base = attribute(PROMPT, lm, ts, config=cfg)
+    rng = np.random.default_rng(0)
+
+    def permuted(idx, cand, B):
+        idx = rng.permutation(np.asarray(idx))
+        while len(idx):
+            n = int(rng.integers(1, B + 1))
+            take, idx = idx[:n], idx[n:]
+            shuffled.append(take.copy())
+            yield take[np.argsort(-cand.layer[take], kind="stable")]  # the engine takes layers descending
+
+    monkeypatch.setattr(attr, "_batches", permuted)
+    other = attribute(PROMPT, lm, ts, config=cfg)
+    # not vacuous: other rows in other batches, in another order
+    assert not np.array_equal(np.concatenate(shuffled), np.concatenate(default))
+    assert sorted(np.concatenate(shuffled).tolist()) == sorted(np.concatenate(default).tolist())
+    assert other.layout == base.layout
+    np.testing.assert_array_equal(other.adjacency.indptr, base.adjacency.indptr)
+    np.testing.assert_array_equal(other.adjacency.indices, base.adjacency.indices)
+    scale = np.abs(base.adjacency.data).max()
+    np.testing.assert_allclose(other.adjacency.data, base.adjacency.data, atol=1e-12 * scale, rtol=0)
+    for name in ("bias", "value", "activation"):
+        np.testing.assert_array_equal(getattr(other, name), getattr(base, name), err_msg=name)
+
+
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
 def test_other_activations_row_test(activation):
     lm = tiny_lm("llama")

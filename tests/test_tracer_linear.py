@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sparsetrace.tracer._linear import LinearBackward
-from sparsetrace.tracer.attribution import AttributionConfig, _AutogradBackward, attribute
+from sparsetrace.tracer._autograd import AutogradBackward
+from sparsetrace.tracer.attribution import AttributionConfig, attribute
 from sparsetrace.tracer.replacement import ReplacementModel
 
 from conftest import ARCHS, random_transcoders, tiny_lm
@@ -38,7 +39,7 @@ def _random_reads(lm, seed: int, first_pos: int, n: int = 12):
 def test_linear_backward_equals_autograd_gradients(arch):
     lm, rm, run = _fp64_run(arch)
     reads = _random_reads(lm, seed=0, first_pos=0)
-    ga, ea = _AutogradBackward(rm, run, len(reads)).backward(reads)
+    ga, ea = AutogradBackward(rm, run, len(reads)).backward(reads)
     gb, eb = LinearBackward(rm, run).backward(reads)
     scale = ea.abs().max().item()
     assert scale > 1e-3
@@ -56,7 +57,7 @@ def test_skipping_position_0_keeps_every_other_gradient_and_the_first_token_edge
     lm, rm, run = _fp64_run(arch)
     reads = _random_reads(lm, seed=2, first_pos=1)
     d = lm.d_model
-    ga, ea = _AutogradBackward(rm, run, len(reads)).backward(reads)
+    ga, ea = AutogradBackward(rm, run, len(reads)).backward(reads)
     eng = LinearBackward(rm, run, skip_position0=True)
     gb, eb = eng.backward(reads)
     scale = ea.abs().max().item()
@@ -131,7 +132,7 @@ def test_blocked_causal_pattern_product_equals_dense(arch, monkeypatch):
     d = lm.d_model
     reads = [(lm.n_layers, len(PROMPT) - 1, torch.randn(d, dtype=torch.float64, generator=gen)),
              (1, 4, torch.randn(d, dtype=torch.float64, generator=gen))]
-    ga, ea = _AutogradBackward(rm, run, len(reads)).backward(reads)
+    ga, ea = AutogradBackward(rm, run, len(reads)).backward(reads)
     eng = LinearBackward(rm, run)
     with profile(with_flops=True) as prof:
         gb, eb = eng.backward(reads)
@@ -143,7 +144,7 @@ def test_blocked_causal_pattern_product_equals_dense(arch, monkeypatch):
 
 
 def test_bucket_plan_partitions_positions_and_never_pads_more_than_one_bucket():
-    from sparsetrace.tracer.attribution import _plan_buckets
+    from sparsetrace.tracer._contraction import plan_buckets as _plan_buckets
 
     rng = np.random.default_rng(0)
     for counts in (rng.integers(0, 200, 300), np.full(16, 7), np.array([0]), rng.integers(0, 5, 3)):
@@ -163,16 +164,16 @@ def test_contraction_rows_equal_gradient_dot_writes_with_the_buffer_reused(arch)
     (LinearBackward.backward, every layer and position) dotted with every source's write, on every
     column the store reads — also when a batch reaches fewer positions than an earlier one (the buffer
     is then zeroed whole) and when rows sit at other layers than the last batch's (stale columns)."""
-    from sparsetrace.tracer.attribution import _candidates, _Contraction
+    from sparsetrace.tracer._contraction import Contraction, candidates
 
     lm, rm, run = _fp64_run(arch)
-    cand = _candidates(run, rm.transcoders, 1)
+    cand = candidates(run, rm.transcoders, 1)
     assert any(len(b) > 1 for b in cand.buckets)  # the multi-bucket path is exercised
     lay, L, T = cand.layout, lm.n_layers, len(PROMPT)
-    n_feat, n_src = lay.n_features, lay.logits.start
+    n_feat, n_src = lay.n_features, lay.n_sources
     eng = LinearBackward(rm, run, skip_position0=True)
     gen = torch.Generator().manual_seed(5)
-    con = _Contraction(run, cand, 6, n_src, eng.p0, skips_above=True)
+    con = Contraction(run, cand, 6, eng.p0, skips_above=True)
     w = cand.writes(np.arange(n_feat))  # every feature's write a_s·W_dec[f]
     for c_max, n in [(T - 1, 6), (3, 4), (T - 1, 6), (T - 1, 5)]:
         layers = torch.randint(1, L + 1, (n,), generator=gen).sort(descending=True).values
@@ -192,8 +193,8 @@ def test_contraction_rows_equal_gradient_dot_writes_with_the_buffer_reused(arch)
         ref[:, lay.token_index(np.arange(T))] = torch.einsum("btd,td->bt", emb, run.h0)
         read = torch.ones(n, n_src, dtype=torch.bool)
         for i, (l, _, _) in enumerate(reads):
-            ref[i, int(cand.layer_start[min(l, L)]) : n_feat] = 0  # a feature row sees only lower layers
-            read[i, int(cand.layer_start[min(l, L)]) : n_feat] = False  # … and the store skips the rest
+            ref[i, lay.features_from(min(l, L)) : n_feat] = 0  # a feature row sees only lower layers
+            read[i, lay.features_from(min(l, L)) : n_feat] = False  # … and the store skips the rest
         scale = ref.abs().max().item()
         assert scale > 1e-3
         torch.testing.assert_close(rows[read], ref[read], atol=1e-12 * scale, rtol=0)

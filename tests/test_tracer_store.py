@@ -172,20 +172,21 @@ def test_row_bounds_hold_every_row_of_an_exact_graph():
     """The engine sizes the in-order store by each row's causal cone: no row of a real exact graph
     may exceed it, and the bound is tight (most cone entries are non-zero)."""
     from conftest import random_transcoders, tiny_lm
-    from sparsetrace.tracer.attribution import AttributionConfig, _candidates, _row_bounds, attribute
+    from sparsetrace.tracer._contraction import candidates
+    from sparsetrace.tracer.attribution import AttributionConfig, attribute
     from sparsetrace.tracer.replacement import ReplacementModel
 
     lm = tiny_lm("llama")
     ts = random_transcoders(lm)
     prompt = [3, 17, 5, 42, 8, 23, 11]
     g = attribute(prompt, lm, ts, config=AttributionConfig(dtype="float64"))
-    cand = _candidates(ReplacementModel(lm, ts).run(torch.tensor(prompt)), ts, len(g.logit_token))
-    bound = _row_bounds(cand)
+    cand = candidates(ReplacementModel(lm, ts).run(torch.tensor(prompt)), ts, len(g.logit_token))
+    bound = cand.layout.cone_sizes()
     nnz = np.diff(g.adjacency.indptr)[: g.layout.n_features]
     assert np.all(nnz <= bound) and nnz.sum() > 0.5 * bound.sum()
     # leaving out the zero error vectors (position 0's) makes the bound exact here: no gaps to close
     run = ReplacementModel(lm, ts).run(torch.tensor(prompt))
-    tight = _row_bounds(cand, run.error.norm(dim=-1).numpy() > 0)
+    tight = cand.layout.cone_sizes(run.error.norm(dim=-1).numpy() > 0)
     assert np.all(nnz <= tight) and tight.sum() < bound.sum() and np.mean(nnz == tight) > 0.99
 
 

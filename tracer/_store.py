@@ -5,10 +5,11 @@ memory is the stored entries, never a dense N×N matrix. With ``threshold > 0`` 
 with |w| > threshold · max|row| and the dropped absolute mass goes to the row's remainder: row
 normalisation, hence Â, is unchanged for every kept entry (issue 8, item 5).
 
-``influence`` (the row budget's ranking) is one reverse-topological sweep over the stored rows (numba,
-O(stored entries)); the depth-iterated reference it replaced is kept in tests/reference/.
+``influence`` (the row budget's ranking) is one sweep over the stored rows, targets by layer
+descending, with the graphs' own kernels (``graphs/_kernels.py``: ``row_denominators``,
+``influence_sweep``, the ones pruning uses), O(stored entries).
 
-The numba kernels are in ``_store_kernels.py`` (array-only, torch-free).
+The store's other numba kernels are in ``_store_kernels.py`` (array-only, torch-free).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 from torch import Tensor
 
 from sparsetrace.graphs import Adjacency
+from sparsetrace.graphs._kernels import influence_sweep, row_denominators
 from sparsetrace.graphs.graph import index_dtype
 
-from ._store_kernels import _compact, _compress, _cuts, _fill_slots, _place, _push_rows
+from ._store_kernels import _compact, _compress, _cuts, _fill_slots, _place
 
 __all__ = ["RowStore"]
 
@@ -108,12 +110,15 @@ class RowStore:
         DAG. One sweep, targets by layer descending (a source's rows are all at lower layers)."""
         infl = np.zeros(self.n)
         w = np.asarray(w, dtype=np.float64)
+        every = np.ones(self.n, dtype=np.bool_)
+        denom = [row_denominators(b.targets, b.starts, b.ends, b.cols, b.vals, self.remainder, every)
+                 for b in self.blocks]
         top = max((int(b.layer[0]) for b in self.blocks if len(b.layer)), default=-1)
         for l in range(top, -1, -1):
-            for b in self.blocks:
+            for b, d in zip(self.blocks, denom):
                 lo, hi = np.searchsorted(-b.layer, [-l, -l + 1])  # rows of this block at layer l
                 if hi > lo:
-                    _push_rows(infl, w, b.targets, b.starts, b.ends, b.cols, b.vals, self.remainder, b.order[lo:hi])
+                    influence_sweep(infl, w, b.order[lo:hi], b.targets, b.starts, b.ends, b.cols, b.vals, d, every)
         return infl
 
     def assemble(self, keep: np.ndarray, col_map: np.ndarray) -> Adjacency:

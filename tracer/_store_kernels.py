@@ -17,25 +17,6 @@ from sparsetrace._numba import kernel
 __all__: list[str] = []
 
 
-@kernel
-def _push_rows(infl, w, targets, starts, ends, cols, vals, remainder, rows):
-    """For each local row r in ``rows`` (target t = targets[r], entries starts[r]:ends[r]): push
-    (I_t + w_t)·|A[t, s]| / Σ|A[t, ·]| to every stored source s. The caller visits targets before their
-    sources (layer descending)."""
-    for r in rows:
-        t = targets[r]
-        denom = remainder[t]
-        for e in range(starts[r], ends[r]):
-            denom += abs(np.float64(vals[e]))
-        if denom == 0.0:
-            continue
-        push = (infl[t] + w[t]) / denom
-        if push == 0.0:
-            continue
-        for e in range(starts[r], ends[r]):
-            infl[cols[e]] += push * abs(np.float64(vals[e]))
-
-
 @kernel(parallel=True)
 def _cuts(blk, threshold):
     """Per row of a dense block [b, n]: entries with |w| ≤ cut are dropped (threshold · max|row|; 0: only zeros)."""
