@@ -290,3 +290,187 @@ def test_generation_with_and_without_cache():
     a = generate(PROMPT, lm, clt, ivs, max_new_tokens=5, use_cache=True, apply_to_generated=True)
     b = generate(PROMPT, lm, clt, ivs, max_new_tokens=5, use_cache=False, apply_to_generated=True)
     assert a.new_ids == b.new_ids and len(a.new_ids) == 5
+
+
+# ---- attribution ------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+
+from sparsetrace.config import AttributionConfig  # noqa: E402
+from sparsetrace.graphs import NodeKind  # noqa: E402
+from sparsetrace.tracer.attribution import attribute  # noqa: E402
+
+ATOL = {"float64": (1e-9, 1e-9), "float32": (5e-4, 1e-5)}  # (pre-activations, demeaned logits), as per-layer
+
+
+@functools.lru_cache(maxsize=None)
+def _graph(arch, dtype="float64", backward="linear", budget=None):
+    lm, clt = _setup(arch, dtype)
+    cfg = AttributionConfig(dtype=dtype, batch_size=16, backward=backward, max_feature_nodes=budget)
+    return attribute(PROMPT, lm, clt, config=cfg)
+
+
+def _graph_targets(rm, g, out) -> np.ndarray:
+    """Target values [B, n_feature_nodes + n_logits] read from a frozen forward's outputs."""
+    lay, clt = g.layout, rm.transcoders
+    cols = []
+    for i in range(lay.features.start, lay.features.stop):
+        l, c, f = int(lay.layer[i]), int(lay.pos[i]), int(lay.feature[i])
+        cols.append(out.x[l][:, c] @ clt[l].W_enc[f] + clt[l].b_enc[f])
+    W_U = rm.unembedding()
+    for tok in g.logit_token:
+        cols.append(out.final[:, -1] @ (W_U[int(tok)] - W_U.mean(0)))
+    return torch.stack(cols, dim=1).double().numpy()
+
+
+def _rows(lay):
+    return np.r_[np.arange(lay.features.start, lay.features.stop), np.arange(lay.logits.start, lay.logits.stop)]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_column_test(arch, dtype):
+    """One more copy of each source — a feature: a·W_dec[s][f, t − s] added at EVERY target t ≥ s — moves
+    every target by exactly its adjacency column."""
+    lm, clt = _setup(arch, dtype)
+    g = _graph(arch, dtype)
+    rm = ReplacementModel(lm, clt)
+    run = rm.run(torch.tensor(PROMPT))
+    lay = g.layout
+    A = g.dense_adjacency().astype(np.float64)
+    sources = [i for i in range(lay.logits.start) if not (lay.kind[i] == NodeKind.ERROR and lay.pos[i] == 0)]
+    B = len(sources)
+    h0 = run.h0[None].repeat(B, 1, 1)
+    writes = [w[None].repeat(B, 1, 1) for w in rm.clean_writes(run)]
+    for b, i in enumerate(sources):
+        kind, l, c = NodeKind(int(lay.kind[i])), int(lay.layer[i]), int(lay.pos[i])
+        if kind is NodeKind.FEATURE:
+            f = int(lay.feature[i])
+            for t in range(l, clt.n_layers):
+                writes[t][b, c] += run.act[l, c, f] * clt.decoder(l)[f, t - l]
+        elif kind is NodeKind.ERROR:
+            writes[l][b, c] += run.error[l, c]
+        else:
+            h0[b, c] += run.h0[c]
+    with torch.no_grad():
+        base = _graph_targets(rm, g, rm.frozen(run, run.h0[None], [w[None] for w in rm.clean_writes(run)]))
+        moved = _graph_targets(rm, g, rm.frozen(run, h0, writes))
+    delta = moved - base
+    expected = A[np.ix_(_rows(lay), sources)].T
+    nf = lay.n_features
+    tol_f, tol_l = ATOL[dtype]
+    rtol = 0 if dtype == "float64" else 1e-6
+    np.testing.assert_allclose(delta[:, :nf], expected[:, :nf], atol=tol_f, rtol=rtol)
+    np.testing.assert_allclose(delta[:, nf:], expected[:, nf:], atol=tol_l, rtol=rtol)
+    assert np.abs(expected).max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_row_test(arch, dtype):
+    """Σ_s A[t, s] + κ_t equals the clean pre-activation / demeaned logit."""
+    lm, clt = _setup(arch, dtype)
+    g = _graph(arch, dtype)
+    rm = ReplacementModel(lm, clt)
+    run = rm.run(torch.tensor(PROMPT))
+    lay = g.layout
+    rows = _rows(lay)
+    lhs = g.dense_adjacency().astype(np.float64)[rows].sum(1) + g.bias[rows]
+    with torch.no_grad():
+        clean = _graph_targets(rm, g, rm.frozen(run, run.h0[None], [w[None] for w in rm.clean_writes(run)]))[0]
+    pre = np.array([run.pre[int(lay.layer[i]), int(lay.pos[i]), int(lay.feature[i])].item() for i in range(lay.n_features)])
+    tol_f, tol_l = ATOL[dtype]
+    np.testing.assert_allclose(clean[: lay.n_features], pre, atol=tol_f * 10, rtol=0)
+    np.testing.assert_allclose(lhs[: lay.n_features], clean[: lay.n_features], atol=tol_f, rtol=0)
+    np.testing.assert_allclose(lhs[lay.n_features :], clean[lay.n_features :], atol=tol_l, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_structure_dag_and_nilpotent(arch):
+    g = _graph(arch)
+    lay, adj = g.layout, g.adjacency
+    r = adj.rows()
+    assert lay.can_feed(r, adj.indices).all(), "an edge goes backwards in layer or position"
+    assert not np.isin(lay.kind[r], [NodeKind.ERROR, NodeKind.TOKEN]).any()
+    A = np.abs(g.dense_adjacency())
+    P = np.eye(len(A))
+    for _ in range(lay.n_layers + 2):
+        P = P @ A
+    assert np.abs(P).max() == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_linearity_under_constrained_patching(arch):
+    """All-layer constrained: scaling a source by x moves every logit target by (x − 1)·A[t, s], for x = 0, 2, 3
+    (a feature's write lands on every target layer)."""
+    lm, clt = _setup(arch)
+    g = _graph(arch)
+    lay = g.layout
+    A = g.dense_adjacency().astype(np.float64)
+    # the feature of the lowest layer with the largest total effect on the logits
+    low = [i for i in range(lay.n_features) if lay.layer[i] == 0 and lay.pos[i] > 0]
+    i = max(low, key=lambda j: np.abs(A[lay.logits, j]).sum())
+    l, c, f = int(lay.layer[i]), int(lay.pos[i]), int(lay.feature[i])
+    for x in (0.0, 2.0, 3.0):
+        res = intervene(PROMPT, lm, clt, [Intervention.scale_feature(l, c, f, x)], mode="constrained",
+                        target_tokens=[int(t) for t in g.logit_token])
+        np.testing.assert_allclose(res.target_delta.numpy(), (x - 1) * A[lay.logits, i], atol=1e-9, rtol=0)
+    assert np.abs(A[lay.logits, i]).max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_autograd_backward_and_row_order_give_the_same_graph(arch):
+    a, b = _graph(arch), _graph(arch, backward="autograd")
+    np.testing.assert_allclose(a.dense_adjacency(), b.dense_adjacency(), atol=1e-10, rtol=0)
+    np.testing.assert_allclose(a.bias, b.bias, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_clt_without_cross_layer_decoders_gives_the_per_layer_graph(arch):
+    lm, clt = _setup(arch)
+    local = _local_only(clt)
+    cfg = AttributionConfig(dtype="float64", batch_size=16)
+    a = attribute(PROMPT, lm, local, config=cfg)
+    b = attribute(PROMPT, lm, _as_per_layer(lm, local), config=cfg)
+    assert np.array_equal(a.layout.feature, b.layout.feature)
+    np.testing.assert_allclose(a.dense_adjacency(), b.dense_adjacency(), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(a.bias, b.bias, atol=1e-12, rtol=0)
+
+
+def test_row_budget_folds_unselected_features_and_rows_still_sum():
+    lm, clt = _setup("llama")
+    full = _graph("llama")
+    g = _graph("llama", budget=8)
+    assert g.layout.n_features == 8 < full.layout.n_features
+    rows = _rows(g.layout)
+    lhs = g.dense_adjacency().astype(np.float64)[rows].sum(1) + g.bias[rows]
+    np.testing.assert_allclose(lhs, g.value[rows], atol=1e-9, rtol=0)
+
+
+def test_graph_pipeline_verify_validate_and_card_say_cross_layer():
+    """Pruning, scores, exports, verify and validate run unchanged on a CLT graph; the card says cross-layer."""
+    from sparsetrace.graphs import build_card, graph_scores, prune_graph, to_circuit_tracer_json
+    from sparsetrace.graphs.card import card_markdown
+    from sparsetrace.tracer.validate import Hypothesis, ValidationConfig, validate, verify_graph
+
+    lm, clt = _setup("qwen2")
+    g = _graph("qwen2")
+    assert g.metadata["transcoders"]["kind"] == "cross-layer"
+    p = prune_graph(g)
+    assert 0 < p.layout.n_features <= g.layout.n_features
+    s = graph_scores(g)
+    assert 0 <= s.replacement <= 1 and 0 <= s.completeness <= 1
+    ct = to_circuit_tracer_json(p, "clt")
+    assert len(ct["nodes"]) == p.layout.n_nodes
+    rep = verify_graph(g, lm, clt, n_samples=32)
+    assert rep.passed and rep.n_checked == 32, rep.max_abs_error
+    lay = g.layout
+    A = g.dense_adjacency()
+    i = int(lay.features.start + np.argmax(np.abs(A[lay.logits.start, lay.features])))
+    res = validate(g, lm, clt, [Hypothesis("top", (i,), "ablate")], ValidationConfig(modes=("constrained",), noise_floor=1e-6))
+    (v,) = res.results[0].verdicts
+    assert v.verdict == "supported" and v.ratio == pytest.approx(1.0, abs=1e-8)
+    card = build_card(g)
+    assert card["transcoders"]["kind"] == "cross-layer"
+    assert "cross-layer" in card_markdown(card)
+    per_layer = attribute(PROMPT, lm, _as_per_layer(lm, clt), config=AttributionConfig(dtype="float64"))
+    assert build_card(per_layer)["transcoders"]["kind"] == "per-layer"
