@@ -177,8 +177,9 @@ def model_options(dtypes: tuple[str, ...] = DTYPES, dtype_default: str | None = 
 def transcoder_option(required: bool = False) -> Callable:
     return click.option(
         "--transcoders", "-t", "transcoders", default=None, required=required, metavar="DIR|random:F:K",
-        help="Transcoder set folder; random:F:K for a random TopK set (F features, k=K; seed from --seed; "
-        "untrained, for trying the pipeline). Default: the shipped set of the default model.",
+        help="Transcoder set folder (per-layer or cross-layer); random:F:K for a random TopK set (F features, "
+        "k=K; seed from --seed; untrained, for trying the pipeline), random-clt:F:K for a random cross-layer "
+        "transcoder. Default: the shipped set of the default model.",
     )
 
 
@@ -254,7 +255,7 @@ def set_folder(transcoders: str | None, model: str | None) -> Path | None:
     --model), the --transcoders folder, or None (random:F:K)."""
     if transcoders is None:
         return default_set_dir() if is_default_model(model) else None
-    return None if transcoders.startswith("random:") else Path(transcoders)
+    return None if transcoders.startswith(("random:", "random-clt:")) else Path(transcoders)
 
 
 def shipped_stats(transcoders: str | None, model: str | None) -> Path | None:
@@ -275,7 +276,7 @@ def resolve_transcoders(spec: str | None, lm, model: str | None, seed: int) -> t
         folder = shipped_set(model)
         ts = load_transcoders(folder)
         source = {"description": f"shipped default set ({folder})", "random": False, "path": str(folder)}
-    elif spec.startswith("random:"):
+    elif spec.startswith(("random:", "random-clt:")):
         parts = spec.split(":")
         try:
             n_features, k = int(parts[1]), int(parts[2])
@@ -283,15 +284,23 @@ def resolve_transcoders(spec: str | None, lm, model: str | None, seed: int) -> t
                 raise ValueError
         except (ValueError, IndexError):
             raise ConfigError(
-                f"--transcoders {spec!r}; allowed: a folder, or random:F:K with integers F ≥ 1 and 1 ≤ K ≤ F"
+                f"--transcoders {spec!r}; allowed: a folder, or random:F:K / random-clt:F:K (a cross-layer "
+                f"transcoder) with integers F ≥ 1 and 1 ≤ K ≤ F"
             ) from None
-        cfg = TranscoderSetConfig(
+        cross = parts[0] == "random-clt"
+        kw = dict(
             model_id=lm.model_id, architecture=lm.adapter.name, n_layers=lm.n_layers, d_in=lm.d_model,
             n_features=n_features, activation="topk", k=k, skip=True,
             training={"random": True, "seed": seed, "note": "random weights: untrained, for trying the pipeline"},
         )
-        ts = TranscoderSet.random(cfg, seed=seed)
-        source = {"description": f"RANDOM untrained TopK set {spec} (seed {seed})", "random": True}
+        if cross:
+            from sparsetrace.transcoders import CrossLayerTranscoder, CrossLayerTranscoderConfig
+
+            ts = CrossLayerTranscoder.random(CrossLayerTranscoderConfig(**kw), seed=seed)
+        else:
+            ts = TranscoderSet.random(TranscoderSetConfig(**kw), seed=seed)
+        what = "cross-layer transcoder" if cross else "set"
+        source = {"description": f"RANDOM untrained TopK {what} {spec} (seed {seed})", "random": True}
     else:
         ts = load_transcoders(spec)
         source = {"description": str(Path(spec).resolve()), "random": False, "path": str(Path(spec).resolve())}

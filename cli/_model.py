@@ -156,6 +156,9 @@ def corpus(ctx, out_dir, debian, packages, general, general_packages, stdlib, te
 @click.option("--shuffle-buffer-tokens", type=click.IntRange(1), default=default_of(T, "shuffle_buffer_tokens"), show_default=True)
 @click.option("--checkpoint-every-tokens", type=click.IntRange(0), default=default_of(T, "checkpoint_every_tokens"), show_default=True)
 @click.option("--layers", default=None, metavar="0,1,…", help="Layers to train (default: all).")
+@click.option("--cross-layer/--per-layer", "cross_layer", default=default_of(T, "cross_layer"), show_default=True,
+              help="Train one cross-layer transcoder over all layers (TopK; each feature writes to its layer and "
+              "every later one) instead of one transcoder per layer.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @click.option("--evaluate/--no-evaluate", "run_eval", default=True, show_default=True,
               help="Evaluate on held-out text afterwards and store the metrics in config.json.")
@@ -163,11 +166,10 @@ def corpus(ctx, out_dir, debian, packages, general, general_packages, stdlib, te
 @output_options
 def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip, n_tokens, batch_tokens, lr, ctx_len,
           model_batch, model_dtype, matmul_dtype, warmup_steps, decay_fraction, auxk_coef, shuffle_buffer_tokens,
-          checkpoint_every_tokens, layers, resume, run_eval, model, device, dtype, seed, as_json, quiet):
-    """Train one transcoder per MLP layer of MODEL on a corpus (resumable)."""
+          checkpoint_every_tokens, layers, cross_layer, resume, run_eval, model, device, dtype, seed, as_json, quiet):
+    """Train one transcoder per MLP layer of MODEL on a corpus, or one cross-layer transcoder (resumable)."""
     import torch
 
-    from sparsetrace.transcoders.evaluate import evaluate_transcoders
     from sparsetrace.transcoders.training import train_transcoders
 
     out = Output(as_json, quiet)
@@ -177,24 +179,49 @@ def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip
         n_tokens=n_tokens, batch_tokens=batch_tokens, lr=lr, ctx_len=ctx_len, model_batch=model_batch,
         model_dtype=model_dtype, matmul_dtype=matmul_dtype, warmup_steps=warmup_steps, decay_fraction=decay_fraction,
         auxk_coef=auxk_coef, shuffle_buffer_tokens=shuffle_buffer_tokens, checkpoint_every_tokens=checkpoint_every_tokens,
-        layers=parse_layers(layers), seed=seed, progress=not quiet,
+        layers=parse_layers(layers), seed=seed, progress=not quiet, cross_layer=cross_layer,
     )
     c = _open_corpus(corpus_dir)
     torch.manual_seed(seed)
     lm = load_lm(model, device, dtype, out)
     t0 = time.perf_counter()
-    ts = train_transcoders(lm, c, cfg, out_dir, resume=resume)
-    data = {"out": str(out_dir), "n_layers": ts.n_layers, "n_features": ts.n_features,
+    if cross_layer:
+        from sparsetrace.transcoders.clt_train import train_clt
+
+        ts = train_clt(lm, c, cfg, out_dir, resume=resume)
+    else:
+        ts = train_transcoders(lm, c, cfg, out_dir, resume=resume)
+    data = {"out": str(out_dir), "n_layers": ts.n_layers, "n_features": ts.n_features, "cross_layer": cross_layer,
             "tokens": ts.config.training.get("tokens"), "seconds": round(time.perf_counter() - t0, 1)}
     if run_eval:
         out.say("evaluating on held-out text")
-        res = evaluate_transcoders(lm, ts, c, out_dir=out_dir, ctx_len=min(ctx_len, default_of(E, "ctx_len")))
+        res = _evaluate(lm, ts, c, out_dir, ctx_len=min(ctx_len, default_of(E, "ctx_len")))
         data["metrics"] = res.to_dict()
     out.result(data, lambda: _train_text(data))
 
 
+def _evaluate(lm, ts, corpus, out_dir, **kw):
+    """Metrics of a per-layer set (evaluate_transcoders) or of a cross-layer transcoder (evaluate_clt, no
+    per-layer ΔCE), written into ``out_dir``'s config.json with metrics.png when ``out_dir`` is given."""
+    if not getattr(ts, "cross_layer", False):
+        from sparsetrace.transcoders.evaluate import evaluate_transcoders
+
+        return evaluate_transcoders(lm, ts, corpus, out_dir=out_dir, **kw)
+    from sparsetrace.transcoders.clt_train import evaluate_clt
+    from sparsetrace.transcoders.evaluate import plot_metrics, write_metrics
+
+    kw.pop("per_layer_ce", None)
+    res = evaluate_clt(lm, ts, corpus, **kw)
+    if out_dir is not None:
+        how = {k: kw[k] for k in ("split", "n_sequences", "ctx_len") if k in kw}
+        write_metrics(out_dir, res, how)
+        plot_metrics(res, Path(out_dir) / "metrics.png")
+    return res
+
+
 def _train_text(d: dict) -> str:
-    lines = [f"trained {d['n_layers']} layers × {d['n_features']} features on {d['tokens']:,} tokens in {d['seconds']} s → {d['out']}"]
+    kind = "a cross-layer transcoder over " if d.get("cross_layer") else ""
+    lines = [f"trained {kind}{d['n_layers']} layers × {d['n_features']} features on {d['tokens']:,} tokens in {d['seconds']} s → {d['out']}"]
     if "metrics" in d:
         lines.append(_metrics_text(d["metrics"]))
     return "\n".join(lines)
@@ -229,24 +256,20 @@ def evaluate(transcoders, corpus_dir, n_sequences, ctx_len, batch, split, per_la
     """Measure a transcoder set: FVU, L0, dead fraction, per-layer ΔCE/KL and CE/KL with all MLPs replaced."""
     import torch
 
-    from sparsetrace.transcoders.evaluate import evaluate_transcoders
-
     from ._common import resolve_transcoders
 
     out = Output(as_json, quiet)
     c = _open_corpus(corpus_dir)
-    if write and transcoders.startswith("random:"):
-        raise ConfigError("--write needs a transcoder folder; add --no-write for a random:F:K set")
+    if write and transcoders.startswith(("random:", "random-clt:")):
+        raise ConfigError("--write needs a transcoder folder; add --no-write for a random:F:K / random-clt:F:K set")
     torch.manual_seed(seed)
     lm = load_lm(model, device, dtype, out)
     ts, _ = resolve_transcoders(transcoders, lm, model, seed)
     out.say(f"evaluating on {n_sequences} {split} sequences of {ctx_len} tokens")
     with Bars(disable=quiet) as bars:
         bars("evaluate", 0, 1)  # evaluate_transcoders reports no progress of its own
-        res = evaluate_transcoders(
-            lm, ts, c, n_sequences=n_sequences, ctx_len=ctx_len, batch=batch, split=split, per_layer_ce=per_layer_ce,
-            out_dir=transcoders if write else None,
-        )
+        res = _evaluate(lm, ts, c, transcoders if write else None, n_sequences=n_sequences, ctx_len=ctx_len,
+                        batch=batch, split=split, per_layer_ce=per_layer_ce)
         bars("evaluate", 1, 1)
     data = res.to_dict()
     out.result(data, lambda: _metrics_text(data))

@@ -54,6 +54,8 @@ def _transcoder_section(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "source": source.get("description", NOT_RECORDED),
         "random": is_random,
+        # a per-layer set's config has no "kind"; a cross-layer transcoder's says "cross-layer" (design.md §14)
+        "kind": tc.get("kind", "per-layer") if tc else NOT_RECORDED,
         "model_id": tc.get("model_id", NOT_RECORDED),
         "n_features": tc.get("n_features", NOT_RECORDED),
         "skip": tc.get("skip", NOT_RECORDED),

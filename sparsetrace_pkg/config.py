@@ -20,7 +20,7 @@ __all__ = [
     "ACTIVATIONS", "MODEL_DTYPES", "SKIP_INITS", "MODES", "DTYPES", "EXACT_DTYPES", "SPLITS", "STATS_FOLDER", "LABEL_SOURCES", "FIGURE_LABELS",
     "AttributionConfig", "PruneConfig", "FigureConfig", "ImageConfig", "TrainConfig", "EvalConfig",
     "CorpusConfig", "FeatureStatsConfig", "LabelConfig", "InspectConfig", "ValidationConfig",
-    "VerifyConfig", "InterventionConfig", "RunConfig",
+    "VerifyConfig", "InterventionConfig", "RunConfig", "CrossLayerConfig",
 ]
 
 # ---- choices --------------------------------------------------------------------------------------
@@ -241,10 +241,17 @@ class TrainConfig:
     """Layers to train; ``None`` → all."""
     progress: bool = True
     """Show a tqdm bar (rank 0)."""
+    cross_layer: bool = False
+    """Train one cross-layer transcoder over all layers (``transcoders/clt_train.py``, docs/design.md §14)
+    instead of one transcoder per layer: TopK only, every layer (``layers`` None), one process."""
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if self.cross_layer and self.activation != "topk":
+            raise ConfigError(f"activation={self.activation!r} with cross_layer=True; allowed: topk")
+        if self.cross_layer and self.layers is not None:
+            raise ConfigError(f"layers={self.layers} with cross_layer=True; a cross-layer transcoder covers every layer")
         for name in ("model_dtype", "matmul_dtype"):
             if getattr(self, name) not in MODEL_DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(MODEL_DTYPES)}")
@@ -712,3 +719,16 @@ def embedded_model(name: str | None) -> EmbeddedModel | None:
 
 
 __all__ += ["ModelWheel", "EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL_NAME", "EMBEDDED_MODEL_NAMES", "embedded_model"]
+# --- cross-layer transcoders (issue 16) ---
+@dataclass(frozen=True)
+class CrossLayerConfig:
+    """Settings around cross-layer transcoders (docs/design.md §14) that are not training settings
+    (those are ``TrainConfig``, ``cross_layer=True``)."""
+
+    lazy_decoders: bool = False
+    """Loading a CLT: leave the decoders on disk (memory-mapped, rows read when a feature is active)
+    instead of reading them into memory."""
+    benchmark_tokens: tuple[int, ...] = (8, 32, 128)
+    """Prompt lengths of ``benchmarks/clt_attribution.py``."""
+    benchmark_quick_tokens: tuple[int, ...] = (8,)
+    """Prompt lengths of ``benchmarks/clt_attribution.py --quick``."""

@@ -92,3 +92,14 @@ def default_lm():
     from sparsetrace.models.loading import load_model
 
     return load_model(None, device="cpu")
+
+
+def random_clt(lm, activation: str = "topk", n_features: int = 32, k: int = 4, seed: int = 1, skip: bool = True):
+    """A random cross-layer transcoder for ``lm`` (docs/design.md §14)."""
+    from sparsetrace.transcoders import CrossLayerTranscoder, CrossLayerTranscoderConfig
+
+    cfg = CrossLayerTranscoderConfig(
+        model_id=lm.model_id, architecture=lm.adapter.name, n_layers=lm.n_layers, d_in=lm.d_model,
+        n_features=n_features, activation=activation, k=k if activation == "topk" else None, skip=skip,
+    )
+    return CrossLayerTranscoder.random(cfg, seed=seed)

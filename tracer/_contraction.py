@@ -65,9 +65,13 @@ class Candidates:
     index: np.ndarray  # [n_feat]
     column: np.ndarray  # [n_feat]
     tok_index: Tensor  # [T] node index of the token node at pos
+    accumulate: bool = False
+    """A cross-layer transcoder: a feature sits in the buckets of every layer it writes to, and its
+    column sums the products of all of them (a per-layer feature's column is written once)."""
 
     def writes(self, idx: np.ndarray) -> Tensor:
-        """Writes [len(idx), d] of candidate features ``idx``."""
+        """Writes [len(idx), d] of candidate features ``idx`` at their own layer (for a cross-layer
+        transcoder: the decoder to the source layer itself, one of the feature's writes)."""
         idx = np.asarray(idx, dtype=np.int64)
         W0 = self.buckets[0][0].W
         out = W0.new_empty(len(idx), W0.shape[1])
@@ -107,7 +111,8 @@ def plan_buckets(counts: np.ndarray, most: int = BUCKETS) -> list[np.ndarray]:
 
 
 def candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> Candidates:
-    """Every active feature of the clean run as a candidate node, with its write bucketed."""
+    """Every active feature of the clean run as a candidate node, with its write bucketed (a cross-layer
+    transcoder's feature: one write per target layer, in that layer's buckets; docs/design.md §14)."""
     act = run.act  # [L, T, F]
     L, T, _ = act.shape
     nz = torch.nonzero(act > 0)  # sorted by (layer, pos, feat)
@@ -116,35 +121,50 @@ def candidates(run: CleanRun, ts: TranscoderSet, n_logits: int) -> Candidates:
     layer, pos, feat = (a[f].astype(np.int64) for a in (layout.layer, layout.pos, layout.feature))
     n = len(layer)
     bucket, index = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    buckets = [_layer_buckets(run, ts, layout, l, bucket, index) for l in range(L)]
+    column = layout.rank_in_group.copy()
+    buckets = [_layer_buckets(run, ts, layout, l, bucket, index, column) for l in range(L)]
     tok_index = torch.as_tensor(layout.token_index(np.arange(T)), device=act.device)
-    return Candidates(layout, layer, pos, feat, buckets, bucket, index, layout.rank_in_group, tok_index)
+    return Candidates(layout, layer, pos, feat, buckets, bucket, index, column, tok_index,
+                      accumulate=bool(getattr(ts, "cross_layer", False)))
 
 
 def _layer_buckets(run: CleanRun, ts: TranscoderSet, layout: NodeLayout, l: int, bucket: np.ndarray,
-                   index: np.ndarray) -> list[_Bucket]:
-    """Layer ``l``'s buckets (filling ``bucket``/``index`` of its features)."""
+                   index: np.ndarray, column: np.ndarray) -> list[_Bucket]:
+    """The buckets of the writes landing at layer ``l``: from the features of every source layer s with
+    l in ``ts.targets(s)`` (l itself for a per-layer set; 0 … l for a CLT), grouped by position, sources
+    in ascending order within a group. Fills ``bucket``/``index``/``column`` of layer l's own features."""
     act, dev, T = run.act, run.act.device, layout.n_pos
-    s, e = layout.feature_layer_starts[l : l + 2]
-    f_layer = np.arange(s, e)
-    pos, feat = layout.pos[f_layer].astype(np.int64), layout.feature[f_layer]
-    within = layout.rank_in_group[f_layer]
-    counts = layout.group_counts[l]
+    starts = layout.feature_layer_starts
+    sources = [s for s in range(l + 1) if l in ts.targets(s)]
+    parts = [np.arange(starts[s], starts[s + 1]) for s in sources]
+    f_all = np.concatenate(parts)
+    src = np.concatenate([np.full(len(p), s) for s, p in zip(sources, parts)])
+    counts = sum(layout.group_counts[s] for s in sources)  # [T] writes landing at (l, c)
+    offset = np.cumsum([np.zeros(T, dtype=np.int64)] + [layout.group_counts[s] for s in sources[:-1]], axis=0)
+    pos = layout.pos[f_all].astype(np.int64)
+    within = offset[np.searchsorted(sources, src), pos] + layout.rank_in_group[f_all]
+    order = np.argsort(pos, kind="stable")  # by position; a per-layer set's features already are
+    f_all, src, pos, within = f_all[order], src[order], pos[order], within[order]
+    own = src == l
+    column[f_all[own]] = within[own]
     out = []
     for b, P in enumerate(plan_buckets(counts)):
         k = max(1, int(counts[P].max()))
         slot_of_pos = np.full(T, -1)
         slot_of_pos[P] = np.arange(len(P))
-        mine = slot_of_pos[pos] >= 0  # this bucket's features (ascending: sorted by pos)
-        f, slot = f_layer[mine], slot_of_pos[pos[mine]]
-        bucket[f], index[f] = b, slot
+        mine = slot_of_pos[pos] >= 0  # this bucket's features (ascending by position)
+        f, slot = f_all[mine], slot_of_pos[pos[mine]]
+        bucket[f[own[mine]]], index[f[own[mine]]] = b, slot[own[mine]]
         W = act.new_zeros(len(P), ts.d_in, k + 1)
         W[:, :, k] = run.error[l, torch.as_tensor(P, device=dev)]
-        if len(f):
-            ft = torch.as_tensor(feat[mine], device=dev)
-            pt = torch.as_tensor(pos[mine], device=dev)
-            W[torch.as_tensor(slot, device=dev), :, torch.as_tensor(within[mine], device=dev)] = (
-                act[l, pt, ft][:, None] * ts[l].W_dec[ft].detach())
+        for s in sources:
+            m = src[mine] == s
+            if not m.any():
+                continue
+            ft = torch.as_tensor(layout.feature[f[m]], device=dev)
+            pt = torch.as_tensor(pos[mine][m], device=dev)
+            W[torch.as_tensor(slot[m], device=dev), :, torch.as_tensor(within[mine][m], device=dev)] = (
+                act[s, pt, ft][:, None] * ts.decoder_rows(s, ft)[:, l - s].detach())
         out.append(_Bucket(
             pos=P, pos_t=torch.as_tensor(P, device=dev), W=W,
             err_col=torch.as_tensor(layout.error_index(np.full(len(P), l), P), device=dev), f_pos=pos[mine],
@@ -166,7 +186,8 @@ class Contraction:
     of layers at or above a row's layer, and only those are zeroed."""
 
     def __init__(self, run: CleanRun, cand: Candidates, B: int, p0: int = 0, skips_above: bool = False) -> None:
-        self.run, self.cand, self.p0, self.skips_above = run, cand, p0, skips_above
+        # feature columns that accumulate (a CLT) must start at zero in every batch: no partial zeroing
+        self.run, self.cand, self.p0, self.skips_above = run, cand, p0, skips_above and not cand.accumulate
         self.buf = run.h0.new_zeros(B, cand.layout.n_sources)
         self.rows = self.buf
         self.reach = 0  # highest T' written since the buffer was last zeroed whole
@@ -202,7 +223,11 @@ class Contraction:
             rows.index_copy_(1, bk.err_col[i0:i1], flat[:, k1 - 1 :: k1])
             f0, f1 = np.searchsorted(bk.f_pos, [p0, Tp])
             if f1 > f0:
-                rows.index_copy_(1, bk.f_node[f0:f1], flat.index_select(1, bk.f_slot[f0:f1] - i0 * k1))
+                vals = flat.index_select(1, bk.f_slot[f0:f1] - i0 * k1)
+                if self.cand.accumulate:  # a CLT feature: one term per target layer
+                    rows.index_add_(1, bk.f_node[f0:f1], vals)
+                else:
+                    rows.index_copy_(1, bk.f_node[f0:f1], vals)
 
     def embedding(self, g_emb: Tensor, tok0: Tensor | None = None) -> Tensor:
         """``g_emb`` [n, T' − p0, d] (T' ≤ T: tokens at later positions get no gradient, their edges stay

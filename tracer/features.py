@@ -1,6 +1,7 @@
 """Feature inspection: what makes a transcoder feature fire, and what it writes.
 
-For feature f of layer l (encoder row e_f, decoder row d_f):
+For feature f of layer l (encoder row e_f, decoder row d_f; for a cross-layer transcoder d_f is the sum of
+its decoder rows over its target layers, ``write_direction``, docs/design.md §14):
 - top-activating contexts from a corpus sample (the tokens around the maximum, with per-token
   activations so the active ones can be highlighted);
 - its activation histogram (log-spaced bins) and density (share of tokens where it fires);
@@ -164,8 +165,9 @@ def _identity(lm: LoadedModel, ts: TranscoderSet) -> dict:
     """What the statistics belong to: model id and a fingerprint of every layer's weights (a cache made
     with other transcoders must not be resumed or used for labels)."""
     h = hashlib.sha256(json.dumps(ts.config.to_dict(), sort_keys=True, default=str).encode())
-    for tc in ts:
-        for t in (tc.W_enc, tc.b_enc, tc.W_dec):
+    for l, tc in enumerate(ts):
+        first = torch.arange(min(4, ts.n_features))
+        for t in (tc.W_enc, tc.b_enc, ts.write_direction(l, first)):
             h.update(t.detach()[:4].float().cpu().numpy().tobytes())
     return {"model_id": lm.model_id, "transcoders": h.hexdigest()[:16]}
 
@@ -390,12 +392,13 @@ def _lens(lm: LoadedModel, ts: TranscoderSet, keys: Sequence[tuple[int, int]], n
 
 @torch.no_grad()
 def _output_lens(lm: LoadedModel, ts: TranscoderSet, keys: Sequence[tuple[int, int]], n: int) -> list:
-    """Top-n (token id, score) of W_U·d_f for each (layer, feature): :func:`_lens`'s output half, batched
+    """Top-n (token id, score) of W_U·d_f for each (layer, feature), d_f the feature's write direction (a
+    cross-layer feature: the sum of its decoders over target layers): :func:`_lens`'s output half, batched
     (one [k, d]·[d, V] product per layer and chunk instead of a matrix-vector product per feature; with
     a 262k-token vocabulary each product is the cost of a label, so callers pass only the features they
     show)."""
     W_U = lm.adapter.unembedding(lm.model)  # [V, d]
-    return _top_products(W_U, keys, lambda layer, fs: ts[layer].W_dec[fs], n)
+    return _top_products(W_U, keys, lambda layer, fs: ts.write_direction(layer, torch.as_tensor(fs)), n)
 
 
 def _top_products(M: Tensor, keys: Sequence[tuple[int, int]], rows_of: Callable, n: int, chunk: int = 256) -> list:
@@ -878,7 +881,7 @@ def decoder_cosines(transcoders: TranscoderSet, keys: Sequence[tuple[int, int]],
     keys = sorted(set((int(l), int(f)) for l, f in keys))
     if len(keys) < 2:
         return []
-    rows = torch.stack([transcoders[l].W_dec[f].float() for l, f in keys])  # [K, d]
+    rows = torch.cat([transcoders.write_direction(l, torch.tensor([f])).float() for l, f in keys])  # [K, d]
     unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
     cos = (unit @ unit.T).cpu().numpy()
     ii, jj = np.nonzero(np.triu(cos >= floor, k=1))

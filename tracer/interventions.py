@@ -31,6 +31,12 @@ positions generated after the prompt (``generate(..., apply_to_generated=True)``
 run and x multiplies the live activation. Position 0 may be intervened on (its clean activations are
 the transcoder's, though the graph treats position 0 as a constant).
 
+With a cross-layer transcoder (docs/design.md §14) a feature writes to every layer t ≥ its own:
+setting it adds (v − a)·d_f^{s→t} at each t. Constrained layers keep their clean output plus those
+additions; an iterative layer t decodes the activations every source s ≤ t ended up with (re-encoded in
+iterative layers, clean with clamps in constrained ones); unfrozen mode adds the writes at every target
+and measures a live error with every earlier layer's live activations.
+
 Every result is measured against a baseline computed along the same code path with no intervention
 (one extra batch element), so "set a feature to its own value" changes nothing to rounding.
 """
@@ -281,7 +287,7 @@ def _clean(rm: ReplacementModel, ids: Tensor) -> _Clean:
     run = rm.run(ids)
     ts = rm.transcoders
     act = [ts[l].activate(run.pre[l]) for l in range(rm.n_layers)]
-    eps = [run.y[l] - ts[l].decode(act[l], run.x[l]) for l in range(rm.n_layers)]
+    eps = [run.y[l] - ts.decode_layer(l, act, run.x[l]) for l in range(rm.n_layers)]
     return _Clean(run, act, eps, rm.clean_writes(run))
 
 
@@ -336,41 +342,85 @@ def _norm_modules(rm: ReplacementModel) -> list:
     return [(m, norm_kind(m), norm_eps(m)) for m in rm.adapter.norms(rm.model)]
 
 
-def _add_rows(out: Tensor, adds: list[tuple], W_dec: Tensor) -> Tensor:
-    """``out`` [B, T, d] plus α · W_dec[f] at (b, c) for each (b, c, f, α) of ``adds``."""
-    if not adds:
-        return out
+def _sources_writing_to(ts, l: int) -> list[int]:
+    """Source layers whose features write to layer l: l alone for a per-layer set, 0 … l for a CLT."""
+    return [s for s in range(l + 1) if l in ts.targets(s)]
+
+
+def _add_rows(ts, out: Tensor, adds: dict, l: int) -> Tensor:
+    """``out`` [B, T, d] plus α · (the decoder row of source s to layer l) at (b, c) for each (b, c, f, α) of
+    ``adds[s]``, s over the source layers writing to l (steering's op "add": l alone for a per-layer set,
+    0 … l for a cross-layer one; docs/design.md §16)."""
     dev = out.device
-    b, c, f, a = _idx(adds, 0, dev), _idx(adds, 1, dev), _idx(adds, 2, dev), _vals(adds, 3, out)
-    return out.index_put((b, c), a[:, None] * W_dec[f].to(out.dtype), accumulate=True)
+    for s in _sources_writing_to(ts, l):
+        rows = adds.get(s, [])
+        if not rows:
+            continue
+        b, c, f, a = _idx(rows, 0, dev), _idx(rows, 1, dev), _idx(rows, 2, dev), _vals(rows, 3, out)
+        out = out.index_put((b, c), a[:, None] * ts.decoder_rows(s, f)[:, l - s].to(out.dtype), accumulate=True)
+    return out
 
 
-def _frozen_mlp(rm: ReplacementModel, clean: _Clean, plan: _Plan, l: int, constrained: bool):
-    tc = rm.transcoders[l]
-    feats, errs, adds = plan.feats.get(l, []), plan.errs.get(l, []), plan.adds.get(l, [])
+def _feature_additions(ts, clean: _Clean, plan: _Plan, l: int, like: Tensor):
+    """The MLP-output additions at layer l of every feature intervention writing there, (v − a_clean)·d
+    with d the decoder row of source s to target l: rows (b, c) and vectors [n, d], or None."""
+    dev = like.device
+    rows, adds = [], []
+    for s in _sources_writing_to(ts, l):
+        feats = plan.feats.get(s, [])
+        if not feats:
+            continue
+        b, c, f, v = _idx(feats, 0, dev), _idx(feats, 1, dev), _idx(feats, 2, dev), _vals(feats, 3, like)
+        rows.append((b, c))
+        adds.append((v - clean.act[s][c, f])[:, None] * ts.decoder_rows(s, f)[:, l - s])  # [n, d]
+    if not rows:
+        return None
+    return (torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])), torch.cat(adds)
+
+
+def _clamped_clean(clean: _Clean, plan: _Plan, s: int, B: int) -> Tensor:
+    """Clean activations of layer s [B, T, F] with that layer's clamps applied (what a constrained layer's
+    features are; a cross-layer transcoder's later iterative layers read them)."""
+    a = clean.act[s].expand(B, *clean.act[s].shape).clone()
+    feats = plan.feats.get(s, [])
+    if feats:
+        dev = a.device
+        a = a.index_put((_idx(feats, 0, dev), _idx(feats, 1, dev), _idx(feats, 2, dev)), _vals(feats, 3, a))
+    return a
+
+
+def _frozen_mlp(rm: ReplacementModel, clean: _Clean, plan: _Plan, l: int, constrained: bool, used: list):
+    """Layer l's MLP in a frozen forward. ``used[s]`` [B, T, F]: the activations layer s's features ended
+    up with in this forward (re-encoded for an iterative layer, clean with clamps for a constrained one),
+    filled in layer order; a cross-layer transcoder's iterative layer l decodes ``used[0..l]``."""
+    ts = rm.transcoders
+    tc = ts[l]
+    feats, errs = plan.feats.get(l, []), plan.errs.get(l, [])
 
     def fn(x: Tensor) -> Tensor:  # x [B, T, d] → MLP output [B, T, d]
         B = x.shape[0]
         dev = x.device
         if constrained:
             out = clean.writes[l] + tc.skip(x)  # [B, T, d]
-            if feats:
-                b, c, f, v = _idx(feats, 0, dev), _idx(feats, 1, dev), _idx(feats, 2, dev), _vals(feats, 3, x)
-                add = (v - clean.act[l][c, f])[:, None] * tc.W_dec[f]  # [n, d]
-                out = out.index_put((b, c), add, accumulate=True)
+            add = _feature_additions(ts, clean, plan, l, x)
+            if add is not None:
+                out = out.index_put(add[0], add[1], accumulate=True)
             if errs:
                 b, c, s = _idx(errs, 0, dev), _idx(errs, 1, dev), _vals(errs, 2, x)
                 out = out.index_put((b, c), (s - 1)[:, None] * clean.eps[l][c], accumulate=True)
-            return _add_rows(out, adds, tc.W_dec)
+            if ts.cross_layer:
+                used[l] = _clamped_clean(clean, plan, l, B)
+            return _add_rows(ts, out, plan.adds, l)
         a = tc.encode(x)  # [B, T, F]
         if feats:
             b, c, f = _idx(feats, 0, dev), _idx(feats, 1, dev), _idx(feats, 2, dev)
             a = a.index_put((b, c, f), _vals(feats, 3, x))
+        used[l] = a
         eps = clean.eps[l].expand(B, *clean.eps[l].shape).clone()  # [B, T, d]
         if errs:
             b, c, s = _idx(errs, 0, dev), _idx(errs, 1, dev), _vals(errs, 2, x)
             eps[b, c] = eps[b, c] * s[:, None]
-        return _add_rows(tc.decode(a, x) + eps, adds, tc.W_dec)
+        return _add_rows(ts, ts.decode_layer(l, used, x) + eps, plan.adds, l)
 
     return fn
 
@@ -386,7 +436,8 @@ def _frozen_forward(
     h0 = run.h0.expand(B, T, d).clone()
     for b, c, s in plan.toks:
         h0[b, c] = h0[b, c] * s
-    fns = [_frozen_mlp(rm, clean, plan, l, lo <= l < hi) for l in range(L)]
+    used: list[Tensor | None] = [None] * L
+    fns = [_frozen_mlp(rm, clean, plan, l, lo <= l < hi, used) for l in range(L)]
     with torch.no_grad():
         out = rm.frozen(run, h0, mlp=fns)
     return out.x, out.final
@@ -408,6 +459,7 @@ def _unfrozen_specs(rm: ReplacementModel, plan: _Plan, box: dict, xs: list) -> l
         return [(r[0], r[1] - lo) + tuple(r[2:]) for r in rows if lo <= r[1] < lo + t]
 
     def h0_hook(module, args, kwargs):
+        box["pending"], box["live"] = {}, {}  # a new forward
         hs = args[0] if args else kwargs["hidden_states"]
         toks = rows_in_chunk(plan.toks, box["offset"], hs.shape[1])
         if not toks:
@@ -420,6 +472,10 @@ def _unfrozen_specs(rm: ReplacementModel, plan: _Plan, box: dict, xs: list) -> l
             return (hs,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hs}
 
+    # Feature interventions write (v − a_live)·d at every target layer of their source: the additions for
+    # later layers wait in box["pending"] (reset at the start of each forward). Error interventions on a
+    # cross-layer transcoder need ŷ(x̃_live), which reads every earlier layer's live activations:
+    # box["live"][s] holds them for the chunk when some error is intervened on.
     def mlp_hook(l):
         tc = ts[l]
 
@@ -437,19 +493,32 @@ def _unfrozen_specs(rm: ReplacementModel, plan: _Plan, box: dict, xs: list) -> l
                     else:
                         feats.append((b, c, f, v if op == "set" else None, v))
             errs = rows_in_chunk(plan.errs.get(l, []), lo, t)
-            if not feats and not errs and not adds:
-                return None
+            if ts.cross_layer and any(rows_in_chunk(e, lo, t) for e in plan.errs.values()):
+                box["live"][l] = tc.encode(x)
             dev, out = x.device, output
             if feats:
                 b, c, f = _idx(feats, 0, dev), _idx(feats, 1, dev), _idx(feats, 2, dev)
                 a = tc.encode(x[b, c]).gather(-1, f[:, None])[:, 0]  # [n] live activations
                 v = torch.stack([a[i] * r[4] if r[3] is None else a.new_tensor(r[3]) for i, r in enumerate(feats)])
-                out = out.index_put((b, c), (v - a)[:, None] * tc.W_dec[f], accumulate=True)
+                rows = ts.decoder_rows(l, f)  # [n, targets, d]
+                for j, t_l in enumerate(ts.targets(l)):
+                    box["pending"].setdefault(t_l, []).append((b, c, (v - a)[:, None] * rows[:, j]))
+            if adds:  # steering: α·d at every target layer of the source, without clamping
+                b, c, f, al = _idx(adds, 0, dev), _idx(adds, 1, dev), _idx(adds, 2, dev), _vals(adds, 3, x)
+                rows = ts.decoder_rows(l, f)  # [n, targets, d]
+                for j, t_l in enumerate(ts.targets(l)):
+                    box["pending"].setdefault(t_l, []).append((b, c, al[:, None] * rows[:, j].to(x.dtype)))
+            for b, c, add in box["pending"].pop(l, []):
+                out = out.index_put((b, c), add, accumulate=True)
             if errs:
                 b, c, s = _idx(errs, 0, dev), _idx(errs, 1, dev), _vals(errs, 2, x)
-                err = output[b, c] - tc(x[b, c])  # live error y − ŷ(x̃)
+                if ts.cross_layer:  # live error y − ŷ(x̃_live), ŷ reading every earlier layer's live activations
+                    y_hat = ts.decode_layer(l, [box["live"][s_][b, c] for s_ in range(l + 1)], x[b, c])
+                else:
+                    y_hat = tc(x[b, c])
+                err = output[b, c] - y_hat  # live error y − ŷ(x̃)
                 out = out.index_put((b, c), (s - 1)[:, None] * err, accumulate=True)
-            return _add_rows(out, adds, tc.W_dec)
+            return None if out is output else out
 
         return hook
 

@@ -11,6 +11,10 @@ residual is exactly affine. The MLP of layer l is cut: its output is ``w_l + x̃
 holds ``W_dec a + b_dec + ε`` (clean values reproduce the real model) — gradients pass only through
 the skip. Gemma's post-FFN norm stays outside the target (y is the MLP's own output) with its
 denominator frozen like every other norm.
+
+The transcoders are a per-layer :class:`TranscoderSet` or a :class:`CrossLayerTranscoder` (docs/design.md
+§14), read through the same set-level interface: for a CLT, ŷ_l sums the writes of every source layer
+≤ l (``decode_layer``), so ε_l is layer l's MLP output minus every CLT write landing there.
 """
 
 from __future__ import annotations
@@ -153,7 +157,8 @@ class ReplacementModel:
         pre = torch.stack([ts[i].pre_activation(x[i]) for i in range(L)])  # [L, T, F]
         act = torch.stack([ts[i].activate(pre[i]) for i in range(L)])
         act[:, 0] = 0  # position 0 (BOS / first token) is an attention sink: a constant, not nodes
-        y_hat = torch.stack([ts[i].decode(act[i], x[i]) for i in range(L)])
+        # ŷ_l sums every write landing at layer l (a cross-layer transcoder: from all sources ≤ l)
+        y_hat = torch.stack([ts.decode_layer(i, act, x[i]) for i in range(L)])
         error = y - y_hat
         error[:, 0] = 0  # the whole position-0 MLP output is a constant (kept in the writes, see writes())
         final = box["final"]

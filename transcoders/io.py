@@ -36,7 +36,12 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def save_transcoders(ts: TranscoderSet, folder: str | os.PathLike, dtype: str | None = None) -> Path:
-    """Save a set in our format; ``dtype`` (``float16``, ``bfloat16``, ``float32``) casts the weights."""
+    """Save a set in our format; ``dtype`` (``float16``, ``bfloat16``, ``float32``) casts the weights. A
+    cross-layer transcoder is saved by ``clt_io.save_clt``."""
+    if getattr(ts, "cross_layer", False):  # a cross-layer transcoder has its own format (clt_io.py)
+        from .clt_io import save_clt
+
+        return save_clt(ts, folder, dtype)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = dtype or ts.config.dtype
@@ -71,14 +76,19 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_transcoders(
     folder: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-) -> TranscoderSet:
-    """Load a set saved by :func:`save_transcoders`, checking every tensor's shape against the config."""
+) -> "TranscoderSet | CrossLayerTranscoder":
+    """Load a set saved by :func:`save_transcoders`, checking every tensor's shape against the config.
+    A folder holding a cross-layer transcoder (``"kind": "cross-layer"``) loads as one (``clt_io.load_clt``)."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not folder.is_dir():
         raise FormatError(f"transcoder folder {str(folder)!r} does not exist")
     if not cfg_path.is_file():
         raise FormatError(f"{str(folder)!r} has no config.json: not a sparsetrace transcoder set")
+    from .clt_io import is_clt_folder, load_clt
+
+    if is_clt_folder(folder):  # a cross-layer transcoder (docs/design.md §14): same interface for the tracer
+        return load_clt(folder, device=device, dtype=dtype)
     try:
         cfg = TranscoderSetConfig.from_dict(json.loads(cfg_path.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:

@@ -10,7 +10,7 @@ W_enc [F, d_in], W_dec [F, d_out], W_skip [d_out, d_in] (the nn.Linear conventio
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +18,19 @@ from torch import Tensor, nn
 from sparsetrace.config import ACTIVATIONS
 from sparsetrace.errors import ConfigError
 
-__all__ = ["ACTIVATIONS", "Transcoder", "TranscoderSet", "TranscoderSetConfig"]
+__all__ = ["ACTIVATIONS", "Transcoder", "TranscoderSet", "TranscoderSetConfig", "activate"]
 
+
+
+def activate(pre: Tensor, activation: str, threshold: Tensor, k: int | None) -> Tensor:
+    """σ(pre) [..., F]: ReLU, JumpReLU(θ) = pre·[pre > θ], or TopK(k) then ReLU (shared by the per-layer
+    and the cross-layer transcoders)."""
+    if activation == "relu":
+        return torch.relu(pre)
+    if activation == "jumprelu":
+        return pre * (pre > threshold)
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
 
 class Transcoder(nn.Module):
@@ -66,12 +77,7 @@ class Transcoder(nn.Module):
 
     def activate(self, pre: Tensor) -> Tensor:
         """σ(pre) [..., F] for the configured activation."""
-        if self.activation == "relu":
-            return torch.relu(pre)
-        if self.activation == "jumprelu":
-            return pre * (pre > self.threshold)
-        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+        return activate(pre, self.activation, self.threshold, self.k)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.activate(self.pre_activation(x))
@@ -207,3 +213,25 @@ class TranscoderSet(nn.Module):
     @property
     def d_in(self) -> int:
         return self.config.d_in
+
+    # ---- the set-level interface shared with CrossLayerTranscoder (docs/design.md §14) ----------
+    cross_layer = False
+    """A per-layer set: feature (l, f) writes to layer l only."""
+
+    def targets(self, layer: int) -> range:
+        """The layers a feature of source ``layer`` writes to: that layer alone."""
+        return range(layer, layer + 1)
+
+    def decoder_rows(self, layer: int, features: Tensor) -> Tensor:
+        """Decoder rows [n, 1, d] of ``features`` [n] of source ``layer`` (one target: ``targets(layer)``)."""
+        return self.transcoders[layer].W_dec[features][:, None, :]
+
+    def write_direction(self, layer: int, features: Tensor) -> Tensor:
+        """Each feature's write to the residual stream [n, d]: its decoder row (the logit lens and the
+        decoder cosines read it)."""
+        return self.transcoders[layer].W_dec[features]
+
+    def decode_layer(self, layer: int, acts: Sequence[Tensor], x: Tensor | None = None) -> Tensor:
+        """ŷ of ``layer`` from the activations ``acts[l]`` [..., F] of every layer (only ``acts[layer]`` is
+        read), plus the skip of x̃ ``x`` when given."""
+        return self.transcoders[layer].decode(acts[layer], x)
