@@ -30,6 +30,7 @@ import numpy as np
 
 from .export import node_table
 from .graph import AttributionGraph, NodeKind
+from .records import feature_labels_of, scores_of, store_influence, stored_influence
 from .render import EDGE_COLORS, KIND_STYLE
 from .supernodes import is_supernode
 
@@ -145,7 +146,7 @@ def _payload(graph: AttributionGraph, labels: Mapping[tuple[int, int], str] | No
     x, y, column_x, row_y, width, height = viewer_layout(graph)
     sup = is_supernode(graph.layout)
     texts = node_texts(graph)
-    info = graph.metadata.get("feature_info") or {}
+    info = feature_labels_of(graph).info or {}
     nodes = []
     for n in node_table(graph, labels):
         i = n.index
@@ -161,7 +162,7 @@ def _payload(graph: AttributionGraph, labels: Mapping[tuple[int, int], str] | No
                 f" {float(graph.logit_probability[k]):.2f}"
         if kind == "feature":
             t = texts.get((n.layer, n.feature))
-            full = info.get(f"{n.layer}.{n.feature}") or {}
+            full = info[(n.layer, n.feature)].to_dict() if (n.layer, n.feature) in info else {}
             if t is not None:
                 d.update(label=t.short or n.label, full=t.full, source=t.source, precision=t.precision, recall=t.recall)
             for key in ("contexts", "promoted", "density"):
@@ -192,8 +193,14 @@ def _payload(graph: AttributionGraph, labels: Mapping[tuple[int, int], str] | No
         "labelZoom": LABEL_ZOOM,
         "defaultSpec": spec_d,
         "threshold": _start_threshold(share),
-        "scores": graph.metadata.get("scores"),
+        "scores": _scores(graph),
     }
+
+
+def _scores(graph: AttributionGraph) -> dict | None:
+    """The stored scores as the viewer shows them (None when the graph was never scored)."""
+    s = scores_of(graph)
+    return s.to_dict() if s is not None else None
 
 
 def _cut(graph: AttributionGraph, max_nodes: int) -> AttributionGraph:
@@ -205,13 +212,13 @@ def _cut(graph: AttributionGraph, max_nodes: int) -> AttributionGraph:
     inner = np.isin(lay.kind, [NodeKind.FEATURE, NodeKind.ERROR])
     if inner.sum() <= max_nodes:
         return graph
-    stored = graph.metadata.get("node_influence")
-    infl = np.asarray(stored, dtype=np.float64) if stored is not None and len(stored) == graph.n_nodes else node_influence(graph)
+    infl = stored_influence(graph)
+    infl = infl if infl is not None else node_influence(graph)
     cand = np.flatnonzero(inner)
     keep = ~inner
     keep[cand[np.argsort(-infl[cand], kind="stable")[:max_nodes]]] = True
     sub = graph.subgraph(keep)
-    sub.metadata["node_influence"] = [float(x) for x in infl[keep]]
+    store_influence(sub, infl[keep])
     sub.metadata["viewer_cut"] = {"max_nodes": max_nodes, "of_nodes": graph.n_nodes}
     return sub
 
