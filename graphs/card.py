@@ -185,7 +185,7 @@ def _known(info: records.FeatureInfo, name: str) -> Any:
 def _error_share(graph: AttributionGraph) -> Any:
     """Share of the logits' influence that ends at error nodes: 1 − replacement score (docs/design.md §5)."""
     s = records.scores_of(graph)
-    r = s.full.replacement if s is not None else None
+    r = s.full.replacement if s is not None and s.full is not None else None
     return NOT_RECORDED if r is None else 1.0 - float(r)
 
 

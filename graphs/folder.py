@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sparsetrace._atomic import atomic_write, atomic_write_text
+from sparsetrace._atomic import atomic_write, atomic_write_text, staged
 from sparsetrace.config import FigureConfig
 
 from . import records
 from .records import labels_by_feature as labels_of
 
 __all__ = ["labels_of", "slug_of", "prune_and_score", "default_title", "make_figure", "write_figure", "trace_figure",
-           "write_graph_outputs"]
+           "write_graph_outputs", "record_validation"]
 
 
 def slug_of(text: str) -> str:
@@ -94,6 +94,32 @@ def write_graph_outputs(folder: Path, full, pruned, picture: bool, say: Callable
     atomic_write_text(folder / "card.md", card_markdown(records.card_of(pruned)))
     written.append("card.md")
     return written
+
+
+def record_validation(path: Path, validation: list, extra_files: dict[str, Callable[[Path], object]]) -> list[str]:
+    """Append the :class:`~sparsetrace.graphs.records.ValidationRecord` s ``validation`` to the graph at
+    ``path`` and to its pruned sibling (``graph.pruned.safetensors`` beside a ``graph.safetensors``),
+    refresh their cards and card.md, and write ``extra_files`` (name → writer(tmp_path)); everything is
+    staged, then renamed into place. Returns the names written."""
+    from sparsetrace.graphs import AttributionGraph
+    from sparsetrace.graphs.card import add_validation, card_markdown
+
+    folder = path.parent
+    siblings = [path]
+    pruned = folder / "graph.pruned.safetensors"
+    if path.name == "graph.safetensors" and pruned.is_file():
+        siblings.append(pruned)
+    with staged(folder) as tmp:
+        card = None
+        for p in siblings:
+            g = AttributionGraph.load(p)
+            for rec in validation:
+                card = add_validation(g, rec)
+            g.save(tmp / p.name)
+        atomic_write_text(tmp / "card.md", card_markdown(card))
+        for name, write in extra_files.items():
+            write(tmp / name)
+    return [p.name for p in siblings] + ["card.md"] + list(extra_files)
 
 
 def make_figure(base, spec, width: float, influence=None, where: str = "spec"):

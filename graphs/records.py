@@ -26,7 +26,7 @@ __all__ = [
     "FeatureKey", "feature_key", "parse_feature_key",
     "GraphScores", "ScoresRecord", "PruneSummary", "TranscoderRequest", "TranscoderSource", "ValidationRecord",
     "FigureRecord", "FeatureInfo", "LabelSource", "DecoderCosines", "FeatureLabels",
-    "transcoder_source_of", "store_provenance", "model_revision_of", "attribution_setting",
+    "transcoder_source_of", "store_provenance", "model_revision_of", "attribution_setting", "attribution_stat",
     "prune_summary_of", "store_pruning", "stored_influence", "store_influence", "is_pruned", "mark_pruned",
     "scores_of", "store_scores_record", "validation_of", "append_validation",
     "feature_labels_of", "store_feature_labels", "drop_feature_texts", "labels_by_feature",
@@ -78,20 +78,25 @@ class GraphScores:
 
 @dataclass(frozen=True)
 class ScoresRecord:
-    """``metadata["scores"]``: the full graph's scores and, after pruning, the pruned graph's."""
+    """``metadata["scores"]``: the full graph's scores and, after pruning, the pruned graph's (None: not
+    recorded; other keys are kept in ``extra``)."""
 
-    full: GraphScores
+    full: GraphScores | None
     pruned: GraphScores | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"full": self.full.to_dict()}
+        d: dict[str, Any] = {}
+        if self.full is not None:
+            d["full"] = self.full.to_dict()
         if self.pruned is not None:
             d["pruned"] = self.pruned.to_dict()
-        return d
+        return {**d, **self.extra}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScoresRecord":
-        return cls(GraphScores.from_dict(d["full"]), GraphScores.from_dict(d["pruned"]) if "pruned" in d else None)
+        return cls(*(GraphScores.from_dict(d[k]) if k in d else None for k in ("full", "pruned")),
+                   extra=_split(d, ("full", "pruned")))
 
 
 def scores_of(graph: _HasMetadata) -> ScoresRecord | None:
@@ -224,6 +229,11 @@ def model_revision_of(graph: _HasMetadata) -> str | None:
 def attribution_setting(graph: _HasMetadata, name: str, default: Any = None) -> Any:
     """One field of the :class:`AttributionConfig` the graph was attributed with (``metadata["attribution"]``)."""
     return (graph.metadata.get("attribution") or {}).get(name, default)
+
+
+def attribution_stat(graph: _HasMetadata, name: str, default: Any = None) -> Any:
+    """One field of the :class:`AttributionStats` of the graph's attribution (``metadata["stats"]``)."""
+    return (graph.metadata.get("stats") or {}).get(name, default)
 
 
 # ---- validation -----------------------------------------------------------------------------------
@@ -396,10 +406,12 @@ def feature_labels_of(graph: _HasMetadata) -> FeatureLabels:
 
 
 def store_feature_labels(graph: _HasMetadata, labels: FeatureLabels) -> None:
-    """Replace the graph's label entries by ``labels`` (a None field removes its key)."""
+    """Replace the graph's label entries by ``labels`` (a None field removes its key; kept keys keep their place)."""
+    new = labels.to_metadata()
     for k in _LABEL_KEYS:
-        graph.metadata.pop(k, None)
-    graph.metadata.update(labels.to_metadata())
+        if k not in new:
+            graph.metadata.pop(k, None)
+    graph.metadata.update(new)
 
 
 def drop_feature_texts(graph: _HasMetadata) -> None:
