@@ -202,26 +202,23 @@ class _Clock:
         return {k: round(v, 3) for k, v in laps.items()}
 
 
-def _counts(g) -> dict:
-    lay = g.layout
-    return {"nodes": g.n_nodes, "features": lay.n_features, "errors": lay.n_errors, "tokens": lay.n_tokens,
-            "logits": lay.n_logits, "edges": g.adjacency.nnz}
-
-
 def _summary(graph, pruned, out_dir: Path, written: list[str], seconds: dict[str, float]) -> dict:
+    """The command's result: the traced prompt's record (tracer.pipeline.graph_record), pruning and time."""
     from sparsetrace.graphs import records
+    from sparsetrace.tracer.pipeline import graph_record
 
-    summary, scores = records.prune_summary_of(graph), records.scores_of(graph)
+    rec = graph_record(graph, pruned)
+    summary = records.prune_summary_of(graph)
     return {
         "out": str(out_dir),
         "files": written,
         "prompt": graph.prompt,
-        "tokens": list(graph.token_strings),
-        "top_logits": [{"token": t, "probability": float(p)} for t, p in zip(graph.logit_label, graph.logit_probability)],
-        "graph": {**_counts(graph), "active_features": records.attribution_stat(graph, "active_features")},
-        "pruned": _counts(pruned),
+        "tokens": rec["tokens"],
+        "top_logits": rec["top_logits"],
+        "graph": {**rec["graph"], "active_features": records.attribution_stat(graph, "active_features")},
+        "pruned": rec["pruned"],
         "pruning": summary.to_dict() if summary is not None else None,
-        "scores": scores.to_dict() if scores is not None else None,
+        "scores": rec["scores"],
         "transcoders": records.transcoder_source_of(graph).description,
         "seconds": seconds,
     }

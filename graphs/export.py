@@ -23,7 +23,7 @@ import numpy as np
 from sparsetrace.errors import FormatError
 
 from .graph import Adjacency, AttributionGraph, NodeKind, NodeLayout, _atomic_write
-from .records import prune_summary_of, stored_influence
+from .records import prune_summary_of, stored_influence, supernodes_of
 
 __all__ = [
     "NodeInfo",
@@ -90,7 +90,7 @@ def node_table(
     lay = graph.layout
     labels = labels or {}
     infl = _influence(graph, influence)
-    names = graph.metadata.get("supernode_names", {})
+    names = supernodes_of(graph).names or {}
     out = []
     for i in range(graph.n_nodes):
         kind = NodeKind(int(lay.kind[i]))
@@ -102,7 +102,7 @@ def node_table(
         else:
             token = graph.token_strings[pos]
             if kind is NodeKind.FEATURE:
-                label = names.get(str(feat)) if feat <= -2 else labels.get((layer, feat))
+                label = names.get(feat) if feat <= -2 else labels.get((layer, feat))
                 label = label or f"F{layer}.{feat}"
             elif kind is NodeKind.ERROR:
                 label = f"error {layer}@{pos}"
@@ -326,7 +326,7 @@ def to_circuit_tracer_json(
     share = _cumulative_share(infl)
     lay = graph.layout
     labels = labels or {}
-    names = graph.metadata.get("supernode_names", {})
+    names = supernodes_of(graph).names or {}
     node_ids, js_ids = _ct_ids(graph)
     n_pos = lay.n_pos
     top = int(np.argmax(graph.logit_probability)) if lay.n_logits else -1
@@ -350,7 +350,7 @@ def to_circuit_tracer_json(
             "activation": float(graph.activation[i]) if kind is NodeKind.FEATURE else None,
         }
         if kind is NodeKind.FEATURE:
-            node["clerp"] = (names.get(str(feat)) if feat <= -2 else labels.get((layer, feat))) or ""
+            node["clerp"] = (names.get(feat) if feat <= -2 else labels.get((layer, feat))) or ""
         elif kind is NodeKind.TOKEN:
             node["layer"] = "E"
             node["feature"] = pos

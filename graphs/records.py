@@ -30,7 +30,7 @@ __all__ = [
     "prune_summary_of", "store_pruning", "stored_influence", "store_influence", "is_pruned", "mark_pruned",
     "scores_of", "store_scores_record", "validation_of", "append_validation",
     "feature_labels_of", "store_feature_labels", "drop_feature_texts", "labels_by_feature",
-    "figure_of", "store_figure", "card_of", "store_card",
+    "Supernodes", "supernodes_of", "store_supernodes", "figure_of", "store_figure", "card_of", "store_card",
 ]
 
 FeatureKey = tuple[int, int]
@@ -422,6 +422,39 @@ def drop_feature_texts(graph: _HasMetadata) -> None:
 def labels_by_feature(graph: _HasMetadata) -> dict[FeatureKey, str]:
     """The short label of each labelled feature (``{}`` when none were recorded)."""
     return dict(feature_labels_of(graph).labels or {})
+
+
+# ---- supernodes ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Supernodes:
+    """``metadata["supernode_names"]`` and ``["supernode_members"]`` of a grouped graph
+    (``graphs/supernodes.py``): each supernode's feature id (``-(k + 2)``) → its name, and → the readable
+    ids of its members. None: the key is absent."""
+
+    names: dict[int, str] | None = None
+    members: dict[int, list[str]] | None = None
+
+    def to_metadata(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.names is not None:
+            d["supernode_names"] = {str(k): v for k, v in self.names.items()}
+        if self.members is not None:
+            d["supernode_members"] = {str(k): list(v) for k, v in self.members.items()}
+        return d
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> "Supernodes":
+        names, members = meta.get("supernode_names"), meta.get("supernode_members")
+        return cls({int(k): v for k, v in names.items()} if names is not None else None,
+                   {int(k): list(v) for k, v in members.items()} if members is not None else None)
+
+
+def supernodes_of(graph: _HasMetadata) -> Supernodes:
+    return Supernodes.from_metadata(graph.metadata)
+
+
+def store_supernodes(graph: _HasMetadata, supernodes: Supernodes) -> None:
+    graph.metadata.update(supernodes.to_metadata())
 
 
 # ---- figure and card ------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 A grouped graph is an ordinary :class:`AttributionGraph`. Each supernode becomes one FEATURE node with
 ``feature = -(k + 2)`` for the k-th group (negative ids never collide with real features, and -1 stays the
 marker of non-feature nodes), placed at its members' lowest layer and lowest position;
-``metadata["supernode_names"]`` maps ``str(feature id)`` to the group's name and
-``metadata["supernode_members"]`` to the members' readable ids. Edges are aggregated by summing the signed
+its :class:`~sparsetrace.graphs.records.Supernodes` record maps each feature id to the group's name and
+to the members' readable ids. Edges are aggregated by summing the signed
 weights of every member edge (edges are linear in their source vector, so a group's edge is exactly the
 sum); edges between members of one group are dropped and their absolute weight goes into the group's
 row remainder, so Â of the other inputs is unchanged. A supernode's activation, bias and value are the sums
@@ -23,7 +23,7 @@ import numpy as np
 from sparsetrace.errors import ConfigError, GraphError
 
 from .graph import Adjacency, AttributionGraph, NodeKind, NodeLayout
-from .records import store_influence, stored_influence
+from .records import Supernodes, store_influence, store_supernodes, stored_influence, supernodes_of
 
 __all__ = ["Supernode", "group_nodes", "auto_supernodes", "is_supernode"]
 
@@ -101,13 +101,11 @@ def group_nodes(graph: AttributionGraph, groups: Sequence[Supernode]) -> Attribu
     grouped = Adjacency.from_coo(r[~internal], c[~internal], adj.data[~internal], n_new, rem.astype(adj.dtype))
 
     meta = json.loads(json.dumps(graph.metadata))  # deep copy: the input graph is not mutated
-    names = dict(meta.get("supernode_names", {}))
-    member_ids = dict(meta.get("supernode_members", {}))
+    known = supernodes_of(graph)
+    names, member_ids = dict(known.names or {}), dict(known.members or {})
     for k, g in enumerate(groups):
-        names[str(-(k + 2))] = g.name
-        member_ids[str(-(k + 2))] = [lay.node_id(int(i)) for i in g.nodes]
-    meta["supernode_names"] = names
-    meta["supernode_members"] = member_ids
+        names[-(k + 2)] = g.name
+        member_ids[-(k + 2)] = [lay.node_id(int(i)) for i in g.nodes]
     out = AttributionGraph(
         layout=layout,
         adjacency=grouped,
@@ -122,6 +120,7 @@ def group_nodes(graph: AttributionGraph, groups: Sequence[Supernode]) -> Attribu
         prompt=graph.prompt,
         metadata=meta,
     )
+    store_supernodes(out, Supernodes(names, member_ids))
     infl = stored_influence(graph)  # per-node lists are regrouped with the nodes
     store_influence(out, per_node(infl) if infl is not None else None)
     return out
