@@ -269,7 +269,7 @@ class Metric:
     def name(self) -> str:
         q = [repr(x) for x in self.labels]
         if self.kind == "logit":
-            return f"logit {q[0]}"
+            return f"logit {q[0]} (demeaned)"
         if self.kind == "logit-diff":
             return f"logit {q[0]} − logit {q[1]}"
         return f"p({' + '.join(q)})"
