@@ -120,8 +120,10 @@ def steer(prompt, token_ids, transcoders, adds, sets, scales, ablates, scale_err
 
     \b
     Examples:
-      sparsetrace steer "Tell me about" --add 20:*+gen:1234=8
-      sparsetrace steer "Tell me about" --add 20:*+gen:1234 --sweep 0,4,8,16 --metric-tokens " cats"
+      sparsetrace steer "My favourite thing to do on weekends is" --add 20:*+gen:1748=40
+      sparsetrace steer "My favourite thing to do on weekends is" --add 20:*+gen:1748 --sweep 0,20,40,60 --metric-tokens " coffee"
+      sparsetrace steer "The capital of France is" --add 21:-1:1874=-80 --temperature 0.8 --samples 3 --record-to france
+
     Every run writes a record (what was steered, model, set, seeds, outputs) to --out.
     """
     import torch
@@ -178,16 +180,17 @@ def _text(rec: dict, written: list[str]) -> str:
     how = "greedy" if dec["greedy"] else (f"sampled (temperature {dec['temperature']:g}, top-p {dec['top_p']:g}"
                                           + (f", top-k {dec['top_k']}" if dec["top_k"] else "") + ")")
     m = rec["metric"]
+    sign = "" if m["kind"] == "prob" else "+"  # probabilities are never negative
     lines = [f"steering {steered}", f"prompt {rec['prompt'] if rec['prompt'] is not None else rec['prompt_ids']!r} "
              f"({len(rec['prompt_ids'])} tokens); {dec['max_new_tokens']} new tokens, {how}"]
     if "sweep" in rec:
-        lines.append(f"{m['name']} at the last prompt position ({rec['mode']}); unsteered {m['clean']:+.3f}")
+        lines.append(f"{m['name']} at the last prompt position ({rec['mode']}); unsteered {m['clean']:{sign}.3f}")
         lines.append(f"{'value':>9}  {'metric':>9}  {'top token':>12}  continuation (seed {dec['seeds'][0]})")
         for r in rec["sweep"]["rows"]:
-            lines.append(f"{r['value']:>9g}  {r['metric']:>+9.3f}  {r['top_token']!r:>12}  {r['continuation']!r}")
-        lines.append(f"{'baseline':>9}  {m['clean']:>+9.3f}  {'':>12}  {rec['samples'][0]['baseline']!r}")
+            lines.append(f"{r['value']:>9g}  {r['metric']:>{sign}9.3f}  {r['top_token']!r:>12}  {r['continuation']!r}")
+        lines.append(f"{'baseline':>9}  {m['clean']:>{sign}9.3f}  {'':>12}  {rec['samples'][0]['baseline']!r}")
     else:
-        lines.append(f"{m['name']} at the last prompt position ({rec['mode']}): {m['clean']:+.3f} → {m['steered']:+.3f}")
+        lines.append(f"{m['name']} at the last prompt position ({rec['mode']}): {m['clean']:{sign}.3f} → {m['steered']:{sign}.3f}")
         for s in rec["samples"]:
             lines.append(f"seed {s['seed']}")
             lines.append(f"  baseline: {s['baseline']!r}")

@@ -289,19 +289,21 @@ def steering_entry(record: Mapping[str, Any]) -> dict[str, Any]:
     ivs = "; ".join(f"{i['option']} {i['spec']}" + ("" if i.get("value") is None or i["option"] == "--ablate"
                                                      else f"={i['value']:g}") for i in record.get("interventions", []))
     m = record.get("metric") or {}
+    sign = "" if m.get("kind") == "prob" else "+"
     sweep = record.get("sweep")
     if sweep:
-        pts = ", ".join(f"{r['value']:g}: {r['metric']:+.3g}" for r in sweep["rows"])
-        outcome = f"{m.get('name')}: unsteered {m.get('clean', float('nan')):+.3g}; swept {pts}"
-        first = sweep["rows"][-1].get("continuation")
+        pts = ", ".join(f"{r['value']:g}: {r['metric']:{sign}.3g}" for r in sweep["rows"])
+        outcome = f"{m.get('name')}: unsteered {m.get('clean', float('nan')):{sign}.3g}; swept {pts}"
+        last = sweep["rows"][-1]
+        text = f"at {last['value']:g}: {_clip(last.get('continuation'))!r}"
     else:
-        outcome = f"{m.get('name')}: {m.get('clean', float('nan')):+.3g} → {m.get('steered', float('nan')):+.3g}"
-        first = (record.get("samples") or [{}])[0].get("steered")
+        outcome = f"{m.get('name')}: {m.get('clean', float('nan')):{sign}.3g} → {m.get('steered', float('nan')):{sign}.3g}"
+        text = repr(_clip((record.get("samples") or [{}])[0].get("steered")))
     base = (record.get("samples") or [{}])[0].get("baseline")
     return {
         "description": f"{ivs} on {_clip(record.get('prompt') or record.get('prompt_ids'), 60)!r}",
         "outcome": outcome,
-        "continuation": f"{_clip(first)!r} (baseline {_clip(base)!r})",
+        "continuation": f"{text} (baseline {_clip(base)!r})",
         "seeds": (record.get("decoding") or {}).get("seeds", NOT_RECORDED),
         "record": record.get("file", NOT_RECORDED),
         "created": record.get("created", NOT_RECORDED),
