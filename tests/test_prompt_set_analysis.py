@@ -178,6 +178,9 @@ def test_random_sets_have_equal_size_and_near_mass():
         assert [(l, c) for l, c, _ in s] == [(l, c) for l, c, _ in members]
         assert s[0][2] in range(9 - K_NEAR, 9) and s[1][2] == 7 and s[2][2] not in (5,)
     assert all(0.5 < r <= 1.0 for r in ratios)
+    # inactive members at one (layer, position) get distinct stand-ins (a feature twice in one set is refused)
+    sets, _ = _random_sets([(0, 3, 0), (0, 3, 1)], {}, 4, 50, np.random.default_rng(0))
+    assert all(s[0] != s[1] and {s[0][2], s[1][2]} == {2, 3} for s in sets)
 
 
 @pytest.mark.parametrize("edit, fragments", [
