@@ -7,16 +7,13 @@ graphs without them, and ``sparsetrace --help`` stays fast.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
 
@@ -319,25 +316,7 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 # ---- atomic outputs ------------------------------------------------------------------------------
-from sparsetrace._atomic import atomic_folder, check_writable_parent  # noqa: E402  (the library's; used by every command)
-
-
-@contextlib.contextmanager
-def staged(folder: Path) -> Iterator[Path]:
-    """A temp folder inside ``folder``; on success its files are renamed into ``folder`` (each rename is
-    atomic), on error it is removed: no partial files either way."""
-    check_writable_parent(folder / "x", "output folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".staging.", suffix=".tmp"))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in sorted(tmp.iterdir()):
-            os.chmod(p, 0o666 & ~umask)
-            os.replace(p, folder / p.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+from sparsetrace._atomic import atomic_folder, check_writable_parent, staged  # noqa: E402  (the library's; used by every command)
 
 
 def resolve_graph_path(path: str) -> Path:

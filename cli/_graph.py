@@ -45,10 +45,6 @@ def _load(path: Path, prefer_pruned: bool):
     return AttributionGraph.load(path), path
 
 
-def _is_pruned(graph) -> bool:
-    return bool(graph.metadata.get("pruned")) or len(graph.metadata.get("node_influence") or []) == graph.n_nodes
-
-
 @click.command()
 @GRAPH_ARG
 @click.option("--out", "-o", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -60,6 +56,7 @@ def _is_pruned(graph) -> bool:
 @output_options
 def prune(graph, out_path, node_threshold, edge_threshold, as_json, quiet):
     """Prune GRAPH by influence on the logits; store the scores and refresh the provenance card."""
+    from sparsetrace.graphs import records
     from sparsetrace.graphs.card import card_markdown
 
     out = Output(as_json, quiet)
@@ -69,9 +66,9 @@ def prune(graph, out_path, node_threshold, edge_threshold, as_json, quiet):
     pruned, _ = prune_and_score(g, node_threshold, edge_threshold)
     with staged(out_path.parent) as tmp:
         pruned.save(tmp / out_path.name)
-        write_text_atomic(tmp / "card.md", card_markdown(pruned.metadata["card"]))
+        write_text_atomic(tmp / "card.md", card_markdown(records.card_of(pruned)))
     data = {"out": str(out_path), "nodes": [g.n_nodes, pruned.n_nodes], "edges": [g.adjacency.nnz, pruned.adjacency.nnz],
-            "scores": pruned.metadata["scores"], "pruning": pruned.metadata["pruning"]}
+            "scores": records.scores_of(pruned).to_dict(), "pruning": records.prune_summary_of(pruned).to_dict()}
     s = data["scores"]
     out.result(data, lambda: (
         f"pruned {g.n_nodes} → {pruned.n_nodes} nodes, {g.adjacency.nnz} → {pruned.adjacency.nnz} edges\n"
@@ -113,8 +110,9 @@ def _check_labels(g, mode: str) -> None:
             "(computed by `sparsetrace features stats`)"
         )
     if mode == "ids":
-        g.metadata.pop("feature_info", None)
-        g.metadata.pop("feature_labels", None)
+        from sparsetrace.graphs.records import drop_feature_texts
+
+        drop_feature_texts(g)
 
 
 def _figure_sources(graph: Path, node_threshold: float, edge_threshold: float, out):
@@ -123,6 +121,7 @@ def _figure_sources(graph: Path, node_threshold: float, edge_threshold: float, o
     viewer's)."""
     from sparsetrace.graphs import AttributionGraph
     from sparsetrace.graphs.figure import mask_of
+    from sparsetrace.graphs.records import is_pruned
 
     if graph.is_dir():
         pruned, _ = _load(graph, prefer_pruned=True)
@@ -132,7 +131,7 @@ def _figure_sources(graph: Path, node_threshold: float, edge_threshold: float, o
             return base, mask_of(base, pruned), pruned, str(full_path)
         return pruned, None, pruned, str(graph / "graph.pruned.safetensors")
     g, _ = _load(graph, prefer_pruned=True)
-    if _is_pruned(g):
+    if is_pruned(g):
         return g, None, g, str(graph)
     out.say(f"pruning first (node {node_threshold}, edge {edge_threshold})")
     pruned, result = prune_and_score(g, node_threshold, edge_threshold)
@@ -250,14 +249,16 @@ def figure(graph, spec_path, out_paths, max_nodes, width, label_mode, title, dpi
     where = f"spec {spec_path.name}" if spec_path is not None else "spec"
     fig = make_figure(base, spec, width, where=where)
     files = write_figure(fig, paths, _spec_path(paths[0]), name, width, dpi)
-    stored = base.metadata.get("scores") or {}
+    from sparsetrace.graphs.records import scores_of
+
+    stored = scores_of(base)
     data = {"files": files, "nodes": len(fig.units), "edges": int(len(fig.src)),
-            "scores": fig.scores.to_dict() if fig.scores else None, "graph_scores": stored}
+            "scores": fig.scores.to_dict() if fig.scores else None, "graph_scores": stored.to_dict() if stored else {}}
     lines = [f"drew {len(fig.units)} nodes and {len(fig.src)} edges of {fig.n_graph_nodes:,} nodes",
              f"subgraph scores: {_scores_text(fig.scores)}"]
-    for k in ("full", "pruned"):
-        if k in stored:
-            lines.append(f"  ({k} graph: replacement {stored[k]['replacement']:.3f}, completeness {stored[k]['completeness']:.3f})")
+    for k, s in (("full", stored.full if stored else None), ("pruned", stored.pruned if stored else None)):
+        if s is not None:
+            lines.append(f"  ({k} graph: replacement {s.replacement:.3f}, completeness {s.completeness:.3f})")
     lines.append(f"wrote {', '.join(files)}")
     out.result(data, "\n".join(lines))
 
@@ -273,8 +274,10 @@ def _export_text(g, fmt: str) -> str:
     if fmt == "graphml":
         return "\n".join(nx.generate_graphml(to_networkx(g, labels))) + "\n"
     d = to_circuit_tracer_json(g, slug_of(g.prompt), labels=labels)
-    if "card" in g.metadata:
-        d["metadata"]["provenance"] = g.metadata["card"]
+    from sparsetrace.graphs.records import card_of
+
+    if card_of(g) is not None:
+        d["metadata"]["provenance"] = card_of(g)
     return json.dumps(d)
 
 

@@ -151,93 +151,30 @@ def _text(d: dict) -> str:
 def _graph_and_parts(graph_path: Path, model, transcoders, device, dtype, seed, out):
     """The graph, the model and the transcoders it was traced with (from its metadata unless given)."""
     from sparsetrace.graphs import AttributionGraph
+    from sparsetrace.graphs.records import TranscoderSource, transcoder_source_of
 
     path = graph_path / "graph.safetensors" if graph_path.is_dir() else graph_path
     graph = AttributionGraph.load(path)
-    src = graph.metadata.get("transcoder_source") or {}
-    if model is None:
-        model = src.get("model_arg")
+    src = transcoder_source_of(graph) or TranscoderSource(None)
+    asked = src.request
+    if model is None and asked is not None:
+        model = asked.model_arg
     if transcoders is None:
-        transcoders = src.get("spec") or src.get("path")
+        transcoders = (asked.spec if asked is not None else None) or src.path
         if transcoders is None:
             raise ConfigError("the graph does not record its transcoder set; pass --transcoders")
-        if src.get("random"):
-            seed = src.get("seed", seed)
+        if src.random and asked is not None and asked.seed is not None:
+            seed = asked.seed
     lm = load_lm(model, device, dtype, out)
     ts, _ = resolve_transcoders(transcoders, lm, model, seed)
     return graph, path, lm, ts
 
 
-def _record_validation(path: Path, records: list[dict], extra_files: dict[str, object]) -> list[str]:
-    """Append ``records`` to the validation of the graph at ``path`` and of its pruned sibling, refresh
-    card.md, write ``extra_files`` (name → writer(tmp_path)); all staged, then renamed into place."""
-    from sparsetrace.graphs import AttributionGraph
-    from sparsetrace.graphs.card import add_validation, card_markdown
-
-    from ._common import staged, write_text_atomic
-
-    folder = path.parent
-    siblings = [path]
-    pruned = folder / "graph.pruned.safetensors"
-    if path.name == "graph.safetensors" and pruned.is_file():
-        siblings.append(pruned)
-    with staged(folder) as tmp:
-        card = None
-        for p in siblings:
-            g = AttributionGraph.load(p)
-            for rec in records:
-                card = add_validation(g, rec)
-            g.save(tmp / p.name)
-        write_text_atomic(tmp / "card.md", card_markdown(card))
-        for name, write in extra_files.items():
-            write(tmp / name)
-    return [p.name for p in siblings] + ["card.md"] + list(extra_files)
-
-
 def _parse_nodes(text: str, graph) -> tuple:
-    """``F3.12@5,E2@4,T@1`` (readable ids; ``+`` joins a group) → node indices."""
-    index = {graph.layout.node_id(i): i for i in range(graph.n_nodes)}
-    out = []
-    for part in text.split(","):
-        ids = [p.strip() for p in part.split("+") if p.strip()]
-        missing = [i for i in ids if i not in index]
-        if missing:
-            raise ConfigError(
-                f"node {missing[0]!r} is not in the graph; allowed: ids like F<layer>.<feature>@<pos>, E<layer>@<pos>, T@<pos> "
-                "(see `sparsetrace export GRAPH -f csv`)"
-            )
-        out.append(index[ids[0]] if len(ids) == 1 else tuple(index[i] for i in ids))
-    return tuple(out)
+    """:func:`sparsetrace.tracer.validate.parse_nodes` (kept for callers in cli/)."""
+    from sparsetrace.tracer.validate import parse_nodes
 
-
-def _hypotheses(graph, ablates, scales, steers, target, auto):
-    from sparsetrace.graphs import NodeKind
-    from sparsetrace.tracer.validate import Hypothesis
-
-    hs = []
-    for text in ablates:
-        hs.append(Hypothesis(f"ablate {text}", _parse_nodes(text, graph), "ablate", 0.0, target))
-    for flag, action, items in (("--scale", "scale", scales), ("--steer", "steer", steers)):
-        for text in items:
-            if "=" not in text:
-                raise ConfigError(f"{flag} {text!r}; allowed form: NODES=VALUE, e.g. F3.12@5=0.5")
-            nodes, val = text.rsplit("=", 1)
-            try:
-                v = float(val)
-            except ValueError:
-                raise ConfigError(f"{flag} {text!r}: {val!r} is not a number") from None
-            hs.append(Hypothesis(f"{action} {nodes}×{v:g}" if action == "scale" else f"steer {nodes}={v:g}",
-                                 _parse_nodes(nodes, graph), action, v, target))
-    if not hs:
-        # default: ablate each of the `auto` most influential features, one at a time
-        from sparsetrace.graphs.prune import node_influence
-
-        infl = node_influence(graph)
-        feats = [i for i in infl.argsort()[::-1] if graph.layout.kind[i] == NodeKind.FEATURE][:auto]
-        if not feats:
-            raise ConfigError("the graph has no feature nodes to validate; give --ablate/--scale/--steer")
-        hs = [Hypothesis(f"ablate {graph.layout.node_id(int(i))}", (int(i),), "ablate", 0.0, target) for i in feats]
-    return hs
+    return parse_nodes(text, graph)
 
 
 @click.command()
@@ -265,7 +202,8 @@ def validate(graph_path, transcoders, ablates, scales, steers, target, auto, mod
     """
     import dataclasses
 
-    from sparsetrace.tracer.validate import ValidationConfig, validate as run
+    from sparsetrace.graphs.folder import record_validation
+    from sparsetrace.tracer.validate import ValidationConfig, build_hypotheses, validate as run
 
     out = Output(as_json, quiet)
     graph, path, lm, ts = _graph_and_parts(graph_path, model, transcoders, device, dtype, seed, out)
@@ -276,21 +214,17 @@ def validate(graph_path, transcoders, ablates, scales, steers, target, auto, mod
     if noise_floor is not None:
         changes["noise_floor"] = noise_floor
     cfg = dataclasses.replace(cfg, **changes)
-    hyps = _hypotheses(graph, ablates, scales, steers, target, auto)
+    hyps = build_hypotheses(graph, ablates, scales, steers, target, auto)
     out.say(f"validating {len(hyps)} hypothes{'is' if len(hyps) == 1 else 'es'} in {', '.join(cfg.modes)}")
     report = run(graph, lm, ts, hyps, cfg)
-    records = [
-        {"kind": r.hypothesis.action, "description": f"{r.hypothesis.name} → {r.target_label!r}",
-         "outcome": "; ".join(v.line() for v in r.verdicts), "passed": bool(r.supported_in())}
-        for r in report.results
-    ]
+    records = report.records()
     written = []
     if record:
         extra = {"validation.json": lambda p: p.write_text(report.to_json(), encoding="utf-8")}
         if plot:
             extra["validation.png"] = lambda p: report.save_plot(p)
-        written = _record_validation(path, records, extra)
-    data = {"graph": str(path), "results": records, "files": written, "report": report.to_dict()}
+        written = record_validation(path, records, extra)
+    data = {"graph": str(path), "results": [r.to_dict() for r in records], "files": written, "report": report.to_dict()}
     out.result(data, lambda: report.summary() + (f"\nrecorded in {path.parent}/: {', '.join(written)}" if written else ""))
 
 
@@ -306,6 +240,7 @@ def validate(graph_path, transcoders, ablates, scales, steers, target, auto, mod
 def verify(graph_path, transcoders, n_samples, atol, rtol, record, model, device, dtype, seed, as_json, quiet):
     """Re-check a sample of GRAPH's edges on the real model: doubling a source under all-layer
     constrained patching must move the target by exactly the edge weight. Exit 1 on a mismatch."""
+    from sparsetrace.graphs.folder import record_validation
     from sparsetrace.tracer.validate import verify_graph
 
     out = Output(as_json, quiet)
@@ -313,9 +248,7 @@ def verify(graph_path, transcoders, n_samples, atol, rtol, record, model, device
     rep = verify_graph(graph, lm, ts, n_samples=n_samples, seed=seed, atol=atol, rtol=rtol)
     written = []
     if record:
-        rec = {"kind": "verify", "description": f"{rep.n_checked} edges re-checked by all-layer constrained patching",
-               "outcome": rep.summary(), "passed": rep.passed}
-        written = _record_validation(path, [rec], {})
+        written = record_validation(path, [rep.record()], {})
     data = {**rep.to_dict(), "files": written}
     out.result(data, rep.summary)
     if not rep.passed:

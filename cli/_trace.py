@@ -127,10 +127,10 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
     with out.progress() as bars:
         graph = attribute(ids if ids is not None else prompt, lm, ts, targets=spec, config=cfg, progress=bars)
     clock.lap("attribution")
-    rev = model_revision(lm, model)
-    if rev:
-        graph.metadata["model"]["revision"] = rev
-    graph.metadata["transcoder_source"] = {**source, "spec": transcoders, "seed": seed, "model_arg": model}
+    from sparsetrace.graphs.records import TranscoderSource, store_provenance
+
+    store_provenance(graph, TranscoderSource.from_dict(source).with_request(transcoders, seed, model),
+                     model_revision(lm, model))
     out.say("pruning and scoring")
     pruned, result = prune_and_score(graph, node_threshold, edge_threshold)
     clock.lap("pruning")
@@ -140,9 +140,12 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
     with atomic_folder(out_dir) as tmp:
         written = write_graph_outputs(tmp, graph, pruned, picture, out, figure=fig_cfg, result=result, full_picture=full)
     clock.lap("outputs")
-    pictures = (pruned.metadata.get("figure") or {}).get("seconds", 0.0) if picture else 0.0
+    from sparsetrace.graphs.records import figure_of
+
+    fig = figure_of(pruned)
+    pictures = (fig.seconds or 0.0) if picture and fig is not None else 0.0
     data = _summary(graph, pruned, out_dir, written, clock.seconds(pictures))
-    data["figure"] = pruned.metadata.get("figure")
+    data["figure"] = fig.to_dict() if fig is not None else None
     out.result(data, lambda: _text(data))
 
 
@@ -169,7 +172,7 @@ def _stats_folder(given: Path | None, transcoders: str | None, model: str | None
 
 
 def _label(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats: bool, out) -> None:
-    """Labels of the pruned graph's features in both graphs' metadata (tracer.pipeline.label_graphs)."""
+    """Labels of the pruned graph's features in both graphs (tracer.pipeline.label_graphs)."""
     from sparsetrace.tracer.pipeline import label_graphs
 
     label_graphs(lm, ts, graph, pruned, stats, labels, stats_dir, auto_stats, out.say)
@@ -206,18 +209,20 @@ def _counts(g) -> dict:
 
 
 def _summary(graph, pruned, out_dir: Path, written: list[str], seconds: dict[str, float]) -> dict:
-    stats = graph.metadata.get("stats", {})
+    from sparsetrace.graphs import records
+
+    summary, scores = records.prune_summary_of(graph), records.scores_of(graph)
     return {
         "out": str(out_dir),
         "files": written,
         "prompt": graph.prompt,
         "tokens": list(graph.token_strings),
         "top_logits": [{"token": t, "probability": float(p)} for t, p in zip(graph.logit_label, graph.logit_probability)],
-        "graph": {**_counts(graph), "active_features": stats.get("active_features")},
+        "graph": {**_counts(graph), "active_features": records.attribution_stat(graph, "active_features")},
         "pruned": _counts(pruned),
-        "pruning": graph.metadata.get("pruning"),
-        "scores": graph.metadata.get("scores"),
-        "transcoders": graph.metadata["transcoder_source"]["description"],
+        "pruning": summary.to_dict() if summary is not None else None,
+        "scores": scores.to_dict() if scores is not None else None,
+        "transcoders": records.transcoder_source_of(graph).description,
         "seconds": seconds,
     }
 

@@ -17,7 +17,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import records
 from .graph import AttributionGraph
+from .records import ValidationRecord
 
 __all__ = ["NOT_RECORDED", "CARD_VERSION", "build_card", "card_markdown", "attach_card", "add_validation", "add_steering"]
 
@@ -46,13 +48,14 @@ def _mean(values: Any) -> Any:
     return NOT_RECORDED
 
 
-def _transcoder_section(meta: Mapping[str, Any]) -> dict[str, Any]:
+def _transcoder_section(graph: AttributionGraph) -> dict[str, Any]:
+    meta = graph.metadata
     tc = meta.get("transcoders") or {}
     training = meta.get("transcoder_training") or {}
-    source = meta.get("transcoder_source") or {}
-    is_random = bool(source.get("random")) or bool(training.get("random"))
+    source = records.transcoder_source_of(graph)
+    is_random = (source is not None and source.random) or bool(training.get("random"))
     return {
-        "source": source.get("description", NOT_RECORDED),
+        "source": source.description if source is not None and source.description is not None else NOT_RECORDED,
         "random": is_random,
         # a per-layer set's config has no "kind"; a cross-layer transcoder's says "cross-layer" (design.md §14)
         "kind": tc.get("kind", "per-layer") if tc else NOT_RECORDED,
@@ -94,10 +97,11 @@ def _quality_section(meta: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _selection_section(meta: Mapping[str, Any]) -> dict[str, Any]:
+def _selection_section(graph: AttributionGraph) -> dict[str, Any]:
+    meta = graph.metadata
     att = meta.get("attribution") or {}
     stats = meta.get("stats") or {}
-    pr = meta.get("pruning") or {}
+    pr = records.prune_summary_of(graph)
     budget = att.get("max_feature_nodes", NOT_RECORDED) if "max_feature_nodes" in att else NOT_RECORDED
     return {
         "logit_targets": {
@@ -108,29 +112,32 @@ def _selection_section(meta: Mapping[str, Any]) -> dict[str, Any]:
         "active_features": stats.get("active_features", NOT_RECORDED),
         "feature_nodes": stats.get("feature_nodes", NOT_RECORDED),
         "store_threshold": att.get("store_threshold", NOT_RECORDED),
-        "node_threshold": pr.get("node_threshold", NOT_RECORDED),
-        "edge_threshold": pr.get("edge_threshold", NOT_RECORDED),
-        "nodes_before_after_pruning": [pr["n_nodes_before"], pr["n_nodes_after"]] if "n_nodes_after" in pr else NOT_RECORDED,
-        "edges_before_after_pruning": [pr["n_edges_before"], pr["n_edges_after"]] if "n_edges_after" in pr else NOT_RECORDED,
+        "node_threshold": pr.node_threshold if pr is not None else NOT_RECORDED,
+        "edge_threshold": pr.edge_threshold if pr is not None else NOT_RECORDED,
+        "nodes_before_after_pruning": [pr.n_nodes_before, pr.n_nodes_after] if pr is not None else NOT_RECORDED,
+        "edges_before_after_pruning": [pr.n_edges_before, pr.n_edges_after] if pr is not None else NOT_RECORDED,
     }
 
 
-def _scores_section(meta: Mapping[str, Any]) -> dict[str, Any]:
-    s = meta.get("scores") or {}
+def _pair(scores: records.GraphScores | None) -> dict[str, Any]:
+    """Replacement and completeness, each ``not recorded`` when missing."""
+    if scores is None:
+        return {"replacement": NOT_RECORDED, "completeness": NOT_RECORDED}
+    return {"replacement": _or_not(scores.replacement), "completeness": _or_not(scores.completeness)}
+
+
+def _or_not(v: Any) -> Any:
+    return NOT_RECORDED if v is None else v
+
+
+def _scores_section(graph: AttributionGraph) -> dict[str, Any]:
+    s = records.scores_of(graph)
+    fig = records.figure_of(graph)
     return {
-        "full_graph": {
-            "replacement": _get(s, "full", "replacement"),
-            "completeness": _get(s, "full", "completeness"),
-        },
-        "pruned_graph": {
-            "replacement": _get(s, "pruned", "replacement"),
-            "completeness": _get(s, "pruned", "completeness"),
-        },
-        "figure": {
-            "nodes": _get(meta, "figure", "nodes"),
-            "replacement": _get(meta, "figure", "scores", "replacement"),
-            "completeness": _get(meta, "figure", "scores", "completeness"),
-        },
+        "full_graph": _pair(s.full if s is not None else None),
+        "pruned_graph": _pair(s.pruned if s is not None else None),
+        "figure": {"nodes": _or_not(fig.nodes) if fig is not None else NOT_RECORDED,
+                   **_pair(fig.scores if fig is not None else None)},
     }
 
 
@@ -141,41 +148,49 @@ N_LABELS = 15
 def _labels_section(graph: AttributionGraph) -> dict[str, Any]:
     """Where the feature labels came from, and the most influential features' labels with their held-out
     scores (issue 19: a label is a hypothesis, so it carries its measured precision and recall)."""
-    meta = graph.metadata
-    src = meta.get("labels") or {}
-    info = meta.get("feature_info") or {}
+    labels = records.feature_labels_of(graph)
+    src = labels.source
+    info = labels.info or {}
     lay = graph.layout
-    infl = meta.get("node_influence")
+    infl = records.stored_influence(graph)
     rows = []
     feats = [i for i in range(lay.features.start, lay.features.stop) if lay.feature[i] >= 0]
-    if infl is not None and len(infl) == graph.n_nodes:
+    if infl is not None:
         feats.sort(key=lambda i: (-float(infl[i]), i))
     for i in feats:
-        d = info.get(f"{lay.layer[i]}.{lay.feature[i]}")
+        d = info.get((int(lay.layer[i]), int(lay.feature[i])))
         if d is None:
             continue
-        rows.append({"node": lay.node_id(i), "label": d.get("label", NOT_RECORDED), "source": d.get("source", NOT_RECORDED),
-                     "precision": d.get("precision"), "recall": d.get("recall")})
+        rows.append({"node": lay.node_id(i), "label": _known(d, "label"), "source": _known(d, "source"),
+                     "precision": d.precision, "recall": d.recall})
         if len(rows) == N_LABELS:
             break
+    source = src.source if src is not None and "source" in src.present else (
+        labels.source_name if labels.source_name is not None else NOT_RECORDED)
     return {
-        "source": src.get("source", meta.get("feature_labels_source", NOT_RECORDED)),
-        "statistics": src.get("statistics") or NOT_RECORDED,
-        "sample_tokens": src.get("sample_tokens") or NOT_RECORDED,
-        "scored_on": src.get("heldout") or NOT_RECORDED,
+        "source": source,
+        "statistics": (src.statistics if src is not None else None) or NOT_RECORDED,
+        "sample_tokens": (src.sample_tokens if src is not None else None) or NOT_RECORDED,
+        "scored_on": (src.heldout if src is not None else None) or NOT_RECORDED,
         "score": "precision = P(fires | the token's word is a label word), recall = P(label word | fires), on held-out tokens",
         "features": rows if rows else NOT_RECORDED,
     }
 
 
-def _error_share(meta: Mapping[str, Any]) -> Any:
+def _known(info: records.FeatureInfo, name: str) -> Any:
+    """A field of a feature's info; ``not recorded`` when its stored dict lacks the key."""
+    return getattr(info, name) if name in info.present else NOT_RECORDED
+
+
+def _error_share(graph: AttributionGraph) -> Any:
     """Share of the logits' influence that ends at error nodes: 1 − replacement score (docs/design.md §5)."""
-    r = _get(meta, "scores", "full", "replacement")
-    return NOT_RECORDED if r == NOT_RECORDED else 1.0 - float(r)
+    s = records.scores_of(graph)
+    r = s.full.replacement if s is not None and s.full is not None else None
+    return NOT_RECORDED if r is None else 1.0 - float(r)
 
 
-def _limitations(meta: Mapping[str, Any], transcoders: Mapping[str, Any]) -> list[str]:
-    share = _error_share(meta)
+def _limitations(graph: AttributionGraph, transcoders: Mapping[str, Any]) -> list[str]:
+    share = _error_share(graph)
     share_text = NOT_RECORDED if share == NOT_RECORDED else f"{100 * share:.1f}%"
     out = [
         "Attention patterns are frozen at their values on this prompt: the graph has no QK attribution "
@@ -192,7 +207,7 @@ def _limitations(meta: Mapping[str, Any], transcoders: Mapping[str, Any]) -> lis
     return out
 
 
-def _claims(meta: Mapping[str, Any], validation: Sequence[Mapping[str, Any]],
+def _claims(graph: AttributionGraph, validation: Sequence[ValidationRecord],
             steering: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, str]]:
     claims = [
         {
@@ -201,7 +216,7 @@ def _claims(meta: Mapping[str, Any], validation: Sequence[Mapping[str, Any]],
             "evidence": "observational (graph)",
         }
     ]
-    if "pruning" in meta:
+    if records.prune_summary_of(graph) is not None:
         claims.append(
             {
                 "claim": "The pruned graph keeps the nodes and edges carrying the stated shares of influence.",
@@ -209,13 +224,7 @@ def _claims(meta: Mapping[str, Any], validation: Sequence[Mapping[str, Any]],
             }
         )
     for v in validation:
-        desc = str(v.get("description") or v.get("hypothesis") or v.get("kind") or "intervention")
-        outcome = v.get("outcome")
-        if outcome is None and "passed" in v:
-            outcome = "confirmed" if v["passed"] else "not confirmed"
-        claims.append(
-            {"claim": f"{desc} — {outcome or NOT_RECORDED}", "evidence": "causal (intervention on the real model)"}
-        )
+        claims.append({"claim": v.claim(), "evidence": "causal (intervention on the real model)"})
     for st in steering:
         claims.append({"claim": f"steering {st.get('description', NOT_RECORDED)} — {st.get('outcome', NOT_RECORDED)}",
                        "evidence": "causal (steering the real model, docs/design.md §16)"})
@@ -229,9 +238,9 @@ def build_card(graph: AttributionGraph) -> dict[str, Any]:
     ``transcoder_source``, ``attribution``, ``stats``, ``pruning``, ``scores`` and ``validation``."""
     meta = graph.metadata
     model = meta.get("model") or {}
-    transcoders = _transcoder_section(meta)
-    validation = list(meta.get("validation") or [])
-    steering = list(meta.get("steering") or [])
+    transcoders = _transcoder_section(graph)
+    validation = records.validation_of(graph)
+    steering = list(graph.metadata.get("steering") or [])
     hooks = meta.get("hook_points") or {}
     n_layers = model.get("n_layers", graph.layout.n_layers)
     return {
@@ -252,28 +261,29 @@ def build_card(graph: AttributionGraph) -> dict[str, Any]:
         "transcoders": transcoders,
         "sparsity": _sparsity_section(meta),
         "reconstruction": _quality_section(meta),
-        "feature_selection": _selection_section(meta),
-        "scores": _scores_section(meta),
-        "error_node_share": _error_share(meta),
+        "feature_selection": _selection_section(graph),
+        "scores": _scores_section(graph),
+        "error_node_share": _error_share(graph),
         "labels": _labels_section(graph),
-        "validation": validation if validation else NOT_RECORDED,
+        "validation": [v.to_dict() for v in validation] if validation else NOT_RECORDED,
         **({"steering": steering} if steering else {}),
-        "limitations": _limitations(meta, transcoders),
-        "claims": _claims(meta, validation, steering),
+        "limitations": _limitations(graph, transcoders),
+        "claims": _claims(graph, validation, steering),
     }
 
 
 def attach_card(graph: AttributionGraph) -> dict[str, Any]:
-    """Build the card and store it in ``graph.metadata["card"]``; returns it."""
+    """Build the card and store it in the graph (``metadata["card"]``); returns it."""
     card = build_card(graph)
-    graph.metadata["card"] = card
+    records.store_card(graph, card)
     return card
 
 
-def add_validation(graph: AttributionGraph, record: Mapping[str, Any]) -> dict[str, Any]:
-    """Append one validation record (an intervention run: ``kind``, ``description``, ``predicted``,
-    ``measured``, ``passed``/``outcome``) to ``metadata["validation"]`` and refresh the card."""
-    graph.metadata.setdefault("validation", []).append(dict(record))
+def add_validation(graph: AttributionGraph, record: ValidationRecord | Mapping[str, Any]) -> dict[str, Any]:
+    """Append one validation record (an intervention run: ``kind``, ``description``, ``outcome`` and/or
+    ``passed``; a mapping is read with :meth:`ValidationRecord.from_dict`) and refresh the card."""
+    rec = record if isinstance(record, ValidationRecord) else ValidationRecord.from_dict(record)
+    records.append_validation(graph, rec)
     return attach_card(graph)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from sparsetrace.errors import FormatError
 
 from .graph import Adjacency, AttributionGraph, NodeKind, NodeLayout, _atomic_write
+from .records import prune_summary_of, stored_influence
 
 __all__ = [
     "NodeInfo",
@@ -78,17 +79,14 @@ def _influence(graph: AttributionGraph, influence: np.ndarray | None) -> np.ndar
         if influence.shape != (graph.n_nodes,):
             raise FormatError(f"influence must have {graph.n_nodes} entries, got {influence.shape}")
         return influence
-    stored = graph.metadata.get("node_influence")
-    if stored is not None and len(stored) == graph.n_nodes:
-        return np.asarray(stored, dtype=np.float64)
-    return None
+    return stored_influence(graph)
 
 
 def node_table(
     graph: AttributionGraph, labels: Labels | None = None, influence: np.ndarray | None = None
 ) -> list[NodeInfo]:
     """One :class:`NodeInfo` per node, in layout order. ``influence`` defaults to
-    ``metadata["node_influence"]`` when it has one entry per node (as :func:`apply_prune` stores)."""
+    the stored influence when it has one entry per node (as :func:`apply_prune` stores it)."""
     lay = graph.layout
     labels = labels or {}
     infl = _influence(graph, influence)
@@ -316,8 +314,8 @@ def to_circuit_tracer_json(
 ) -> dict:
     """The frontend's graph JSON: ``metadata``, ``qParams``, ``nodes``, ``links`` (docs/design.md §8).
 
-    ``influence`` (default: ``metadata["node_influence"]``, else computed) is exported as each node's
-    cumulative share; ``node_threshold`` defaults to the pruning threshold in ``metadata["pruning"]``;
+    ``influence`` (default: the stored influence, else computed) is exported as each node's
+    cumulative share; ``node_threshold`` defaults to the threshold of the graph's pruning summary;
     ``supernodes`` are (name, node indices) pairs for the frontend's grouping; ``feature`` of a feature
     node is its transcoder feature id."""
     from .prune import node_influence
@@ -371,7 +369,8 @@ def to_circuit_tracer_json(
         for t, s, w in zip(adj.rows().tolist(), adj.indices.tolist(), adj.data.tolist())
     ]
     if node_threshold is None:
-        node_threshold = graph.metadata.get("pruning", {}).get("node_threshold")
+        summary = prune_summary_of(graph)
+        node_threshold = summary.node_threshold if summary is not None else None
     return {
         "metadata": {
             "slug": slug,

@@ -9,7 +9,7 @@ and every figure can be saved as its spec and redrawn.
 
 1. candidates are the nodes the pruning kept; the error nodes of one position form one candidate
    whose influence is the sum of theirs;
-2. candidates are taken in order of influence on the targets (``metadata["node_influence"]``, the
+2. candidates are taken in order of influence on the targets (the pruning's stored influence, the
    full graph's I of each kept node, docs/design.md §5) and merged on the fly into supernodes when a feature
    is related to one already taken: the same transcoder feature at another position, or a feature at
    the same position with the same label or a decoder cosine ≥ ``merge_cosine``;
@@ -48,6 +48,7 @@ from sparsetrace.config import FigureConfig, ImageConfig, _check_width
 from sparsetrace.errors import ConfigError
 
 from .graph import Adjacency, AttributionGraph, NodeKind, NodeLayout
+from .records import feature_labels_of, store_influence, stored_influence
 from .scores import GraphScores, pruned_graph_scores
 
 __all__ = [
@@ -215,18 +216,16 @@ class NodeText:
 
 
 def node_texts(graph: AttributionGraph) -> dict[tuple[int, int], NodeText]:
-    """``{(layer, feature): NodeText}`` from ``metadata["feature_info"]`` (written by ``trace`` from the
-    feature statistics or the token lens), else the plain ``metadata["feature_labels"]``."""
+    """``{(layer, feature): NodeText}`` from each feature's info (written by ``trace`` from the feature
+    statistics or the token lens), else its plain short label (:class:`~sparsetrace.graphs.records.FeatureLabels`)."""
+    labels = feature_labels_of(graph)
     out: dict[tuple[int, int], NodeText] = {}
-    for key, text in (graph.metadata.get("feature_labels") or {}).items():
-        layer, feat = key.split(".")
-        out[(int(layer), int(feat))] = NodeText(text, text, "unknown")
-    for key, info in (graph.metadata.get("feature_info") or {}).items():
-        layer, feat = key.split(".")
-        out[(int(layer), int(feat))] = NodeText(
-            info.get("short") or info.get("label", ""), info.get("label", ""), info.get("source", "unknown"),
-            info.get("precision"), info.get("recall"),
-        )
+    for key, text in (labels.labels or {}).items():
+        out[key] = NodeText(text, text, "unknown")
+    for key, info in (labels.info or {}).items():
+        label = info.label if "label" in info.present else ""
+        out[key] = NodeText(info.short or label, label, info.source if "source" in info.present else "unknown",
+                            info.precision, info.recall)
     return out
 
 
@@ -270,13 +269,11 @@ class _Union:
 
 
 def _similar_pairs(graph: AttributionGraph, threshold: float) -> set[tuple[tuple[int, int], tuple[int, int]]]:
-    """(layer, feature) pairs whose decoder cosine ≥ threshold, from ``metadata["decoder_cosine"]``."""
-    dc = graph.metadata.get("decoder_cosine") or {}
+    """(layer, feature) pairs whose decoder cosine ≥ threshold (the graph's recorded decoder cosines)."""
+    dc = feature_labels_of(graph).decoder_cosine
     out = set()
-    for a, b, c in dc.get("pairs", []):
+    for ka, kb, c in (dc.pairs if dc is not None else []):
         if c >= threshold:
-            ka = tuple(int(x) for x in a.split("."))
-            kb = tuple(int(x) for x in b.split("."))
             out.add((ka, kb))
             out.add((kb, ka))
     return out
@@ -291,7 +288,7 @@ def auto_spec(
 ) -> FigureSpec:
     """The automatic compact figure of ``graph`` (module docstring).
 
-    ``influence`` [N]: each node's influence on the targets (default ``metadata["node_influence"]`` when
+    ``influence`` [N]: each node's influence on the targets (default the stored influence when
     it has one entry per node, else computed); ``candidates`` [N] bool: nodes that may be drawn (default:
     every node — pass the pruning's node mask when ``graph`` is the full graph)."""
     cfg = config or FigureConfig()
@@ -486,14 +483,13 @@ def _resolve(graph: AttributionGraph, spec: FigureSpec, where: str) -> list[tupl
 
 
 def _influence(graph: AttributionGraph, influence: np.ndarray | None) -> np.ndarray:
-    """``influence`` as float64 [N]; by default the pruning's stored ``metadata["node_influence"]`` when it
-    covers every node, else computed on ``graph``."""
+    """``influence`` as float64 [N]; by default the pruning's stored influence when it covers every node,
+    else computed on ``graph``."""
     if influence is None:
         from .prune import node_influence
 
-        stored = graph.metadata.get("node_influence")
-        n = graph.n_nodes
-        influence = np.asarray(stored, dtype=np.float64) if stored is not None and len(stored) == n else node_influence(graph)
+        influence = stored_influence(graph)
+        influence = influence if influence is not None else node_influence(graph)
     return np.asarray(influence, dtype=np.float64)
 
 
@@ -669,9 +665,10 @@ def _with_all_errors(graph: AttributionGraph) -> AttributionGraph:
 
     import dataclasses
 
-    return dataclasses.replace(graph, layout=layout, adjacency=new_adj, activation=spread(graph.activation),
-                               bias=spread(graph.bias), value=spread(graph.value),
-                               metadata={k: v for k, v in graph.metadata.items() if k != "node_influence"})
+    out = dataclasses.replace(graph, layout=layout, adjacency=new_adj, activation=spread(graph.activation),
+                              bias=spread(graph.bias), value=spread(graph.value), metadata=dict(graph.metadata))
+    store_influence(out, None)  # per-node lists no longer line up
+    return out
 
 
 def subgraph_scores(graph: AttributionGraph, features: np.ndarray) -> GraphScores:

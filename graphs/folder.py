@@ -5,25 +5,20 @@ already made; these are the steps after attribution that both commands share.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Callable
 
-from sparsetrace._atomic import atomic_write, atomic_write_text
+from sparsetrace._atomic import atomic_write, atomic_write_text, staged
 from sparsetrace.config import FigureConfig
 
+from . import records
+from .records import labels_by_feature as labels_of
+
 __all__ = ["labels_of", "slug_of", "prune_and_score", "default_title", "make_figure", "write_figure", "trace_figure",
-           "write_graph_outputs"]
-
-
-def labels_of(graph) -> dict[tuple[int, int], str]:
-    """Feature labels stored in ``metadata["feature_labels"]`` (``{"layer.feature": text}``)."""
-    out = {}
-    for key, text in (graph.metadata.get("feature_labels") or {}).items():
-        layer, feat = key.split(".")
-        out[(int(layer), int(feat))] = text
-    return out
+           "write_graph_outputs", "record_validation"]
 
 
 def slug_of(text: str) -> str:
@@ -39,11 +34,11 @@ def prune_and_score(graph, node_threshold: float | None, edge_threshold: float |
     from sparsetrace.graphs.scores import store_scores
 
     result = prune(graph, node_threshold, edge_threshold)
-    scores = store_scores(graph, result)
+    store_scores(graph, result)
     pruned = apply_prune(graph, result)
-    pruned.metadata["scores"] = scores
-    pruned.metadata["pruned"] = True
-    graph.metadata["pruning"] = dict(pruned.metadata["pruning"])
+    records.store_scores_record(pruned, records.scores_of(graph))
+    records.mark_pruned(pruned)
+    records.store_pruning(graph, records.prune_summary_of(pruned))
     attach_card(graph)
     attach_card(pruned)
     return pruned, result
@@ -70,9 +65,10 @@ def write_graph_outputs(folder: Path, full, pruned, picture: bool, say: Callable
         names = [folder / f"graph{s}" for s in (".png", ".svg")]  # PDF: `render`/`figure` (font subsetting costs ~2 s)
         figure_files = [Path(p).name for p in write_figure(fig, names, folder / "graph.spec.json", "graph.safetensors",
                                                            figure.width, 200)]
+        seconds = round(time.perf_counter() - t0, 3)
         for g in (full, pruned):
             if g is not None:
-                g.metadata["figure"]["seconds"] = round(time.perf_counter() - t0, 3)
+                records.store_figure(g, dataclasses.replace(records.figure_of(g), seconds=seconds))
     for g in (full, pruned):
         if g is not None:
             attach_card(g)
@@ -92,12 +88,38 @@ def write_graph_outputs(folder: Path, full, pruned, picture: bool, say: Callable
     write_html(pruned, folder / "graph.html", labels=labels, spec=fig.spec if fig is not None else None)
     written.append("graph.html")
     ct = to_circuit_tracer_json(pruned, slug_of(pruned.prompt), labels=labels)
-    ct["metadata"]["provenance"] = pruned.metadata.get("card")
+    ct["metadata"]["provenance"] = records.card_of(pruned)
     atomic_write_text(folder / "frontend.json", json.dumps(ct))
     written.append("frontend.json")
-    atomic_write_text(folder / "card.md", card_markdown(pruned.metadata["card"]))
+    atomic_write_text(folder / "card.md", card_markdown(records.card_of(pruned)))
     written.append("card.md")
     return written
+
+
+def record_validation(path: Path, validation: list, extra_files: dict[str, Callable[[Path], object]]) -> list[str]:
+    """Append the :class:`~sparsetrace.graphs.records.ValidationRecord` s ``validation`` to the graph at
+    ``path`` and to its pruned sibling (``graph.pruned.safetensors`` beside a ``graph.safetensors``),
+    refresh their cards and card.md, and write ``extra_files`` (name → writer(tmp_path)); everything is
+    staged, then renamed into place. Returns the names written."""
+    from sparsetrace.graphs import AttributionGraph
+    from sparsetrace.graphs.card import add_validation, card_markdown
+
+    folder = path.parent
+    siblings = [path]
+    pruned = folder / "graph.pruned.safetensors"
+    if path.name == "graph.safetensors" and pruned.is_file():
+        siblings.append(pruned)
+    with staged(folder) as tmp:
+        card = None
+        for p in siblings:
+            g = AttributionGraph.load(p)
+            for rec in validation:
+                card = add_validation(g, rec)
+            g.save(tmp / p.name)
+        atomic_write_text(tmp / "card.md", card_markdown(card))
+        for name, write in extra_files.items():
+            write(tmp / name)
+    return [p.name for p in siblings] + ["card.md"] + list(extra_files)
 
 
 def make_figure(base, spec, width: float, influence=None, where: str = "spec"):
@@ -134,23 +156,24 @@ def write_figure(fig, paths: list[Path], spec_path: Path | None, graph_name: str
 
 def trace_figure(base, pruned, result, cfg, title: str):
     """The automatic figure of a fresh trace (base: the full graph, candidates: the pruning's node mask),
-    recorded in both graphs' metadata as ``figure`` (nodes drawn and the subgraph's scores)."""
+    recorded in both graphs as their :class:`~sparsetrace.graphs.records.FigureRecord` (nodes drawn and the
+    subgraph's scores)."""
     from sparsetrace.graphs.figure import auto_spec
 
     cand = result.node_mask if result is not None and base is not pruned else None
     influence = result.node_influence if result is not None and base is not pruned else None
     spec = auto_spec(base, cfg, influence=influence, candidates=cand, title=title)
     fig = make_figure(base, spec, cfg.width, influence=influence)
-    record = {"nodes": len(fig.units), "edges": int(len(fig.src)), "max_nodes": cfg.max_nodes,
-              "scores": fig.scores.to_dict() if fig.scores is not None else None, "spec": "graph.spec.json"}
+    record = records.FigureRecord(len(fig.units), int(len(fig.src)), cfg.max_nodes, fig.scores, "graph.spec.json")
     for g in {id(base): base, id(pruned): pruned}.values():
-        g.metadata["figure"] = dict(record)
+        records.store_figure(g, record)
     return fig
 
 
 def default_title(g) -> str:
     """A figure title: the prompt (80 characters), marked when the transcoders were random."""
     title = (g.prompt or "attribution graph")[:80]
-    if (g.metadata.get("transcoder_source") or {}).get("random"):
+    source = records.transcoder_source_of(g)
+    if source is not None and source.random:
         title += "  [RANDOM untrained transcoders]"
     return title

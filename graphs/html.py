@@ -38,6 +38,7 @@ from sparsetrace.config import QKConfig
 
 from .export import node_table
 from .graph import AttributionGraph, NodeKind
+from .records import feature_labels_of, scores_of, store_influence, stored_influence
 from .render import EDGE_COLORS, KIND_STYLE
 from .supernodes import is_supernode
 
@@ -153,7 +154,7 @@ def _payload(graph: AttributionGraph, labels: Mapping[tuple[int, int], str] | No
     x, y, column_x, row_y, width, height = viewer_layout(graph)
     sup = is_supernode(graph.layout)
     texts = node_texts(graph)
-    info = graph.metadata.get("feature_info") or {}
+    info = feature_labels_of(graph).info or {}
     nodes = []
     for n in node_table(graph, labels):
         i = n.index
@@ -169,7 +170,7 @@ def _payload(graph: AttributionGraph, labels: Mapping[tuple[int, int], str] | No
                 f" {float(graph.logit_probability[k]):.2f}"
         if kind == "feature":
             t = texts.get((n.layer, n.feature))
-            full = info.get(f"{n.layer}.{n.feature}") or {}
+            full = info[(n.layer, n.feature)].to_dict() if (n.layer, n.feature) in info else {}
             if t is not None:
                 d.update(label=t.short or n.label, full=t.full, source=t.source, precision=t.precision, recall=t.recall)
             for key in ("contexts", "promoted", "density"):
@@ -200,9 +201,15 @@ def _payload(graph: AttributionGraph, labels: Mapping[tuple[int, int], str] | No
         "labelZoom": LABEL_ZOOM,
         "defaultSpec": spec_d,
         "threshold": _start_threshold(share),
-        "scores": graph.metadata.get("scores"),
+        "scores": _scores(graph),
         "qk": graph.qk.viewer_data(QKConfig().top) if graph.qk is not None else None,
     }
+
+
+def _scores(graph: AttributionGraph) -> dict | None:
+    """The stored scores as the viewer shows them (None when the graph was never scored)."""
+    s = scores_of(graph)
+    return s.to_dict() if s is not None else None
 
 
 def _cut(graph: AttributionGraph, max_nodes: int) -> AttributionGraph:
@@ -214,13 +221,13 @@ def _cut(graph: AttributionGraph, max_nodes: int) -> AttributionGraph:
     inner = np.isin(lay.kind, [NodeKind.FEATURE, NodeKind.ERROR])
     if inner.sum() <= max_nodes:
         return graph
-    stored = graph.metadata.get("node_influence")
-    infl = np.asarray(stored, dtype=np.float64) if stored is not None and len(stored) == graph.n_nodes else node_influence(graph)
+    infl = stored_influence(graph)
+    infl = infl if infl is not None else node_influence(graph)
     cand = np.flatnonzero(inner)
     keep = ~inner
     keep[cand[np.argsort(-infl[cand], kind="stable")[:max_nodes]]] = True
     sub = graph.subgraph(keep)
-    sub.metadata["node_influence"] = [float(x) for x in infl[keep]]
+    store_influence(sub, infl[keep])
     sub.metadata["viewer_cut"] = {"max_nodes": max_nodes, "of_nodes": graph.n_nodes}
     return sub
 

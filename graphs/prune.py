@@ -32,6 +32,7 @@ from sparsetrace.errors import GraphError
 
 from . import _kernels
 from .graph import Adjacency, AttributionGraph, NodeKind
+from .records import PruneSummary, store_influence, store_pruning
 
 __all__ = [
     "PruneConfig",
@@ -226,8 +227,9 @@ def apply_prune(graph: AttributionGraph, result: PruneResult) -> AttributionGrap
     """The pruned graph: kept nodes (``graph.subgraph``) and kept edges only.
 
     Dropped edges' absolute weight goes into their row's ``remainder`` (as ``subgraph`` does for dropped
-    sources), so the pruned graph's Â equals the original Â on every kept edge. The metadata gains
-    ``pruning`` (thresholds and sizes) and ``node_influence`` (full-graph I of each kept node)."""
+    sources), so the pruned graph's Â equals the original Â on every kept edge. The metadata gains the
+    :class:`~sparsetrace.graphs.records.PruneSummary` (thresholds and sizes) and the stored influence
+    (full-graph I of each kept node; :func:`~sparsetrace.graphs.records.stored_influence`)."""
     adj = graph.adjacency
     if result.edge_mask.shape != (adj.nnz,) or result.node_mask.shape != (adj.n,):
         raise GraphError("the PruneResult was computed for another graph (mask sizes differ)")
@@ -238,15 +240,10 @@ def apply_prune(graph: AttributionGraph, result: PruneResult) -> AttributionGrap
         rows[keep], adj.indices[keep], adj.data[keep], adj.n, (adj.remainder + lost).astype(adj.dtype)
     )
     out = dataclasses.replace(graph, adjacency=masked).subgraph(result.node_mask)
-    out.metadata["pruning"] = {
-        "node_threshold": result.config.node_threshold,
-        "edge_threshold": result.config.edge_threshold,
-        "n_nodes_before": int(adj.n),
-        "n_edges_before": int(adj.nnz),
-        "n_nodes_after": result.n_nodes_kept,
-        "n_edges_after": result.n_edges_kept,
-    }
-    out.metadata["node_influence"] = [float(x) for x in result.node_influence[result.node_mask]]
+    summary = PruneSummary(result.config.node_threshold, result.config.edge_threshold, int(adj.n), int(adj.nnz),
+                           result.n_nodes_kept, result.n_edges_kept)
+    store_pruning(out, summary)
+    store_influence(out, result.node_influence[result.node_mask])
     return out
 
 

@@ -30,6 +30,7 @@ from sparsetrace.config import MANIFEST_FILE, FigureConfig, RecurConfig
 from sparsetrace.errors import ConfigError, FormatError
 
 from .graph import AttributionGraph, NodeKind
+from .records import feature_key, labels_by_feature
 
 __all__ = ["bootstrap_ci", "roles_of", "load_traced_set", "recur", "RecurReport", "combined_figure"]
 
@@ -119,7 +120,7 @@ class RecurReport:
 
 
 def _label(labels: dict[str, str], layer: int, feat: int) -> str:
-    return labels.get(f"{layer}.{feat}", "")
+    return labels.get(feature_key((layer, feat)), "")
 
 
 def recur(traced: Sequence[TracedPrompt], config: RecurConfig | None = None) -> RecurReport:
@@ -142,8 +143,8 @@ def recur(traced: Sequence[TracedPrompt], config: RecurConfig | None = None) -> 
         pidx, pkeys = _feature_keys(tp.pruned, roles)
         for k in pkeys:
             present.setdefault(k, np.zeros(n, dtype=bool))[j] = True
-        for key, text in (tp.pruned.metadata.get("feature_labels") or {}).items():
-            labels.setdefault(key, text)
+        for key, text in labels_by_feature(tp.pruned).items():
+            labels.setdefault(feature_key(key), text)
         out_edges.append(_aligned_out_edges(tp.pruned, roles, dict(zip(pidx.tolist(), pkeys))))
     rows = []
     for k, pres in present.items():

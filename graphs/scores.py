@@ -13,7 +13,6 @@ removed is counted as unexplained instead of vanishing.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,21 +21,9 @@ from sparsetrace.errors import GraphError
 from . import _kernels
 from .graph import Adjacency, AttributionGraph, NodeKind
 from .prune import PruneResult, _index_array, csr_rows, node_influence, topological_order
+from .records import GraphScores, ScoresRecord, store_scores_record  # GraphScores: re-exported here
 
 __all__ = ["GraphScores", "graph_scores", "fold_pruned", "pruned_graph_scores", "store_scores"]
-
-
-@dataclass(frozen=True)
-class GraphScores:
-    """The two scores of docs/design.md §5, both in [0, 1]."""
-
-    replacement: float
-    """I(tokens) / (I(tokens) + I(errors)); 1 when no influence ends at an error node."""
-    completeness: float
-    """Influence-weighted share of node inputs that do not come from error nodes."""
-
-    def to_dict(self) -> dict[str, float]:
-        return {"replacement": self.replacement, "completeness": self.completeness}
 
 
 def _error_fraction(graph: AttributionGraph) -> np.ndarray:
@@ -104,11 +91,9 @@ def pruned_graph_scores(graph: AttributionGraph, pruned: PruneResult | np.ndarra
 
 
 def store_scores(graph: AttributionGraph, pruned: PruneResult | np.ndarray | None = None) -> dict:
-    """Compute the scores and store them in ``graph.metadata["scores"]`` (``{"full": {...}}`` and, given a
-    pruning, ``"pruned"``); returns that dict. The graph's topology is checked once (a cycle raises)."""
+    """Compute the scores and store them as the graph's :class:`~sparsetrace.graphs.records.ScoresRecord`
+    (``{"full": {...}}`` and, given a pruning, ``"pruned"``); returns the stored dict. The graph's topology
+    is checked once (a cycle raises)."""
     topological_order(graph.adjacency, graph.layout.node_id)
-    scores = {"full": graph_scores(graph).to_dict()}
-    if pruned is not None:
-        scores["pruned"] = pruned_graph_scores(graph, pruned).to_dict()
-    graph.metadata["scores"] = scores
-    return scores
+    full = graph_scores(graph)
+    return store_scores_record(graph, ScoresRecord(full, pruned_graph_scores(graph, pruned) if pruned is not None else None))

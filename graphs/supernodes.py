@@ -23,6 +23,7 @@ import numpy as np
 from sparsetrace.errors import ConfigError, GraphError
 
 from .graph import Adjacency, AttributionGraph, NodeKind, NodeLayout
+from .records import store_influence, stored_influence
 
 __all__ = ["Supernode", "group_nodes", "auto_supernodes", "is_supernode"]
 
@@ -107,10 +108,7 @@ def group_nodes(graph: AttributionGraph, groups: Sequence[Supernode]) -> Attribu
         member_ids[str(-(k + 2))] = [lay.node_id(int(i)) for i in g.nodes]
     meta["supernode_names"] = names
     meta["supernode_members"] = member_ids
-    meta.pop("node_influence", None)  # per-node lists no longer line up
-    if "node_influence" in graph.metadata:
-        meta["node_influence"] = per_node(np.asarray(graph.metadata["node_influence"], dtype=np.float64)).tolist()
-    return AttributionGraph(
+    out = AttributionGraph(
         layout=layout,
         adjacency=grouped,
         activation=per_node(np.asarray(graph.activation)),
@@ -124,6 +122,9 @@ def group_nodes(graph: AttributionGraph, groups: Sequence[Supernode]) -> Attribu
         prompt=graph.prompt,
         metadata=meta,
     )
+    infl = stored_influence(graph)  # per-node lists are regrouped with the nodes
+    store_influence(out, per_node(infl) if infl is not None else None)
+    return out
 
 
 def auto_supernodes(

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from .errors import ConfigError, FormatError
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_folder", "check_writable_parent"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_folder", "staged", "check_writable_parent"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -79,6 +79,24 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A temp folder inside ``folder``; on success its files are renamed into ``folder`` (each rename is
+    atomic), on error it is removed: no partial files either way."""
+    check_writable_parent(folder / "x", "output folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".staging.", suffix=".tmp"))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in sorted(tmp.iterdir()):
+            os.chmod(p, 0o666 & ~umask)
+            os.replace(p, folder / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _publish_modes(folder: Path) -> None:

@@ -19,6 +19,8 @@ from sparsetrace.config import AttributionConfig, FigureConfig, PruneConfig
 from sparsetrace.errors import ConfigError
 from sparsetrace.graphs import AttributionGraph, NodeKind
 from sparsetrace.graphs.folder import prune_and_score, write_graph_outputs
+from sparsetrace.graphs.records import (DecoderCosines, FeatureLabels, LabelSource, TranscoderSource, scores_of,
+                                        store_feature_labels, store_provenance)
 
 from .prompt_sets import PromptItem, token_positions
 
@@ -27,9 +29,10 @@ __all__ = ["label_graphs", "TraceSession", "TraceSettings", "trace_item", "graph
 
 def label_graphs(lm, ts, graph: AttributionGraph, pruned: AttributionGraph, stats, labels, stats_dir,
                  auto_stats: bool, say: Callable[[str], None]) -> None:
-    """Labels of the pruned graph's features (tracer.features.describe_features), stored in both graphs'
-    metadata: ``feature_info`` (label, words, contexts, score, promoted tokens), the short
-    ``feature_labels``, where they came from, and the decoder cosines the figure merges by. Statistics
+    """Labels of the pruned graph's features (tracer.features.describe_features), stored in both graphs as
+    their :class:`~sparsetrace.graphs.records.FeatureLabels`: each feature's info (label, words, contexts,
+    score, promoted tokens), its short label, where they came from, and the decoder cosines the figure
+    merges by. Statistics
     picked up automatically (``auto_stats``) that do not fit the set fall back to the token lens."""
     from .features import decoder_cosines, describe_features
 
@@ -44,22 +47,19 @@ def label_graphs(lm, ts, graph: AttributionGraph, pruned: AttributionGraph, stat
         say(f"warning: not using {stats_dir} ({exc}); labels come from the token lens")
         stats = labels = None
         info = describe_features(lm, ts, keys)
-    source = {
-        "source": "token lens (no feature statistics)" if stats is None else (
+    source = LabelSource(
+        "token lens (no feature statistics)" if stats is None else (
             "feature statistics" + ("" if labels is not None else " (top tokens only: no feature_labels.json.gz)")),
-        "statistics": str(stats_dir) if stats is not None else None,
-        "sample": stats.sample if stats is not None else None,
-        "sample_tokens": stats.n_tokens if stats is not None else None,
-        "heldout": labels.heldout if labels is not None else None,
-        "heldout_tokens": labels.heldout_tokens if labels is not None else None,
-    }
-    cos = {"floor": 0.5, "pairs": [list(p) for p in decoder_cosines(ts, keys, 0.5)]}
+        str(stats_dir) if stats is not None else None,
+        stats.sample if stats is not None else None,
+        stats.n_tokens if stats is not None else None,
+        labels.heldout if labels is not None else None,
+        labels.heldout_tokens if labels is not None else None,
+    )
+    cos = DecoderCosines.from_dict({"floor": 0.5, "pairs": decoder_cosines(ts, keys, 0.5)})
+    record = FeatureLabels.from_info(info, source, cos)
     for g in (graph, pruned):
-        g.metadata["feature_info"] = {f"{l}.{f}": d for (l, f), d in info.items()}
-        g.metadata["feature_labels"] = {f"{l}.{f}": d["short"] for (l, f), d in info.items()}
-        g.metadata["feature_labels_source"] = source["source"]
-        g.metadata["labels"] = source
-        g.metadata["decoder_cosine"] = cos
+        store_feature_labels(g, record)
 
 
 @dataclass(eq=False)
@@ -69,9 +69,9 @@ class TraceSession:
     lm: Any
     ts: Any
     transcoder_source: dict[str, Any]
-    """Stored as the graph's ``metadata["transcoder_source"]`` (as ``trace`` stores it)."""
+    """Stored as the graph's :class:`~sparsetrace.graphs.records.TranscoderSource` (as ``trace`` stores it)."""
     revision: str | None = None
-    """Stored as ``metadata["model"]["revision"]`` when known."""
+    """Stored as the model's revision when known."""
     stats: Any = None
     labels: Any = None
     stats_dir: Path | None = None
@@ -95,6 +95,11 @@ def _counts(g: AttributionGraph) -> dict[str, int]:
             "logits": lay.n_logits, "edges": int(g.adjacency.nnz)}
 
 
+def _scores(graph: AttributionGraph) -> dict[str, Any] | None:
+    s = scores_of(graph)
+    return s.to_dict() if s is not None else None
+
+
 def graph_record(graph: AttributionGraph, pruned: AttributionGraph) -> dict[str, Any]:
     """A traced prompt's summary for a manifest: tokens, top logits, node counts, scores."""
     return {
@@ -102,7 +107,7 @@ def graph_record(graph: AttributionGraph, pruned: AttributionGraph) -> dict[str,
         "top_logits": [{"token": t, "probability": float(p)} for t, p in zip(graph.logit_label, graph.logit_probability)],
         "graph": _counts(graph),
         "pruned": _counts(pruned),
-        "scores": graph.metadata.get("scores"),
+        "scores": _scores(graph),
     }
 
 
@@ -117,9 +122,7 @@ def trace_item(session: TraceSession, item: PromptItem, settings: TraceSettings,
     positions = token_positions(item, lambda s: lm.tokenize(s).tolist())
     torch.manual_seed(settings.seed)
     graph = attribute(item.prompt, lm, session.ts, targets=list(item.targets) or None, config=settings.attribution)
-    if session.revision:
-        graph.metadata["model"]["revision"] = session.revision
-    graph.metadata["transcoder_source"] = dict(session.transcoder_source)
+    store_provenance(graph, TranscoderSource.from_dict(session.transcoder_source), session.revision)
     pruned, result = prune_and_score(graph, settings.prune.node_threshold, settings.prune.edge_threshold)
     label_graphs(lm, session.ts, graph, pruned, session.stats, session.labels, session.stats_dir,
                  session.auto_stats, say)

@@ -47,6 +47,7 @@ from sparsetrace._atomic import atomic_write
 from sparsetrace.config import RunConfig, ValidationConfig, VerifyConfig
 from sparsetrace.errors import ConfigError, FormatError, GraphError
 from sparsetrace.graphs import AttributionGraph, NodeKind
+from sparsetrace.graphs.records import ValidationRecord, attribution_setting, prune_summary_of
 from sparsetrace.transcoders import TranscoderSet
 
 from .interventions import FeatureRef, Intervention, intervene_batch
@@ -67,6 +68,9 @@ __all__ = [
     "predict",
     "validate",
     "verify_graph",
+    "parse_nodes",
+    "build_hypotheses",
+    "auto_hypotheses",
 ]
 
 ACTIONS = ("ablate", "scale", "steer")
@@ -209,6 +213,13 @@ class ValidationReport:
     def summary(self) -> str:
         return "\n".join(r.summary for r in self.results)
 
+    def records(self) -> list[ValidationRecord]:
+        """One record per hypothesis for the graph and its card: what was tested, the verdict per mode,
+        and whether it was supported in any mode."""
+        return [ValidationRecord(r.hypothesis.action, f"{r.hypothesis.name} → {r.target_label!r}",
+                                 "; ".join(v.line() for v in r.verdicts), bool(r.supported_in()))
+                for r in self.results]
+
 
 @dataclass(frozen=True)
 class EdgeCheck:
@@ -249,6 +260,11 @@ class VerifyReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
+    def record(self) -> ValidationRecord:
+        """The record of this check for the graph and its card."""
+        return ValidationRecord("verify", f"{self.n_checked} edges re-checked by all-layer constrained patching",
+                                self.summary(), self.passed)
+
     def summary(self) -> str:
         word = "PASS" if self.passed else "FAIL"
         return (f"{word}: {self.n_checked} edges re-checked by all-layer constrained patching ({self.dtype}); "
@@ -260,7 +276,7 @@ class VerifyReport:
 @contextlib.contextmanager
 def _graph_dtype(graph: AttributionGraph, lm: LoadedModel, ts: TranscoderSet) -> Iterator[None]:
     """Run in the dtype the graph was attributed in (its metadata), as ``attribute`` did; restore after."""
-    name = graph.metadata.get("attribution", {}).get("dtype", "float32")
+    name = attribution_setting(graph, "dtype", "float32")
     dt = {"float32": torch.float32, "float64": torch.float64}.get(name)
     if dt is None:
         raise GraphError(f"graph metadata attribution.dtype={name!r}; allowed: float32, float64")
@@ -302,7 +318,7 @@ def _as_interventions(
     (layer, position) that the graph does not name: ε plus the active features that are not nodes
     (attribution folded them in), so with the clean ``run`` given those features get the same action."""
     lay = graph.layout
-    fold = run is not None and graph.metadata.get("attribution", {}).get("max_feature_nodes") is not None
+    fold = run is not None and attribution_setting(graph, "max_feature_nodes") is not None
     out = []
     for i in members:
         if not 0 <= i < graph.n_nodes:
@@ -520,7 +536,7 @@ def verify_graph(
     """
     if n_samples < 1:
         raise ConfigError(f"n_samples={n_samples}; allowed: ≥ 1")
-    dtype = graph.metadata.get("attribution", {}).get("dtype", "float32")
+    dtype = attribution_setting(graph, "dtype", "float32")
     d_atol, d_rtol = (1e-8, 1e-6) if dtype == "float64" else (2e-3, 1e-2)
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
@@ -528,10 +544,10 @@ def verify_graph(
         raise ConfigError(f"atol={atol}, rtol={rtol}; allowed: ≥ 0")
     lay, adj = graph.layout, graph.adjacency
     rows, cols = adj.rows(), adj.indices
-    budget = graph.metadata.get("attribution", {}).get("max_feature_nodes") is not None
+    budget = attribution_setting(graph, "max_feature_nodes") is not None
     # a pruned row-budget graph: its error nodes hold the unselected features but not the pruned ones,
     # which can no longer be told apart, so their edges are not checked
-    fold_ambiguous = budget and "pruning" in graph.metadata
+    fold_ambiguous = budget and prune_summary_of(graph) is not None
     token_of = np.full(graph.n_nodes, -1, dtype=np.int64)
     token_of[lay.logits] = graph.logit_token
     t_ok = (lay.kind[rows] == NodeKind.FEATURE) | ((lay.kind[rows] == NodeKind.LOGIT) & (token_of[rows] >= 0))
@@ -573,3 +589,58 @@ def verify_graph(
         max_abs_error=max(c.abs_error for c in checks), max_rel_error=max(c.rel_error for c in checks),
         atol=atol, rtol=rtol, dtype=dtype, passed=all(c.passed for c in checks), checks=tuple(checks),
     )
+
+
+# ---- hypotheses from node ids -------------------------------------------------------------------
+def parse_nodes(text: str, graph: AttributionGraph) -> tuple[int | tuple[int, ...], ...]:
+    """``F3.12@5,E2@4,T@1`` (readable node ids, comma-separated; ``+`` joins a group) → node indices of
+    ``graph`` (a group as a tuple). An id not in the graph raises a ConfigError naming it."""
+    index = {graph.layout.node_id(i): i for i in range(graph.n_nodes)}
+    out: list[int | tuple[int, ...]] = []
+    for part in text.split(","):
+        ids = [p.strip() for p in part.split("+") if p.strip()]
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise ConfigError(
+                f"node {missing[0]!r} is not in the graph; allowed: ids like F<layer>.<feature>@<pos>, E<layer>@<pos>, T@<pos> "
+                "(see `sparsetrace export GRAPH -f csv`)"
+            )
+        out.append(index[ids[0]] if len(ids) == 1 else tuple(index[i] for i in ids))
+    return tuple(out)
+
+
+def _valued(flag: str, text: str) -> tuple[str, float]:
+    """``NODES=VALUE`` → (NODES, VALUE); a ConfigError naming ``flag`` otherwise."""
+    if "=" not in text:
+        raise ConfigError(f"{flag} {text!r}; allowed form: NODES=VALUE, e.g. F3.12@5=0.5")
+    nodes, val = text.rsplit("=", 1)
+    try:
+        return nodes, float(val)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: {val!r} is not a number") from None
+
+
+def auto_hypotheses(graph: AttributionGraph, target: int, n: int) -> list[Hypothesis]:
+    """Ablate each of the ``n`` most influential features (by influence on the targets), one at a time."""
+    from sparsetrace.graphs.prune import node_influence
+
+    infl = node_influence(graph)
+    feats = [i for i in infl.argsort()[::-1] if graph.layout.kind[i] == NodeKind.FEATURE][:n]
+    if not feats:
+        raise ConfigError("the graph has no feature nodes to validate; give --ablate/--scale/--steer")
+    return [Hypothesis(f"ablate {graph.layout.node_id(int(i))}", (int(i),), "ablate", 0.0, target) for i in feats]
+
+
+def build_hypotheses(graph: AttributionGraph, ablates: Sequence[str] = (), scales: Sequence[str] = (),
+                     steers: Sequence[str] = (), target: int = ValidationConfig.target,
+                     auto: int = ValidationConfig.auto) -> list[Hypothesis]:
+    """Hypotheses from node-id strings — ``ablates`` (``NODES``), ``scales`` (``NODES=FACTOR``), ``steers``
+    (``NODES=ACTIVATION``), with NODES as :func:`parse_nodes` reads them — or, when none is given,
+    :func:`auto_hypotheses` with ``auto`` features. Errors name the ``validate`` option (--ablate/--scale/--steer)."""
+    hs = [Hypothesis(f"ablate {text}", parse_nodes(text, graph), "ablate", 0.0, target) for text in ablates]
+    for flag, action, items in (("--scale", "scale", scales), ("--steer", "steer", steers)):
+        for text in items:
+            nodes, v = _valued(flag, text)
+            hs.append(Hypothesis(f"{action} {nodes}×{v:g}" if action == "scale" else f"steer {nodes}={v:g}",
+                                 parse_nodes(nodes, graph), action, v, target))
+    return hs if hs else auto_hypotheses(graph, target, auto)
