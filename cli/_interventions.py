@@ -34,44 +34,24 @@ def _ints(text: str, n: int, flag: str, form: str) -> list[int]:
     return vals
 
 
-def _value(text: str, flag: str, form: str) -> tuple[str, float]:
-    if "=" not in text:
-        raise ConfigError(f"{flag} {text!r}; allowed form: {form}")
-    key, val = text.rsplit("=", 1)
-    try:
-        return key, float(val)
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r}: {val!r} is not a number; allowed form: {form}") from None
+def build_interventions(options: dict[str, tuple[str, ...]], n_prompt: int, ts) -> tuple[list, list, list]:
+    """(interventions at prompt positions, at generated positions, the parsed specs) from the option
+    strings (``--add`` → its texts, …; syntax: ``sparsetrace.tracer.steering``), checked against the
+    set and a ``n_prompt``-token prompt."""
+    from sparsetrace.tracer.steering import build, parse_spec
+
+    specs = [parse_spec(opt, text) for opt, texts in options.items() for text in texts]
+    if not specs:
+        raise ConfigError("no intervention given; use --set, --scale, --ablate, --add, --scale-error or --scale-token")
+    _check_features(specs, ts)
+    prompt_ivs, gen_ivs = build(specs, n_prompt)
+    return prompt_ivs, gen_ivs, specs
 
 
-def build_interventions(sets, scales, ablates, scale_errors, scale_tokens) -> list:
-    """Intervention records from the option strings (layer:position:feature, positions may be negative)."""
-    from sparsetrace.tracer.interventions import Intervention
+def _check_features(specs, ts) -> None:
+    from sparsetrace.tracer.steering import check_specs
 
-    out = []
-    for s in sets:
-        key, v = _value(s, "--set", "L:P:F=VALUE")
-        out.append(Intervention.set_feature(*_ints(key, 3, "--set", "L:P:F=VALUE"), v))
-    for s in scales:
-        key, v = _value(s, "--scale", "L:P:F=FACTOR")
-        out.append(Intervention.scale_feature(*_ints(key, 3, "--scale", "L:P:F=FACTOR"), v))
-    for s in ablates:
-        out.append(Intervention.zero_feature(*_ints(s, 3, "--ablate", "L:P:F")))
-    for s in scale_errors:
-        key, v = _value(s, "--scale-error", "L:P=FACTOR")
-        out.append(Intervention.scale_error(*_ints(key, 2, "--scale-error", "L:P=FACTOR"), v))
-    for s in scale_tokens:
-        key, v = _value(s, "--scale-token", "P=FACTOR")
-        out.append(Intervention.scale_token(*_ints(key, 1, "--scale-token", "P=FACTOR"), v))
-    return out
-
-
-def _check_features(ivs, ts) -> None:
-    for iv in ivs:
-        if iv.layer >= ts.n_layers:
-            raise ConfigError(f"layer {iv.layer} in an intervention; allowed: 0..{ts.n_layers - 1}")
-        if iv.feature is not None and iv.feature >= ts.n_features:
-            raise ConfigError(f"feature {iv.feature} in an intervention; allowed: 0..{ts.n_features - 1}")
+    check_specs(specs, ts.n_layers, ts.n_features)
 
 
 def _range(text: str | None) -> tuple[int, int] | None:
@@ -85,11 +65,15 @@ def _range(text: str | None) -> tuple[int, int] | None:
 @click.argument("prompt", required=False)
 @click.option("--token-ids", default=None, metavar="1,2,3", help="Token ids instead of a PROMPT.")
 @transcoder_option()
-@click.option("--set", "sets", multiple=True, metavar="L:P:F=V", help="Clamp feature F of layer L at position P to V.")
-@click.option("--scale", "scales", multiple=True, metavar="L:P:F=X", help="Clamp the feature at X × its clean activation.")
-@click.option("--ablate", "ablates", multiple=True, metavar="L:P:F", help="Clamp the feature at 0.")
-@click.option("--scale-error", "scale_errors", multiple=True, metavar="L:P=X", help="Scale the error node of layer L at P by X.")
-@click.option("--scale-token", "scale_tokens", multiple=True, metavar="P=X", help="Scale the token embedding at P by X.")
+@click.option("--set", "sets", multiple=True, metavar="L:POS:F=V",
+              help="Clamp feature F of layer L at V. POS: P, A..B (inclusive), * (all prompt positions); "
+              "+gen also on generated tokens, gen only there (see `sparsetrace steer`).")
+@click.option("--scale", "scales", multiple=True, metavar="L:POS:F=X", help="Clamp the feature at X × its clean activation.")
+@click.option("--ablate", "ablates", multiple=True, metavar="L:POS:F", help="Clamp the feature at 0.")
+@click.option("--add", "adds", multiple=True, metavar="L:POS:F=α",
+              help="Add α · the feature's decoder row to the MLP output (steering).")
+@click.option("--scale-error", "scale_errors", multiple=True, metavar="L:POS=X", help="Scale the error node of layer L by X.")
+@click.option("--scale-token", "scale_tokens", multiple=True, metavar="POS=X", help="Scale the token embedding by X.")
 @click.option("--mode", type=click.Choice(MODES), default=default_of(InterventionConfig, "mode"), show_default=True,
               help="constrained: frozen attention/norms, MLPs in --layers frozen (direct effects); iterative: frozen "
               "attention, effects through the transcoders; unfrozen: the real model.")
@@ -97,11 +81,12 @@ def _range(text: str | None) -> tuple[int, int] | None:
 @click.option("--target-id", "target_ids", multiple=True, type=int, help="Report this token's logit (repeatable; default: the clean top 5).")
 @click.option("--generate", "n_generate", type=click.IntRange(0), default=default_of(InterventionConfig, "n_generate"),
               show_default=True,
-              help="Also generate this many tokens greedily with the interventions held on (real model).")
+              help="Also generate this many tokens greedily with the interventions held on (real model; "
+              "+gen positions also act on the generated tokens). For sampling and sweeps: `sparsetrace steer`.")
 @model_options(dtypes=EXACT_DTYPES)
 @output_options
-def intervene(prompt, token_ids, transcoders, sets, scales, ablates, scale_errors, scale_tokens, mode, layer_range,
-              target_ids, n_generate, model, device, dtype, seed, as_json, quiet):
+def intervene(prompt, token_ids, transcoders, sets, scales, ablates, adds, scale_errors, scale_tokens, mode,
+              layer_range, target_ids, n_generate, model, device, dtype, seed, as_json, quiet):
     """Intervene on features, error nodes or token embeddings and report how the output moves (causal)."""
     import torch
 
@@ -118,10 +103,10 @@ def intervene(prompt, token_ids, transcoders, sets, scales, ablates, scale_error
         shipped_set(model)  # fail before the model loads
     lm = load_lm(model, device, dtype, out)
     ts, source = resolve_transcoders(transcoders, lm, model, seed)
-    ivs = build_interventions(sets, scales, ablates, scale_errors, scale_tokens)
-    if not ivs:
-        raise ConfigError("no intervention given; use --set, --scale, --ablate, --scale-error or --scale-token")
-    _check_features(ivs, ts)
+    n_prompt = len(inputs) if token_ids is not None else int(lm.tokenize(inputs).numel())
+    options = {"--set": sets, "--scale": scales, "--ablate": ablates, "--add": adds,
+               "--scale-error": scale_errors, "--scale-token": scale_tokens}
+    ivs, gen_ivs, specs = build_interventions(options, n_prompt, ts)
     res = run(inputs, lm, ts, ivs, mode=mode, layers=_range(layer_range), target_tokens=list(target_ids) or None)
     toks = list(res.target_tokens)
     names = lm.token_strings(toks)
@@ -129,8 +114,9 @@ def intervene(prompt, token_ids, transcoders, sets, scales, ablates, scale_error
         "mode": res.mode,
         "layers": res.layers,
         "transcoders": source["description"],
-        "interventions": [{"kind": iv.kind, "layer": iv.layer, "position": iv.position, "feature": iv.feature,
-                           "op": iv.op, "value": iv.value} for iv in ivs],
+        "interventions": [{"kind": sp.kind, "layer": sp.layer, "feature": sp.feature, "op": sp.op, "value": sp.value,
+                           "position": sp.positions.first if sp.positions.kind == "one" else sp.positions.text,
+                           "generated": sp.positions.generated} for sp in specs],
         "targets": [
             {"token": n, "id": t, "clean": float(c), "intervened": float(v), "delta": float(v - c),
              "clean_probability": float(res.clean_probabilities[t]), "probability": float(res.probabilities[t])}
@@ -142,7 +128,7 @@ def intervene(prompt, token_ids, transcoders, sets, scales, ablates, scale_error
     }
     if n_generate:
         clean_gen = generate(inputs, lm, ts, [], max_new_tokens=n_generate)
-        steered = generate(inputs, lm, ts, ivs, max_new_tokens=n_generate)
+        steered = generate(inputs, lm, ts, ivs, generated=gen_ivs, max_new_tokens=n_generate)
         data["generation"] = {"clean": clean_gen.text, "intervened": steered.text,
                               "clean_ids": list(clean_gen.new_ids), "intervened_ids": list(steered.new_ids)}
     out.result(data, lambda: _text(data))

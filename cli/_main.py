@@ -16,6 +16,7 @@ COMMANDS = {
     "export": "sparsetrace.cli._graph:export",
     "card": "sparsetrace.cli._graph:card",
     "intervene": "sparsetrace.cli._interventions:intervene",
+    "steer": "sparsetrace.cli._steer:steer",
     "validate": "sparsetrace.cli._interventions:validate",
     "verify": "sparsetrace.cli._interventions:verify",
     "train": "sparsetrace.cli._model:train",

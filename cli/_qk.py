@@ -33,8 +33,12 @@ C = QKConfig
               help="Transcoder set (default: the one GRAPH records).")
 @click.option("--model", "-m", "model", default=None, metavar="ID|PATH", help="Model (default: the one GRAPH records).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available, else CPU).")
+@click.option("--save", is_flag=True,
+              help="Store the results in GRAPH's file (replacing earlier ones of the same score or edge); for a trace "
+              "folder also in its pruned graph and viewer (graph.html shows them on click).")
 @output_options
-def qk(graph_path, layer, head, query_pos, key_pos, n_hops, top, edge, batch_size, transcoders, model, device, as_json, quiet):
+def qk(graph_path, layer, head, query_pos, key_pos, n_hops, top, edge, batch_size, transcoders, model, device, save, as_json,
+       quiet):
     """Explain attention scores of GRAPH exactly: which pairs of (query-side source, key-side source) made
     head H of layer L at query position I attend to key position J (docs/design.md §13).
 
@@ -43,13 +47,13 @@ def qk(graph_path, layer, head, query_pos, key_pos, n_hops, top, edge, batch_siz
     are explained.
     """
     try:
-        _qk(graph_path, layer, head, query_pos, key_pos, n_hops, top, edge, batch_size, transcoders, model, device,
+        _qk(graph_path, layer, head, query_pos, key_pos, n_hops, top, edge, batch_size, transcoders, model, device, save,
             Output(as_json, quiet))
     except (ConfigError, GraphError) as exc:  # bad input: a usage error (exit 2), one line
         raise click.UsageError(str(exc)) from None
 
 
-def _qk(graph_path, layer, head, query_pos, key_pos, n_hops, top, edge, batch_size, transcoders, model, device, out):
+def _qk(graph_path, layer, head, query_pos, key_pos, n_hops, top, edge, batch_size, transcoders, model, device, save, out):
     graph, path = _load_graph(graph_path)
     T = len(graph.token_ids)
     query_pos = _position(query_pos, T, "--query-pos")
@@ -69,7 +73,8 @@ def _qk(graph_path, layer, head, query_pos, key_pos, n_hops, top, edge, batch_si
         if edge_nodes is not None:
             hl = qa.head_loadings(*edge_nodes)
             data = _loadings_dict(graph, hl, top)
-            out.result({"graph": str(path), "loadings": data}, lambda: _loadings_text(graph, data))
+            saved = _save(graph, path, [], [hl], out) if save else []
+            out.result({"graph": str(path), "loadings": data, "saved": saved}, lambda: _loadings_text(graph, data))
             return
         given = (layer, head, query_pos, key_pos)
         if all(v is not None for v in given):
@@ -80,9 +85,44 @@ def _qk(graph_path, layer, head, query_pos, key_pos, n_hops, top, edge, batch_si
             sites, weights = [h.site for h in hops], [h.weight for h in hops]
         out.say(f"decomposing {len(sites)} score(s)")
         decs = qa.decompose(sites)
+    for d, w in zip(decs, weights):
+        d.hop_weight = w
     labels = _labeller(graph)
-    items = [_site_dict(graph, d, w, top, labels) for d, w in zip(decs, weights)]
-    out.result({"graph": str(path), "scores": items}, lambda: "\n\n".join(_site_text(i) for i in items))
+    items = [_site_dict(graph, d, top, labels) for d in decs]
+    saved = _save(graph, path, decs, [], out) if save else []
+    out.result({"graph": str(path), "scores": items, "saved": saved}, lambda: "\n\n".join(_site_text(i) for i in items))
+
+
+def _save(graph, path: Path, decs, loadings, out) -> list[str]:
+    """Store the results with GRAPH (file rewritten atomically); in a trace folder (GRAPH is its
+    graph.safetensors) also in graph.pruned.safetensors and its viewer graph.html. Returns the files written."""
+    from sparsetrace.graphs.qk import QKStore
+
+    new = QKStore.from_results(graph.layout, decs, loadings)
+    graph.qk = new if graph.qk is None else graph.qk.merged(new)
+    graph.save(path)
+    written = [str(path)]
+    pruned_path = path.with_name("graph.pruned.safetensors")
+    if path.name == "graph.safetensors" and pruned_path.is_file():
+        written += _save_folder(path.parent, graph.qk)
+    out.say(f"stored the QK results in {', '.join(written)}")
+    return written
+
+
+def _save_folder(folder: Path, store) -> list[str]:
+    """The trace folder's pruned graph and viewer with ``store``."""
+    import json
+
+    from sparsetrace.graphs import AttributionGraph
+    from sparsetrace.graphs.html import write_html
+
+    pruned = AttributionGraph.load(folder / "graph.pruned.safetensors")
+    pruned.qk = store
+    pruned.save(folder / "graph.pruned.safetensors")
+    spec_path = folder / "graph.spec.json"
+    spec = json.loads(spec_path.read_text(encoding="utf-8")) if spec_path.is_file() else None
+    write_html(pruned, folder / "graph.html", labels=labels_of(pruned), spec=spec)
+    return [str(folder / "graph.pruned.safetensors"), str(folder / "graph.html")]
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -162,7 +202,7 @@ def _labeller(graph):
     return label
 
 
-def _site_dict(graph, d, weight, top: int, label) -> dict:
+def _site_dict(graph, d, top: int, label) -> dict:
     s = d.site
     toks = graph.token_strings
     closure = d.closure()
@@ -171,7 +211,7 @@ def _site_dict(graph, d, weight, top: int, label) -> dict:
         "layer": s.layer, "head": s.head, "query_pos": s.query_pos, "key_pos": s.key_pos,
         "query_token": toks[s.query_pos], "key_token": toks[s.key_pos],
         "score": d.score, "capped_score": float(d.cap(d.score)), "softcap": d.softcap, "model_score": d.model_score,
-        "pattern": d.pattern, "hop_weight": weight,
+        "pattern": d.pattern, "hop_weight": d.hop_weight,
         "terms": {"pairs": float(d.pairs().sum()), "query_x_constant": float(d.query_const().sum()),
                   "constant_x_key": float(d.const_key().sum()), "constant_x_constant": d.const_const()},
         "closure": closure, "n_query_sources": len(d.q_nodes), "n_key_sources": len(d.k_nodes), "rows": rows,

@@ -4,8 +4,10 @@ set on local workers or a Dask cluster), ``recur`` (what recurs across a traced 
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 
@@ -44,6 +46,20 @@ A = AttributionConfig
 FRACTION = click.FloatRange(0, 1, min_open=True)
 
 
+def usage_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Bad input (a ConfigError: a malformed prompt line, an unfilled field, a bad hypothesis, an
+    unreachable scheduler) as a one-line usage error: exit 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except ConfigError as exc:
+            raise click.UsageError(" ".join(str(exc).split())) from None
+
+    return wrapper
+
+
 @click.command()
 @click.argument("template", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "-o", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -53,6 +69,7 @@ FRACTION = click.FloatRange(0, 1, min_open=True)
 @click.option("--seed", type=int, default=None, help="Seed of the draw under --limit (default: the file's, else "
               f"{default_of(PS, 'seed')}).")
 @output_options
+@usage_errors
 def prompts(template, out_path, limit, seed, as_json, quiet):
     """Fill TEMPLATE (a JSON template file) into a prompt set.
 
@@ -137,6 +154,7 @@ def open_session(model: str | None, transcoders: str | None, device: str | None,
               help="Figure node budget.")
 @model_options(dtypes=EXACT_DTYPES, dtype_default=default_of(A, "dtype"))
 @output_options
+@usage_errors
 def trace_many(prompts_file, out_dir, workers, scheduler, transcoders, max_n_logits, desired_logit_prob, batch_size,
                max_feature_nodes, node_threshold, edge_threshold, feature_stats, label_mode, picture, max_nodes,
                model, device, dtype, seed, as_json, quiet):
@@ -147,8 +165,6 @@ def trace_many(prompts_file, out_dir, workers, scheduler, transcoders, max_n_log
     again skips the prompts already done. With --scheduler the prompts go to a Dask cluster (the
     workers need sparsetrace and the model; the files come back to this machine).
     """
-    import functools
-
     from sparsetrace.tracer.pipeline import TraceSettings
     from sparsetrace.tracer.prompt_sets import load_prompt_set
     from sparsetrace.tracer.trace_many import run_prompt_set
@@ -189,7 +205,7 @@ def _trace_many_text(d: dict) -> str:
 @click.command()
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder (default: DIR/recur): recur.md, recur.json, recur.png, supernodes.json.")
+              help="Report folder (default: DIR/recur): recur.md, recur.json, recur.png, circuit.png, supernodes.json.")
 @click.option("--align", type=click.Choice(ALIGNS), default=default_of(RC, "align"), show_default=True,
               help="field: positions by template field (others by offset from the end); end: offset from the end.")
 @click.option("--min-fraction", type=FRACTION, default=default_of(RC, "min_fraction"), show_default=True,
@@ -203,13 +219,28 @@ def _trace_many_text(d: dict) -> str:
 @click.option("--cosine", type=click.FloatRange(-1, 1), default=default_of(RC, "cosine"), show_default=True,
               help="Supernodes: join recurring features at one role whose aligned out-edge vectors have this cosine.")
 @click.option("--seed", type=int, default=default_of(RC, "seed"), show_default=True, help="Bootstrap seed.")
+@click.option("--max-nodes", type=click.IntRange(1), default=default_of(FigureConfig, "max_nodes"), show_default=True,
+              help="Combined figure: at most this many supernodes and features.")
+@click.option("--width", type=click.FloatRange(2.5, 20), default=default_of(FigureConfig, "width"), show_default=True,
+              help="Combined figure width in inches.")
 @output_options
-def recur(folder, out_dir, align, min_fraction, n_bootstrap, confidence, top, cosine, seed, as_json, quiet):
+@usage_errors
+def recur(folder, out_dir, align, min_fraction, n_bootstrap, confidence, top, cosine, seed, max_nodes, width, as_json,
+          quiet):
     """What recurs across a traced set DIR (from `trace-many`): features at aligned positions, their mean
-    influence with bootstrap confidence intervals, and supernodes across prompts."""
+    influence with bootstrap confidence intervals, supernodes across prompts, and the recurring circuit
+    as one compact figure (circuit.png)."""
     import json
 
-    from sparsetrace.graphs.recur import hypothesis_skeleton, load_traced_set, plot, recur as find, report_markdown
+    from sparsetrace.graphs.figure import draw_figure
+    from sparsetrace.graphs.recur import (
+        combined_figure,
+        hypothesis_skeleton,
+        load_traced_set,
+        plot,
+        recur as find,
+        report_markdown,
+    )
 
     out = Output(as_json, quiet)
     cfg = RecurConfig(align=align, min_fraction=min_fraction, n_bootstrap=n_bootstrap, confidence=confidence, top=top,
@@ -219,19 +250,21 @@ def recur(folder, out_dir, align, min_fraction, n_bootstrap, confidence, top, co
     manifest, traced = load_traced_set(folder)
     out.say(f"{len(traced)} traced prompts in {folder}")
     report = find(traced, cfg)
+    circuit = combined_figure(report, traced, FigureConfig(max_nodes=max_nodes, width=width))
     with atomic_folder(out_dir) as tmp:
         fig = plot(report)
         fig.savefig(tmp / "recur.png", dpi=150)
+        draw_figure(circuit, [tmp / "circuit.png"])
         (tmp / "recur.json").write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
         (tmp / "supernodes.json").write_text(json.dumps(hypothesis_skeleton(report), indent=1) + "\n")
-        (tmp / "recur.md").write_text(report_markdown(report, str(folder), "recur.png"))
+        (tmp / "recur.md").write_text(report_markdown(report, str(folder), "recur.png", "circuit.png"))
     data = {"out": str(out_dir), "prompts": len(traced), "recurring": len(report.features),
             "supernodes": [s["name"] for s in report.supernodes],
             "top": [{k: r[k] for k in ("role", "layer", "feature", "label", "fraction", "influence", "ci")}
                     for r in report.features[:5]]}
     out.result(data, lambda: "\n".join(
         [f"{len(report.features)} recurring features over {len(traced)} prompts, {len(report.supernodes)} supernodes; "
-         f"wrote {out_dir}/: recur.md, recur.json, recur.png, supernodes.json"]
+         f"wrote {out_dir}/: recur.md, recur.json, recur.png, circuit.png, supernodes.json"]
         + [f"  {r['role']} L{r['layer']} F{r['feature']} present {r['fraction']:.2f} influence {r['influence']:.4f} "
            f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] {r['label']}" for r in report.features[:5]]))
 
@@ -254,6 +287,7 @@ def recur(folder, out_dir, align, min_fraction, n_bootstrap, confidence, top, co
               help="Intervention sets per forward.")
 @click.option("--seed", type=int, default=default_of(VS, "seed"), show_default=True, help="Seed of the random sets and the bootstrap.")
 @output_options
+@usage_errors
 def validate_set(folder, hypotheses, out_dir, modes, n_random, n_bootstrap, confidence, batch_size, seed, as_json, quiet):
     """Test the hypotheses of HYPOTHESES (JSON) on every prompt traced in DIR (from `trace-many`).
 

@@ -16,7 +16,9 @@ deterministic. PNG at ``dpi``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -82,9 +84,19 @@ def _advance(c: str) -> float:
     """Advance width of one character in ems; a character the font has no glyph for (CJK, control
     characters: large vocabularies' labels have them) counts as one em, a full-width glyph's width."""
     try:
-        return _font().load_char(ord(c)).linearHoriAdvance / 65536 / 100
+        with _no_glyph_warnings():
+            return _font().load_char(ord(c)).linearHoriAdvance / 65536 / 100
     except RuntimeError:
         return 1.0
+
+
+@contextmanager
+def _no_glyph_warnings() -> Iterator[None]:
+    """Silences matplotlib's one-warning-per-character "Glyph … missing from font" (such characters are
+    drawn as the font's empty box; a 262k-token vocabulary's labels have many)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+        yield
 
 
 @lru_cache(maxsize=1)
@@ -358,7 +370,7 @@ def figure_bytes(fig: Figure, formats: Sequence[str], width: float, dpi: int = 2
             "pdf": {"CreationDate": None, "ModDate": None, "Creator": "sparsetrace", "Producer": "sparsetrace"},
             "png": {"Software": "sparsetrace"}}
     out = {}
-    with matplotlib.rc_context(rc):
+    with matplotlib.rc_context(rc), _no_glyph_warnings():
         mfig = _draw(fig, layout_figure(fig, width), show_caption)
         for fmt in formats:
             buf = io.BytesIO()

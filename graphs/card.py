@@ -7,8 +7,8 @@ the string ``"not recorded"``, never a guess. The same card is stored as ``metad
 inside the graph file) and written as ``card.md`` beside it.
 
 Claims are tagged by evidence: *observational* (read off the graph of the frozen linear replacement
-model) or *causal* (measured by an intervention on the real model). Only validation records make
-causal claims.
+model) or *causal* (measured by an intervention on the real model). Only validation records and
+steering runs (``sparsetrace steer --record-to``) make causal claims.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import records
 from .graph import AttributionGraph
 from .records import ValidationRecord
 
-__all__ = ["NOT_RECORDED", "CARD_VERSION", "build_card", "card_markdown", "attach_card", "add_validation"]
+__all__ = ["NOT_RECORDED", "CARD_VERSION", "build_card", "card_markdown", "attach_card", "add_validation", "add_steering"]
 
 NOT_RECORDED = "not recorded"
 CARD_VERSION = 1
@@ -207,7 +207,8 @@ def _limitations(graph: AttributionGraph, transcoders: Mapping[str, Any]) -> lis
     return out
 
 
-def _claims(graph: AttributionGraph, validation: Sequence[ValidationRecord]) -> list[dict[str, str]]:
+def _claims(graph: AttributionGraph, validation: Sequence[ValidationRecord],
+            steering: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, str]]:
     claims = [
         {
             "claim": "Edge weights and node influences describe how the frozen local replacement model computes "
@@ -224,6 +225,9 @@ def _claims(graph: AttributionGraph, validation: Sequence[ValidationRecord]) -> 
         )
     for v in validation:
         claims.append({"claim": v.claim(), "evidence": "causal (intervention on the real model)"})
+    for st in steering:
+        claims.append({"claim": f"steering {st.get('description', NOT_RECORDED)} — {st.get('outcome', NOT_RECORDED)}",
+                       "evidence": "causal (steering the real model, docs/design.md §16)"})
     return claims
 
 
@@ -236,6 +240,7 @@ def build_card(graph: AttributionGraph) -> dict[str, Any]:
     model = meta.get("model") or {}
     transcoders = _transcoder_section(graph)
     validation = records.validation_of(graph)
+    steering = list(graph.metadata.get("steering") or [])
     hooks = meta.get("hook_points") or {}
     n_layers = model.get("n_layers", graph.layout.n_layers)
     return {
@@ -261,8 +266,9 @@ def build_card(graph: AttributionGraph) -> dict[str, Any]:
         "error_node_share": _error_share(graph),
         "labels": _labels_section(graph),
         "validation": [v.to_dict() for v in validation] if validation else NOT_RECORDED,
+        **({"steering": steering} if steering else {}),
         "limitations": _limitations(graph, transcoders),
-        "claims": _claims(graph, validation),
+        "claims": _claims(graph, validation, steering),
     }
 
 
@@ -278,6 +284,46 @@ def add_validation(graph: AttributionGraph, record: ValidationRecord | Mapping[s
     ``passed``; a mapping is read with :meth:`ValidationRecord.from_dict`) and refresh the card."""
     rec = record if isinstance(record, ValidationRecord) else ValidationRecord.from_dict(record)
     records.append_validation(graph, rec)
+    return attach_card(graph)
+
+
+def _clip(text: Any, n: int = 100) -> str:
+    t = " ".join(str(text).split())
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
+def steering_entry(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What the card keeps of a steering run record (``sparsetrace steer``, docs/design.md §16): the
+    interventions and prompt, the metric clean → steered (or over the sweep), the first seed's
+    continuation beside the baseline, the seeds and the record's file name."""
+    ivs = "; ".join(f"{i['option']} {i['spec']}" + ("" if i.get("value") is None or i["option"] == "--ablate"
+                                                     else f"={i['value']:g}") for i in record.get("interventions", []))
+    m = record.get("metric") or {}
+    sign = "" if m.get("kind") == "prob" else "+"
+    sweep = record.get("sweep")
+    if sweep:
+        pts = ", ".join(f"{r['value']:g}: {r['metric']:{sign}.3g}" for r in sweep["rows"])
+        outcome = f"{m.get('name')}: unsteered {m.get('clean', float('nan')):{sign}.3g}; swept {pts}"
+        last = sweep["rows"][-1]
+        text = f"at {last['value']:g}: {_clip(last.get('continuation'))!r}"
+    else:
+        outcome = f"{m.get('name')}: {m.get('clean', float('nan')):{sign}.3g} → {m.get('steered', float('nan')):{sign}.3g}"
+        text = repr(_clip((record.get("samples") or [{}])[0].get("steered")))
+    base = (record.get("samples") or [{}])[0].get("baseline")
+    return {
+        "description": f"{ivs} on {_clip(record.get('prompt') or record.get('prompt_ids'), 60)!r}",
+        "outcome": outcome,
+        "continuation": f"{text} (baseline {_clip(base)!r})",
+        "seeds": (record.get("decoding") or {}).get("seeds", NOT_RECORDED),
+        "record": record.get("file", NOT_RECORDED),
+        "created": record.get("created", NOT_RECORDED),
+    }
+
+
+def add_steering(graph: AttributionGraph, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Append the card's entry for one steering run record (:func:`steering_entry`) to
+    ``metadata["steering"]`` and refresh the card."""
+    graph.metadata.setdefault("steering", []).append(steering_entry(record))
     return attach_card(graph)
 
 
@@ -354,6 +400,10 @@ def card_markdown(card: Mapping[str, Any]) -> str:
             lines.append(f"- {_fmt(v)}")
     else:
         lines.append(f"- {NOT_RECORDED}: no intervention has been run on this graph (see `sparsetrace validate`)")
+    steering = card.get("steering")
+    if isinstance(steering, list) and steering:
+        lines += ["", "## Steering runs (causal evidence)", ""]
+        lines += [f"- {_fmt(st)}" for st in steering]
     lines += ["", "## Limitations", ""]
     lines += [f"- {x}" for x in card.get("limitations") or []]
     lines += ["", "## Claims and their evidence", "", "| claim | evidence |", "|---|---|"]

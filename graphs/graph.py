@@ -21,9 +21,12 @@ import numpy as np
 from sparsetrace._atomic import atomic_write
 from sparsetrace.errors import FormatError, GraphError
 
+from .qk import QKStore
+
 __all__ = ["NodeKind", "NodeLayout", "Adjacency", "AttributionGraph", "GRAPH_FORMAT_VERSION"]
 
-GRAPH_FORMAT_VERSION = 1
+GRAPH_FORMAT_VERSION = 2
+"""1: the graph; 2: adds the optional QK results (``graphs/qk.py``). Version-1 files load (without them)."""
 
 
 class NodeKind(IntEnum):
@@ -431,6 +434,8 @@ class AttributionGraph:
     logit_label: list[str]
     prompt: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    qk: QKStore | None = None
+    """QK results kept with the graph (docs/design.md §13); they name nodes by id, so subgraphs keep them."""
 
     def __post_init__(self) -> None:
         n = self.layout.n_nodes
@@ -506,6 +511,7 @@ class AttributionGraph:
             logit_label=list(self.logit_label),
             prompt=self.prompt,
             metadata=json.loads(json.dumps(self.metadata)),
+            qk=self.qk,
         )
 
     # ---- save / load --------------------------------------------------------------------------
@@ -538,6 +544,9 @@ class AttributionGraph:
             "prompt": self.prompt,
             "metadata": self.metadata,
         }
+        if self.qk is not None:
+            header["qk"], qk_arrays = self.qk.to_file()
+            tensors.update(qk_arrays)
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"sparsetrace": json.dumps(header)}))
         return path
 
@@ -576,4 +585,5 @@ class AttributionGraph:
             logit_label=list(header["logit_label"]),
             prompt=header["prompt"],
             metadata=header["metadata"],
+            qk=QKStore.from_file(header["qk"], arrays, repr(str(path))) if "qk" in header else None,
         )

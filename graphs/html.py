@@ -14,7 +14,13 @@ the automatic figure's spec. A search box finds nodes by label or id.
 Edges: each node's ``TOP_K`` strongest inputs and outputs (by |weight|); an edge's ``share`` is its
 |weight| over the target's total absolute input, and the slider hides edges below a share (it starts where
 about ``MAX_VISIBLE_EDGES`` show; the panel and hover paths use every edge the page carries). The URL hash
-``#click=<node id>&threshold=<share>&pin=<id>,<id>`` runs the same handlers (links into a figure, tests).
+``#click=<node id>&threshold=<share>&pin=<id>,<id>&qk=<k>`` runs the same handlers (links into a figure, tests).
+
+QK results stored with the graph (``graph.qk``, docs/design.md §13) get a panel section listing the
+stored attention scores; clicking one shows its exact split (score, pattern, the four term sums and the
+``QKConfig.top`` largest (query-side, key-side) parts, with their nodes outlined in the graph). A node's
+panel lists the head loadings of its stored cross-position edges (each head links to its stored score at
+the target's position) and the stored scores it takes part in.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sparsetrace.config import QKConfig
 
 from .export import node_table
 from .graph import AttributionGraph, NodeKind
@@ -194,6 +202,7 @@ def _payload(graph: AttributionGraph, labels: Mapping[tuple[int, int], str] | No
         "defaultSpec": spec_d,
         "threshold": _start_threshold(share),
         "scores": _scores(graph),
+        "qk": graph.qk.viewer_data(QKConfig().top) if graph.qk is not None else None,
     }
 
 

@@ -26,13 +26,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from sparsetrace.config import MANIFEST_FILE, RecurConfig
+from sparsetrace.config import MANIFEST_FILE, FigureConfig, RecurConfig
 from sparsetrace.errors import ConfigError, FormatError
 
 from .graph import AttributionGraph, NodeKind
 from .records import feature_key, labels_by_feature
 
-__all__ = ["bootstrap_ci", "roles_of", "load_traced_set", "recur", "RecurReport"]
+__all__ = ["bootstrap_ci", "roles_of", "load_traced_set", "recur", "RecurReport", "combined_figure"]
 
 Key = tuple[str, int, int]
 """(role, layer, feature id)."""
@@ -246,7 +246,9 @@ def hypothesis_skeleton(report: RecurReport, metric: Mapping[str, str] | None = 
     return {"metric": dict(metric or {"a": "{target0}", "b": "{target1}"}), "supernodes": sn, "hypotheses": hyps}
 
 
-def report_markdown(report: RecurReport, source: str, figure: str | None) -> str:
+def report_markdown(report: RecurReport, source: str, figure: str | None, circuit: str | None = None) -> str:
+    """The report as markdown: the table of recurring features, the supernodes, and the two figures
+    (``figure``: influence with CIs; ``circuit``: the combined circuit figure) when given."""
     cfg = report.config
     pct = int(round(cfg.confidence * 100))
     lines = [
@@ -273,6 +275,11 @@ def report_markdown(report: RecurReport, source: str, figure: str | None) -> str
                             for l, f in s["members"])
         lines.append(f"- **{s['name']}** (role {s['role']}): {members}; summed influence {s['influence']:.4f} "
                      f"[{s['ci'][0]:.4f}, {s['ci'][1]:.4f}]")
+    if circuit:
+        lines += ["", "## The recurring circuit", "",
+                  "Supernodes across prompts (purple, ×members) and recurring features outside them, at their "
+                  "roles' positions in the first prompt; edges: mean over prompts of the summed aligned edges of "
+                  "the pruned graphs.", "", f"![recurring circuit]({circuit})"]
     lines += ["", "`supernodes.json` holds them as a `sparsetrace validate-set` hypothesis file (edit the expected signs).", ""]
     return "\n".join(lines)
 
@@ -308,3 +315,168 @@ def plot(report: RecurReport):
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# ---- the combined figure ---------------------------------------------------------------------------------
+Source = Any
+"""An aligned edge end: a feature key, ("token", role) or ("logit", k)."""
+
+
+def _aligned_edges(g: AttributionGraph, roles: list[str]) -> tuple[dict[tuple[Source, Source], float], dict[Source, float]]:
+    """Every edge of ``g`` between aligned ends (sources: features and tokens; targets: features and
+    logits) summed per (source, target), and each aligned target's input mass: the absolute weight of
+    all its in-edges (errors included) plus its row's remainder."""
+    lay, adj = g.layout, g.adjacency
+    end: dict[int, Source] = {}
+    for i in range(g.n_nodes):
+        k = int(lay.kind[i])
+        if k == NodeKind.FEATURE and int(lay.feature[i]) >= 0:
+            end[i] = (roles[int(lay.pos[i])], int(lay.layer[i]), int(lay.feature[i]))
+        elif k == NodeKind.TOKEN:
+            end[i] = ("token", roles[int(lay.pos[i])])
+        elif k == NodeKind.LOGIT:
+            end[i] = ("logit", i - lay.logits.start)
+    rows = adj.rows()
+    weights: dict[tuple[Source, Source], float] = {}
+    mass: dict[Source, float] = {}
+    for e in range(adj.nnz):
+        t = end.get(int(rows[e]))
+        if t is None or t[0] == "token":
+            continue
+        w = float(adj.data[e])
+        mass[t] = mass.get(t, 0.0) + abs(w)
+        s = end.get(int(adj.indices[e]))
+        if s is not None and s[0] != "logit":
+            weights[(s, t)] = weights.get((s, t), 0.0) + w
+    for i, t in end.items():
+        if t[0] != "token":
+            mass[t] = mass.get(t, 0.0) + float(adj.remainder[i])
+    return weights, mass
+
+
+def _field_name(role: str) -> str | None:
+    """The template field of a field role (``B#2`` → ``B``); None for ``end-K``."""
+    return None if role.startswith("end-") else role.split("#")[0]
+
+
+def _target_label(traced: Sequence[TracedPrompt], k: int) -> str:
+    """``{FIELD}`` when target k is that field's value (up to spaces) in every prompt, else its text when
+    one for all, else ``target k``."""
+    values = [(tp.entry.get("targets") or [""] * (k + 1))[k] if len(tp.entry.get("targets") or []) > k else None
+              for tp in traced]
+    if None not in values:
+        fields = traced[0].entry.get("fields") or {}
+        for name in fields:
+            if all(v.strip() == str((tp.entry.get("fields") or {}).get(name, "")).strip() for v, tp in zip(values, traced)):
+                return "{" + name + "}"
+        if len(set(values)) == 1:
+            return values[0].strip()
+    return f"target {k}"
+
+
+def _candidates(report: RecurReport) -> list[tuple[float, str, str, list[Key], str]]:
+    """(mean influence, kind, role, member keys, name) of every supernode and every recurring feature
+    outside them, by influence."""
+    grouped = {(s["role"], l, f) for s in report.supernodes for l, f in s["members"]}
+    out = [(s["influence"], "supernode", s["role"], [(s["role"], l, f) for l, f in s["members"]], s["name"])
+           for s in report.supernodes]
+    for r in report.features:
+        k = (r["role"], r["layer"], r["feature"])
+        if k not in grouped:
+            out.append((r["influence"], "feature", r["role"], [k], f"{r['role']} L{r['layer']} F{r['feature']}"))
+    out.sort(key=lambda c: (-c[0], c[4]))
+    return out
+
+
+def _unit_label(report: RecurReport, kind: str, members: list[Key], per_key: dict[Key, float], name: str) -> str:
+    """A feature's label (else L/F ids); a supernode's: its most influential member's label (else its name)."""
+    best = max(members, key=lambda k: per_key.get(k, 0.0))
+    text = _label(report.labels, best[1], best[2])
+    if kind == "feature":
+        return text or f"L{best[1]} F{best[2]}"
+    return text or name
+
+
+def combined_figure(report: RecurReport, traced: Sequence[TracedPrompt], config: FigureConfig | None = None,
+                    title: str | None = None):
+    """The recurring circuit as one compact figure (graphs/figure.py's :class:`~.figure.Figure`, drawn by
+    :func:`~.figure.draw_figure`): the supernodes across prompts and the recurring features outside
+    them, most influential first, up to ``config.max_nodes``, at their roles' positions in the first
+    prompt (template fields written ``{NAME}``); the tokens and target logits they connect to.
+
+    An edge's weight is the mean over prompts of the summed aligned edges between the two units'
+    members in the pruned graphs (0 in a prompt whose graph lacks them); its share is |weight| over the
+    target's mean input mass (:func:`_aligned_edges`). Edges are picked as the per-prompt figure picks
+    them (each unit's strongest in- and out-edge first, ``config.max_edges`` in all)."""
+    from .figure import Figure, FigureSpec, Unit, _pick_edges
+
+    cfg = config or FigureConfig()
+    n = len(traced)
+    rep = traced[0]
+    rep_roles = roles_of(rep.full.layout.n_pos, rep.entry.get("positions") or {}, report.config.align)
+    pos_of = {r: p for p, r in enumerate(rep_roles)}
+    weights: dict[tuple[Source, Source], float] = {}
+    mass: dict[Source, float] = {}
+    for tp in traced:
+        roles = roles_of(tp.pruned.layout.n_pos, tp.entry.get("positions") or {}, report.config.align)
+        w, m = _aligned_edges(tp.pruned, roles)
+        for k, v in w.items():
+            weights[k] = weights.get(k, 0.0) + v / n
+        for k, v in m.items():
+            mass[k] = mass.get(k, 0.0) + v / n
+    per_key = {(r["role"], r["layer"], r["feature"]): r["influence"] for r in report.features}
+
+    units: list[Unit] = []
+    unit_of: dict[Source, int] = {}
+    for infl, kind, role, members, name in _candidates(report):
+        if len(units) >= cfg.max_nodes:
+            break
+        if role not in pos_of:
+            continue
+        layers = np.array([k[1] for k in members], dtype=float)
+        wts = np.maximum([per_key.get(k, 0.0) for k in members], 0.0)
+        layer = float((layers * wts).sum() / wts.sum()) if wts.sum() > 0 else float(layers.mean())
+        for k in members:
+            unit_of[k] = len(units)
+        units.append(Unit(name, kind, tuple(range(len(members))), _unit_label(report, kind, members, per_key, name),
+                          layer, float(pos_of[role]), float(infl), None, (int(layers.min()), int(layers.max()))))
+    tokens = list(rep.full.token_strings)
+    for p, r in enumerate(rep_roles):
+        if _field_name(r):
+            tokens[p] = "{" + _field_name(r) + "}"
+    feeds = sorted({s[1] for (s, t) in weights if s[0] == "token" and unit_of.get(t, -1) >= 0 and s[1] in pos_of},
+                   key=lambda r: pos_of[r])
+    for r in feeds:
+        unit_of[("token", r)] = len(units)
+        units.append(Unit(f"T@{r}", "token", (pos_of[r],), tokens[pos_of[r]], -1.0, float(pos_of[r]), 0.0))
+    n_logits = min(len(rep.full.logit_label), cfg.max_logits)
+    probs = [float(np.mean([tp.full.logit_probability[k] if len(tp.full.logit_probability) > k else 0.0 for tp in traced]))
+             for k in range(n_logits)]
+    reached = sorted({t[1] for (s, t) in weights if t[0] == "logit" and t[1] < n_logits and unit_of.get(s, -1) >= 0})
+    for k in reached:
+        unit_of[("logit", k)] = len(units)
+        units.append(Unit(f"L{k}", "logit", (k,), f"{_target_label(traced, k)} {probs[k]:.2f}",
+                          float(rep.full.layout.n_layers), float(len(tokens) - 1), probs[k]))
+
+    edge_w: dict[tuple[int, int], float] = {}
+    for (s, t), w in weights.items():
+        us, ut = unit_of.get(s), unit_of.get(t)
+        if us is not None and ut is not None and us != ut:
+            edge_w[(us, ut)] = edge_w.get((us, ut), 0.0) + w
+    unit_mass = np.zeros(len(units))
+    for k, v in mass.items():
+        if k in unit_of:
+            unit_mass[unit_of[k]] += v
+    pairs = [p for p, w in edge_w.items() if w != 0]
+    src = np.array([p[0] for p in pairs], dtype=np.int64)
+    dst = np.array([p[1] for p in pairs], dtype=np.int64)
+    weight = np.array([edge_w[p] for p in pairs], dtype=np.float64)
+    share = np.abs(weight) / np.where(unit_mass[dst] > 0, unit_mass[dst], 1.0) if pairs else np.zeros(0)
+    importance = np.array([max(u.influence, 0.0) for u in units])
+    keep = _pick_edges(src, dst, share, importance, cfg.max_edges, cfg.min_edge_share)
+    source = (rep.pruned.metadata.get("labels") or {}).get("source") or "none recorded"
+    fig_title = title if title is not None else (
+        f"Recurring across {n} prompts: " + (rep.entry.get("template") or rep.entry.get("prompt", "")))
+    return Figure(units=units, src=src[keep], dst=dst[keep], weight=weight[keep], share=share[keep],
+                  token_strings=tokens, n_layers=rep.full.layout.n_layers, title=fig_title, scores=None,
+                  n_graph_nodes=report.n_keys, label_source=source, spec=FigureSpec(title=fig_title, width=cfg.width))

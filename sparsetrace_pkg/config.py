@@ -732,3 +732,34 @@ class CrossLayerConfig:
     """Prompt lengths of ``benchmarks/clt_attribution.py``."""
     benchmark_quick_tokens: tuple[int, ...] = (8,)
     """Prompt lengths of ``benchmarks/clt_attribution.py --quick``."""
+# --- steering (issue 21) ---
+STEERING_METRICS = ("logit", "logit-diff", "prob")
+"""What a steering run measures at the last prompt position: the demeaned logit of one token, the
+logit difference of two, or the summed probability of the given tokens."""
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """How ``sparsetrace steer`` runs (docs/design.md §16)."""
+
+    mode: str = "unfrozen"
+    """Mode of the metric (the real model, like generation); constrained or iterative also allowed."""
+    max_new_tokens: int = 20
+    """Tokens generated per continuation."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 decodes greedily."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most probable tokens up to this mass (1: all)."""
+    top_k: int = 0
+    """Keep only the k most probable tokens (0: all)."""
+    samples: int = 1
+    """Continuations per setting, seeds seed, seed+1, …; the baseline uses the same seeds."""
+    metric: str = "logit"
+    """One of STEERING_METRICS."""
+    out_dir: str = "steering"
+    """Folder the run record (and a sweep's plot) is written to."""
+    plot_dpi: int = 100
+    """Resolution of the sweep plot."""
+
+
+__all__ += ["STEERING_METRICS", "SteeringConfig"]

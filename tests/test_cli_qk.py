@@ -4,11 +4,13 @@ and bad input as one-line usage errors (exit 2) that write nothing."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from sparsetrace.graphs import AttributionGraph
+from test_graphs_html import payload
 
 from _cli_common import files_under, one_line_error, run
 from _cli_fixtures import save_tiny_model
@@ -79,7 +81,7 @@ def test_edge_head_loadings(graph_dir):
 ])
 def test_bad_input_is_a_one_line_usage_error(graph_dir, args, fragments):
     before = files_under(graph_dir)
-    one_line_error(run("qk", graph_dir, *args, "-q"), 2, *fragments, "(see 'sparsetrace qk --help')")
+    one_line_error(run("qk", graph_dir, *args, "--save", "-q"), 2, *fragments, "(see 'sparsetrace qk --help')")
     assert files_under(graph_dir) == before
 
 
@@ -100,3 +102,31 @@ def test_graph_without_what_qk_needs(graph_dir, tmp_path):
                    "does not record its transcoder set; pass --transcoders DIR")
     (tmp_path / "empty").mkdir()
     one_line_error(run("qk", tmp_path / "empty", "-q"), 2, "is a folder without graph.safetensors")
+
+
+def test_save_stores_the_results_in_the_graph_files_and_viewer(graph_dir, tmp_path):
+    folder = tmp_path / "trace"
+    shutil.copytree(graph_dir, folder)
+    site = ["--layer", "2", "--head", "1", "--query-pos", "12", "--key-pos", "10"]
+    d = _json(folder, *site, "--top", "3", "--save")
+    names = ["graph.safetensors", "graph.pruned.safetensors", "graph.html"]
+    assert d["saved"] == [str(folder / n) for n in names]
+    full = AttributionGraph.load(folder / "graph.safetensors")
+    (dec,), loads = full.qk.for_layout(full.layout)
+    assert loads == [] and (dec.site.layer, dec.site.head, dec.site.query_pos, dec.site.key_pos) == (2, 1, 12, 10)
+    (s,) = d["scores"]
+    assert [(q, k, v) for q, k, v in dec.rows(3)] == [(r["query"], r["key"], r["value"]) for r in s["rows"]]
+    assert dec.score == s["score"] and abs(dec.total() - dec.score) < 1e-9
+    # the head loadings of an edge join them; the same score again replaces the first
+    e = _json(folder, "--edge", "L0,T@1", "--save")["loadings"]
+    _json(folder, *site, "--save")
+    for name in names[:2]:
+        g = AttributionGraph.load(folder / name)
+        assert [x.site.key_pos for x in g.qk.scores] == [10] and len(g.qk.loadings) == 1
+        assert g.qk.node_ids[g.qk.loadings[0].source] == "T@1"
+        assert np.allclose(g.qk.loadings[0].loading, e["loading"], rtol=0, atol=1e-12)
+    qk = payload((folder / "graph.html").read_text())["qk"]
+    assert len(qk["scores"]) == 1 and qk["loadings"][0]["target"] == "L0" and qk["loadings"][0]["source"] == "T@1"
+    # a graph file on its own: only that file is written
+    shutil.copy(graph_dir / "graph.safetensors", tmp_path / "g.safetensors")
+    assert _json(tmp_path / "g.safetensors", *site, "--save")["saved"] == [str(tmp_path / "g.safetensors")]

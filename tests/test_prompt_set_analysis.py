@@ -60,7 +60,7 @@ def test_roles_of():
 def test_recur_report(traced, tmp_path):
     r = run("recur", traced, "--out", tmp_path / "rep", "--min-fraction", "0.6", "--cosine", "-1", "--json", "-q")
     assert r.exit_code == 0, r.output
-    assert files_under(tmp_path / "rep") == {"recur.md", "recur.json", "recur.png", "supernodes.json"}
+    assert files_under(tmp_path / "rep") == {"recur.md", "recur.json", "recur.png", "circuit.png", "supernodes.json"}
     rep = json.loads((tmp_path / "rep" / "recur.json").read_text())
     entries = _entries(traced)
     assert rep["prompts"] == [e["id"] for e in entries]
@@ -90,7 +90,7 @@ def test_recur_report(traced, tmp_path):
         assert len(s["members"]) >= 2 and all((s["role"], l, f) in rec for l, f in s["members"])
     skel = json.loads((tmp_path / "rep" / "supernodes.json").read_text())
     assert set(skel["supernodes"]) == {s["name"] for s in rep["supernodes"]}
-    one_line_error(run("recur", tmp_path, "-q"), 1, "has no manifest.json")
+    one_line_error(run("recur", tmp_path, "-q"), 2, "has no manifest.json")
 
 
 def _role_pos(role: str, entry: dict) -> int:
@@ -178,6 +178,9 @@ def test_random_sets_have_equal_size_and_near_mass():
         assert [(l, c) for l, c, _ in s] == [(l, c) for l, c, _ in members]
         assert s[0][2] in range(9 - K_NEAR, 9) and s[1][2] == 7 and s[2][2] not in (5,)
     assert all(0.5 < r <= 1.0 for r in ratios)
+    # inactive members at one (layer, position) get distinct stand-ins (a feature twice in one set is refused)
+    sets, _ = _random_sets([(0, 3, 0), (0, 3, 1)], {}, 4, 50, np.random.default_rng(0))
+    assert all(s[0] != s[1] and {s[0][2], s[1][2]} == {2, 3} for s in sets)
 
 
 @pytest.mark.parametrize("edit, fragments", [
@@ -194,7 +197,7 @@ def test_bad_hypothesis_files(traced, tmp_path, edit, fragments):
     edit(h)
     (tmp_path / "h.json").write_text(json.dumps(h))
     r = run("validate-set", traced, tmp_path / "h.json", "--out", tmp_path / "rep", "--n-random", "0", "-q")
-    one_line_error(r, 1, *fragments)
+    one_line_error(r, 2, *fragments)
     assert not (tmp_path / "rep").exists()
 
 
@@ -203,3 +206,45 @@ def test_recur_config_rejects_bad_values():
 
     with pytest.raises(ConfigError, match="align='middle'"):
         RecurConfig(align="middle")
+
+
+def test_combined_figure_edges_are_mean_aligned_sums(traced, tmp_path):
+    """Every drawn edge of the combined figure is the mean over prompts of the summed edges between the
+    two units' members at their aligned positions, recomputed here from each pruned graph's dense
+    adjacency; units come in influence order within the node budget."""
+    from sparsetrace.config import FigureConfig
+    from sparsetrace.graphs.figure import draw_figure
+    from sparsetrace.graphs.recur import combined_figure, load_traced_set, recur
+
+    _, tps = load_traced_set(traced)
+    report = recur(tps, RecurConfig(min_fraction=0.4, cosine=-1.0))
+    assert report.supernodes, "cosine −1 must give a supernode"
+    fig = combined_figure(report, tps, FigureConfig(max_nodes=6, max_edges=200, min_edge_share=0.0))
+    inner = [u for u in fig.units if u.kind in ("feature", "supernode")]
+    assert 0 < len(inner) <= 6 and any(u.kind == "supernode" for u in inner)
+    assert [u.influence for u in inner] == sorted((u.influence for u in inner), reverse=True)
+    members = {s["name"]: [(s["role"], l, f) for l, f in s["members"]] for s in report.supernodes}
+    members.update({f"{r['role']} L{r['layer']} F{r['feature']}": [(r["role"], r["layer"], r["feature"])]
+                    for r in report.features})
+
+    def nodes(unit, tp) -> list[int]:
+        lay = tp.pruned.layout
+        roles = roles_of(lay.n_pos, tp.entry["positions"], "field")
+        if unit.kind == "token":
+            return [int(lay.token_index(roles.index(unit.key[2:])))]
+        if unit.kind == "logit":
+            return [int(lay.logit_index(int(unit.key[1:])))]
+        out = []
+        for role, l, f in members[unit.key]:
+            hit = np.flatnonzero((lay.layer == l) & (lay.pos == roles.index(role)) & (lay.feature == f)
+                                 & (lay.kind == 0))
+            out += hit.tolist()
+        return out
+
+    assert len(fig.src) > 0
+    dense = [tp.pruned.dense_adjacency() for tp in tps]
+    for s, t, w in zip(fig.src, fig.dst, fig.weight):
+        want = np.mean([a[np.ix_(nodes(fig.units[t], tp), nodes(fig.units[s], tp))].sum() for a, tp in zip(dense, tps)])
+        assert w == pytest.approx(want, rel=1e-6, abs=1e-9)  # float32 sums, another order
+    [png] = draw_figure(fig, [tmp_path / "circuit.png"])
+    assert png.stat().st_size > 5000

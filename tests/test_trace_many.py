@@ -104,22 +104,22 @@ def test_resume_skips_done_and_retries_failed(traced, tiny, prompts, tmp_path):
     assert (copy / "a" / "graph.safetensors").stat().st_mtime_ns == stamp
     assert files_under(copy / "d") == FILES
     r = run("trace-many", prompts, "--out", copy, "-m", tiny, "-t", "random:32:8", "-q")
-    one_line_error(r, 1, "holds a run with other settings", "transcoders")
+    one_line_error(r, 2, "holds a run with other settings", "transcoders")
 
 
 def test_bad_prompt_file_is_one_line_and_writes_nothing(tiny, tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"prompt": "a"}\n{"prompt": b}\n')
-    one_line_error(run("trace-many", p, "--out", tmp_path / "o", "-m", tiny, *MODEL), 1, "bad.jsonl line 2", "JSON")
+    one_line_error(run("trace-many", p, "--out", tmp_path / "o", "-m", tiny, *MODEL), 2, "bad.jsonl line 2", "JSON")
     p.write_text('{"template": "the {X} is"}\n')
-    one_line_error(run("trace-many", p, "--out", tmp_path / "o", "-m", tiny, *MODEL), 1, "line 1", "{X}", "not filled")
+    one_line_error(run("trace-many", p, "--out", tmp_path / "o", "-m", tiny, *MODEL), 2, "line 1", "{X}", "not filled")
     assert not (tmp_path / "o").exists()
 
 
 def test_unreachable_scheduler(tiny, prompts, tmp_path):
     pytest.importorskip("distributed")
     r = run("trace-many", prompts, "--out", tmp_path / "o", "--scheduler", "tcp://127.0.0.1:9", "-m", tiny, *MODEL)
-    one_line_error(r, 1, "--scheduler 'tcp://127.0.0.1:9'", "cannot reach a Dask scheduler")
+    one_line_error(r, 2, "--scheduler 'tcp://127.0.0.1:9'", "cannot reach a Dask scheduler")
     assert not (tmp_path / "o").exists()
 
 
@@ -153,3 +153,35 @@ def test_dask_local_cluster_of_two_workers(traced, tiny, prompts, tmp_path):
     workers = {e["worker"] for e in man["prompts"]}
     assert len(workers) == 2, workers  # both workers traced (the failed prompt names its worker too)
     _graphs_equal(out, tmp_path / "o")
+
+
+def test_an_interrupted_run_keeps_its_finished_graphs(tmp_path, monkeypatch):
+    """A run stopped during its third prompt (Ctrl-C) leaves the two finished folders and a manifest that
+    records them as done and the rest pending, no half-written folder; the next run traces only the rest."""
+    import sparsetrace.tracer.pipeline as pipeline
+    from sparsetrace.tracer.pipeline import TraceSettings
+    from sparsetrace.tracer.prompt_sets import parse_prompt_set
+    from sparsetrace.tracer.trace_many import run_prompt_set
+
+    items = parse_prompt_set("".join(f'{{"id": "p{i}", "prompt": "prompt {i}"}}\n' for i in range(4)), "jsonl")
+    calls: list[str] = []
+    stop = {"at": "p2"}
+
+    def fake_trace(session, item, settings):
+        calls.append(item.id)
+        if item.id == stop["at"]:
+            raise KeyboardInterrupt
+        return {"positions": {}, "files": ["g.txt"], "seconds": 0.01}, {"g.txt": item.prompt.encode()}
+
+    monkeypatch.setattr(pipeline, "trace_item", fake_trace)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_prompt_set(items, out, lambda: "session", TraceSettings(), {"model": "fake"})
+    man = json.loads((out / "manifest.json").read_text())
+    assert [e["status"] for e in man["prompts"]] == ["done", "done", "pending", "pending"]
+    assert files_under(out) == {"manifest.json", "p0", "p0/g.txt", "p1", "p1/g.txt"}
+    calls.clear()
+    stop["at"] = None
+    done = run_prompt_set(items, out, lambda: "session", TraceSettings(), {"model": "fake"})
+    assert calls == ["p2", "p3"] and done["summary"] == {"done": 4, "failed": 0, "pending": 0}
+    assert (out / "p3" / "g.txt").read_text() == "prompt 3"

@@ -228,3 +228,27 @@ def test_describe_features_sources(setup):
     lb, fb = map(int, b.split("."))
     assert c == pytest.approx(float(torch.nn.functional.cosine_similarity(ts[la].W_dec[fa], ts[lb].W_dec[fb], dim=0)), abs=1e-4)
     assert all(p[2] >= 0.3 for p in decoder_cosines(ts, keys, floor=0.3))
+
+
+def test_bf16_screened_top_rows_equal_the_float32_top():
+    """The token lens screens a large vocabulary in bfloat16 and rescores its candidates in float32: the
+    result is the float32 top-n, on peaked scores (certified by the bound) and on near-flat ones (where the
+    bfloat16 screen alone picks other rows and the float32 fallback has to step in)."""
+    from sparsetrace.tracer.features import _top_rows
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(40000, 64, generator=g)
+    V = torch.randn(24, 64, generator=g)
+    V[:12] = M[torch.randint(0, 40000, (12,), generator=g)] * 3  # peaked: one row stands out
+    ref_v, ref_i = (V @ M.T).topk(8, dim=1)
+    vals, ids = _top_rows(M, M.bfloat16(), V, 8)
+    assert torch.equal(ids, ref_i)
+    torch.testing.assert_close(vals, ref_v, rtol=1e-5, atol=1e-5)
+
+    flat = torch.ones(40000, 64) + 1e-3 * torch.randn(40000, 64, generator=g)
+    v = torch.randn(4, 64, generator=g)
+    ref_v, ref_i = (v @ flat.T).topk(8, dim=1)
+    screened = (v.bfloat16() @ flat.bfloat16().T).float().topk(8, dim=1).indices
+    assert not torch.equal(screened, ref_i)  # bfloat16 alone would be wrong here
+    vals, ids = _top_rows(flat, flat.bfloat16(), v, 8)
+    assert torch.equal(ids, ref_i)

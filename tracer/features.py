@@ -402,9 +402,10 @@ def _output_lens(lm: LoadedModel, ts: TranscoderSet, keys: Sequence[tuple[int, i
 
 
 def _top_products(M: Tensor, keys: Sequence[tuple[int, int]], rows_of: Callable, n: int, chunk: int = 256) -> list:
-    """Top-n (row of M, score) of M·v for each key's vector v = ``rows_of(layer, [features])`` row, in
-    float32, one product per layer and chunk of features."""
-    M = M.float()
+    """Top-n (row of M, score) of M·v for each key's vector v = ``rows_of(layer, [features])`` row, scores
+    in float32, one product per layer and chunk of features (large M: :func:`_top_rows`)."""
+    Mf = M.float()
+    Mb = Mf.bfloat16() if _use_bf16_screen(Mf) else None
     out: dict[tuple[int, int], list] = {}
     by_layer: dict[int, list[int]] = {}
     for layer, f in keys:
@@ -413,10 +414,42 @@ def _top_products(M: Tensor, keys: Sequence[tuple[int, int]], rows_of: Callable,
         for k in range(0, len(fs), chunk):
             part = fs[k : k + chunk]
             V = rows_of(layer, part).float().to(M.device)  # [c, d]
-            vals, ids = (V @ M.T).topk(min(n, M.shape[0]), dim=1)  # [c, n]
+            vals, ids = _top_rows(Mf, Mb, V, min(n, M.shape[0]))
             for f, v, i in zip(part, vals.tolist(), ids.tolist()):
                 out[(layer, f)] = list(zip(i, v))
     return [out[(int(l), int(f))] for l, f in keys]
+
+
+_BF16_SCREEN_ROWS = 32768
+"""Vocabularies at least this large are screened in bfloat16 before the exact float32 scores (docs/design.md §11)."""
+
+
+def _use_bf16_screen(M: Tensor) -> bool:
+    return M.shape[0] >= _BF16_SCREEN_ROWS and M.device.type == "cpu"
+
+
+def _top_rows(Mf: Tensor, Mb: Tensor | None, V: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The exact float32 top-n of ``V @ Mf.T`` ([c, n] values and row ids, descending).
+
+    With ``Mb`` (``Mf`` in bfloat16) the full product is screened in bfloat16 — ~4× faster on CPUs with
+    bf16 matmul units — keeping m = max(4n, 64) candidates per row, whose float32 scores are then computed
+    exactly. The screen is certified: rounding to bfloat16 moves a score v·m by at most
+    b = 2.05 · 2⁻⁸ · ‖v‖ · max‖m‖ (accumulation in float32), so a row whose n-th exact candidate score is
+    ≥ the m-th screened score + b has no better row outside the candidates. Rows that fail (near-flat
+    score distributions) get the plain float32 product."""
+    if Mb is None or 4 * n >= Mf.shape[0]:
+        return (V @ Mf.T).topk(n, dim=1)
+    m = max(4 * n, 64)
+    screened = V.bfloat16() @ Mb.T  # [c, V]
+    s_vals, cand = screened.topk(m, dim=1)  # [c, m]
+    exact = torch.einsum("cd,cmd->cm", V, Mf[cand])  # [c, m]
+    vals, pos = exact.topk(n, dim=1)
+    ids = cand.gather(1, pos)
+    bound = 2.05 * 2.0**-8 * V.norm(dim=1) * Mf.norm(dim=1).max()  # [c]
+    bad = vals[:, -1] < s_vals[:, -1].float() + bound
+    if bad.any():
+        vals[bad], ids[bad] = (V[bad] @ Mf.T).topk(n, dim=1)
+    return vals, ids
 
 
 def _show(tok: str) -> str:

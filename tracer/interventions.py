@@ -739,13 +739,16 @@ def generate(
     use_cache: bool = True,
     apply_to_generated: bool = False,
     stop_at_eos: bool = True,
+    generated: Sequence[Intervention] = (),
 ) -> GenerationResult:
     """Generate with interventions held on (the real model, ``unfrozen`` mode) for every new token.
 
     Interventions apply at their prompt positions on every step (with or without the KV cache: the
     same tokens). ``apply_to_generated``: feature interventions also act at every generated position
-    (a "scale" there multiplies the live activation, an "add" adds α · d_f). Greedy, or sampled with
-    ``temperature``, ``top_k`` and ``top_p`` (:func:`filter_logits`) from a generator seeded with ``seed``.
+    (a "scale" there multiplies the live activation, an "add" adds α · d_f). ``generated``: feature
+    interventions that act at every generated position only (their ``position`` is not used).
+    Greedy, or sampled with ``temperature``, ``top_k`` and ``top_p`` (:func:`filter_logits`) from a
+    generator seeded with ``seed``.
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens}; allowed: ≥ 0")
@@ -759,8 +762,14 @@ def generate(
     ids = _prompt_ids(prompt, lm).to(lm.device)
     clean = _clean(rm, ids)
     plan = _resolve([list(interventions)], clean, rm, offset=0)
-    if apply_to_generated:
-        plan.gen = [(iv.layer, iv.feature, iv.op, iv.value) for iv in interventions if iv.kind == "feature"]
+    on_gen = [iv for iv in interventions if iv.kind == "feature"] if apply_to_generated else []
+    for iv in generated:
+        if not isinstance(iv, Intervention) or iv.kind != "feature":
+            raise ConfigError(f"generated={iv!r}; allowed: feature interventions (errors and tokens only on the prompt)")
+        if iv.layer >= rm.n_layers or iv.feature >= rm.transcoders.n_features:
+            raise ConfigError(f"{iv}: layer/feature outside 0..{rm.n_layers - 1} / 0..{rm.transcoders.n_features - 1}")
+        on_gen.append(iv)
+    plan.gen = [(iv.layer, iv.feature, iv.op, iv.value) for iv in on_gen]
     gen = torch.Generator(device=lm.device)
     gen.manual_seed(0 if seed is None else int(seed))
     eos = getattr(lm.tokenizer, "eos_token_id", None) if stop_at_eos and lm.tokenizer is not None else None

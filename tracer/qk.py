@@ -23,7 +23,6 @@ model's own attention code (its first matmul and its softmax input), not re-impl
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -35,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 from sparsetrace.config import QKConfig
 from sparsetrace.errors import ConfigError, GraphError, ModelError
 from sparsetrace.graphs import AttributionGraph, NodeKind
+from sparsetrace.graphs.qk import CONST, HeadLoadings, QKDecomposition, QKSite
 from sparsetrace.transcoders import TranscoderSet
 
 from ..models.loading import LoadedModel
@@ -50,6 +50,7 @@ __all__ = [
     "QKAnalyzer",
     "open_qk",
     "AttentionTap",
+    "CONST",
 ]
 
 
@@ -103,117 +104,6 @@ def _hidden(args: tuple, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-@dataclass(frozen=True)
-class QKSite:
-    """One attention score: query position ``query_pos`` attending to ``key_pos`` in head ``head`` of
-    ``layer``."""
-
-    layer: int
-    head: int
-    query_pos: int
-    key_pos: int
-
-    def label(self) -> str:
-        return f"L{self.layer}.H{self.head} {self.query_pos}←{self.key_pos}"
-
-
-CONST = -1
-"""Node index that stands for the constant part (q₀ or k₀) in pair rows."""
-
-
-@dataclass(eq=False)
-class QKDecomposition:
-    """The exact split of one pre-softcap score (module docstring). Query side: ``q_nodes`` [n_q] graph
-    nodes (sources at layers < l and positions ≤ i), ``Q`` [n_q, hd] their parts of q_i, ``q_const``
-    [hd] = q₀, ``q_clean`` [hd] the model's query; the same for the key side at j. Arrays are float64."""
-
-    site: QKSite
-    scaling: float
-    softcap: float | None
-    q_nodes: np.ndarray
-    Q: np.ndarray
-    q_const: np.ndarray
-    q_clean: np.ndarray
-    k_nodes: np.ndarray
-    K: np.ndarray
-    k_const: np.ndarray
-    k_clean: np.ndarray
-    model_score: float
-    """The model's own softmax input at (i, j): capped where the model caps, before the mask."""
-    pattern: float
-    """The clean attention probability p_ij."""
-
-    @property
-    def score(self) -> float:
-        """The pre-softcap score scaling·q_i·k_j of the model's query and key."""
-        return self.scaling * float(self.q_clean @ self.k_clean)
-
-    def cap(self, s: np.ndarray | float) -> np.ndarray | float:
-        """The model's softcap applied to pre-softcap scores (identity without one)."""
-        return s if self.softcap is None else self.softcap * np.tanh(np.asarray(s) / self.softcap)
-
-    def pairs(self) -> np.ndarray:
-        """[n_q, n_k] scaling·q_a·k_b."""
-        return self.scaling * (self.Q @ self.K.T)
-
-    def query_const(self) -> np.ndarray:
-        """[n_q] scaling·q_a·k₀."""
-        return self.scaling * (self.Q @ self.k_const)
-
-    def const_key(self) -> np.ndarray:
-        """[n_k] scaling·q₀·k_b."""
-        return self.scaling * (self.K @ self.q_const)
-
-    def const_const(self) -> float:
-        return self.scaling * float(self.q_const @ self.k_const)
-
-    def total(self) -> float:
-        """Σ of every part: equals :attr:`score` (up to rounding)."""
-        return float(self.pairs().sum() + self.query_const().sum() + self.const_key().sum() + self.const_const())
-
-    def closure(self) -> dict[str, float]:
-        """How exactly the parts add up: |Σ parts − score|, and the largest |q₀ + Σ q_a − q_i| (and k)."""
-        return {
-            "score": abs(self.total() - self.score),
-            "query": float(np.abs(self.q_const + self.Q.sum(0) - self.q_clean).max()),
-            "key": float(np.abs(self.k_const + self.K.sum(0) - self.k_clean).max()),
-        }
-
-    def rows(self, top: int | None = None) -> list[tuple[int, int, float]]:
-        """Every nonzero part as (query node or CONST, key node or CONST, value), largest |value| first."""
-        P = self.pairs()
-        qi, ki = np.nonzero(P)
-        vals = [P[qi, ki], self.query_const(), self.const_key(), np.array([self.const_const()])]
-        qs = [self.q_nodes[qi], self.q_nodes, np.full(len(self.k_nodes), CONST), np.array([CONST])]
-        ks = [self.k_nodes[ki], np.full(len(self.q_nodes), CONST), self.k_nodes, np.array([CONST])]
-        v, q, k = (np.concatenate(x) for x in (vals, qs, ks))
-        keep = np.flatnonzero(v != 0)
-        order = keep[np.argsort(-np.abs(v[keep]), kind="stable")][:top]
-        return [(int(q[o]), int(k[o]), float(v[o])) for o in order]
-
-    def _vec(self, nodes: np.ndarray, M: np.ndarray, node: int) -> np.ndarray:
-        hit = np.flatnonzero(nodes == node)
-        return M[hit[0]] if len(hit) else np.zeros(M.shape[1])
-
-    def query_part(self, node: int) -> np.ndarray:
-        """Source ``node``'s part of q_i (zero when it cannot reach the query)."""
-        return self._vec(self.q_nodes, self.Q, node)
-
-    def key_part(self, node: int) -> np.ndarray:
-        return self._vec(self.k_nodes, self.K, node)
-
-    def score_with(self, node: int, x: float) -> float:
-        """The exact pre-softcap score when source ``node``'s write is multiplied by x (everything else
-        as in the clean run): q → q + (x − 1)·q_a, k → k + (x − 1)·k_a."""
-        q = self.q_clean + (x - 1.0) * self.query_part(node)
-        k = self.k_clean + (x - 1.0) * self.key_part(node)
-        return self.scaling * float(q @ k)
-
-    def score_slope(self, node: int) -> float:
-        """d s / d x at x = 1 for source ``node`` scaled by x: scaling·(q_a·k_j + q_i·k_a)."""
-        return self.scaling * float(self.query_part(node) @ self.k_clean + self.q_clean @ self.key_part(node))
-
-
 @dataclass(eq=False)
 class AttentionRow:
     """The decompositions of one query's scores against every key it can see (``keys`` [n], ascending),
@@ -249,20 +139,6 @@ class AttentionRow:
             ds = ds * (1.0 - np.tanh(np.array([d.score for d in self.scores]) / d0.softcap) ** 2)
         dp = self.pattern[at] * (ds[:, at] - ds @ self.pattern)
         return d0.q_nodes, dp
-
-
-@dataclass(eq=False)
-class HeadLoadings:
-    """How a cross-position edge A[target, source] splits over attention heads: ``loading`` [L, n_heads]
-    is the part of the edge carried by the paths whose last change of position — the hop into the
-    target's position — goes through that head (every such path has exactly one), so
-    Σ loading = ``edge`` exactly. ``stored`` is the graph's own A[target, source] (None when not stored)."""
-
-    target: int
-    source: int
-    loading: np.ndarray
-    edge: float
-    stored: float | None
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ def _random_sets(members, acts, n_features: int, n: int, rng: np.random.Generato
                 active = set(ids.tolist())
                 while True:
                     g = int(rng.integers(n_features))
-                    if g not in active and (l, c, g) not in taken:
+                    if g not in active and (l, c, g) not in taken and (l, c, g) not in chosen:
                         break
                 chosen.append((l, c, g))
         sets.append(chosen)
