@@ -156,15 +156,14 @@ def _graph_and_parts(graph_path: Path, model, transcoders, device, dtype, seed, 
     path = graph_path / "graph.safetensors" if graph_path.is_dir() else graph_path
     graph = AttributionGraph.load(path)
     src = transcoder_source_of(graph) or TranscoderSource(None)
-    asked = src.request
-    if model is None and asked is not None:
-        model = asked.model_arg
+    if model is None:
+        model = src.model_arg
     if transcoders is None:
-        transcoders = (asked.spec if asked is not None else None) or src.path
+        transcoders = src.set_spec
         if transcoders is None:
             raise ConfigError("the graph does not record its transcoder set; pass --transcoders")
-        if src.random and asked is not None and asked.seed is not None:
-            seed = asked.seed
+        if src.random and src.seed is not None:
+            seed = src.seed
     lm = load_lm(model, device, dtype, out)
     ts, _ = resolve_transcoders(transcoders, lm, model, seed)
     return graph, path, lm, ts

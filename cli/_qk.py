@@ -160,14 +160,16 @@ def _parts(graph, model: str | None, transcoders: str | None, device: str | None
     """The model and transcoder set GRAPH was traced with (its metadata), unless given."""
     from sparsetrace.models.loading import DEFAULT_MODEL
 
-    src = graph.metadata.get("transcoder_source") or {}
-    recorded = (graph.metadata.get("model") or {}).get("id")
-    seed = src.get("seed", 0)
+    from sparsetrace.graphs.records import TranscoderSource, model_id_of, transcoder_source_of
+
+    src = transcoder_source_of(graph) or TranscoderSource(None)
+    recorded = model_id_of(graph)
+    seed = src.seed if src.seed is not None else 0
     if model is None:
-        model = src.get("model_arg")
+        model = src.model_arg
     model_known = model is not None or recorded == DEFAULT_MODEL.name  # None loads the default
     if transcoders is None:
-        transcoders = src.get("spec") or src.get("path")
+        transcoders = src.set_spec
     missing = [what for what, known in ((f"where its model ({recorded or 'unknown'}) is", model_known),
                                         ("its transcoder set", transcoders is not None)) if not known]
     if missing:

@@ -240,7 +240,7 @@ def build_card(graph: AttributionGraph) -> dict[str, Any]:
     model = meta.get("model") or {}
     transcoders = _transcoder_section(graph)
     validation = records.validation_of(graph)
-    steering = list(graph.metadata.get("steering") or [])
+    steering = records.steering_of(graph)
     hooks = meta.get("hook_points") or {}
     n_layers = model.get("n_layers", graph.layout.n_layers)
     return {
@@ -323,7 +323,7 @@ def steering_entry(record: Mapping[str, Any]) -> dict[str, Any]:
 def add_steering(graph: AttributionGraph, record: Mapping[str, Any]) -> dict[str, Any]:
     """Append the card's entry for one steering run record (:func:`steering_entry`) to
     ``metadata["steering"]`` and refresh the card."""
-    graph.metadata.setdefault("steering", []).append(steering_entry(record))
+    records.append_steering(graph, steering_entry(record))
     return attach_card(graph)
 
 

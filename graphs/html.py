@@ -38,7 +38,7 @@ from sparsetrace.config import QKConfig
 
 from .export import node_table
 from .graph import AttributionGraph, NodeKind
-from .records import feature_labels_of, scores_of, store_influence, stored_influence
+from .records import Cut, feature_labels_of, scores_of, store_cut, store_influence, stored_influence
 from .render import EDGE_COLORS, KIND_STYLE
 from .supernodes import is_supernode
 
@@ -228,7 +228,7 @@ def _cut(graph: AttributionGraph, max_nodes: int) -> AttributionGraph:
     keep[cand[np.argsort(-infl[cand], kind="stable")[:max_nodes]]] = True
     sub = graph.subgraph(keep)
     store_influence(sub, infl[keep])
-    sub.metadata["viewer_cut"] = {"max_nodes": max_nodes, "of_nodes": graph.n_nodes}
+    store_cut(sub, "viewer_cut", Cut(max_nodes, graph.n_nodes))
     return sub
 
 

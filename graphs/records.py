@@ -26,11 +26,12 @@ __all__ = [
     "FeatureKey", "feature_key", "parse_feature_key",
     "GraphScores", "ScoresRecord", "PruneSummary", "TranscoderRequest", "TranscoderSource", "ValidationRecord",
     "FigureRecord", "FeatureInfo", "LabelSource", "DecoderCosines", "FeatureLabels",
-    "transcoder_source_of", "store_provenance", "model_revision_of", "attribution_setting", "attribution_stat",
+    "transcoder_source_of", "store_provenance", "model_revision_of", "model_id_of", "attribution_setting", "attribution_stat",
     "prune_summary_of", "store_pruning", "stored_influence", "store_influence", "is_pruned", "mark_pruned",
     "scores_of", "store_scores_record", "validation_of", "append_validation",
     "feature_labels_of", "store_feature_labels", "drop_feature_texts", "labels_by_feature",
-    "Supernodes", "supernodes_of", "store_supernodes", "figure_of", "store_figure", "card_of", "store_card",
+    "Supernodes", "supernodes_of", "store_supernodes", "Cut", "CUTS", "cut_of", "store_cut", "steering_of",
+    "append_steering", "figure_of", "store_figure", "card_of", "store_card",
 ]
 
 FeatureKey = tuple[int, int]
@@ -209,6 +210,21 @@ class TranscoderSource:
     def with_request(self, spec: str | None, seed: int | None, model_arg: str | None) -> "TranscoderSource":
         return dataclasses.replace(self, request=TranscoderRequest(spec, seed, model_arg))
 
+    @property
+    def set_spec(self) -> str | None:
+        """What ``--transcoders`` loads this set again: the spec a command was given, else the folder."""
+        return (self.request.spec if self.request is not None else None) or self.path
+
+    @property
+    def model_arg(self) -> str | None:
+        """The ``--model`` a command was given (None: the default model, or not recorded)."""
+        return self.request.model_arg if self.request is not None else None
+
+    @property
+    def seed(self) -> int | None:
+        """The ``--seed`` a command was given (random sets are made from it)."""
+        return self.request.seed if self.request is not None else None
+
 
 def transcoder_source_of(graph: _HasMetadata) -> TranscoderSource | None:
     d = graph.metadata.get("transcoder_source")
@@ -224,6 +240,11 @@ def store_provenance(graph: _HasMetadata, source: TranscoderSource, revision: st
 
 def model_revision_of(graph: _HasMetadata) -> str | None:
     return (graph.metadata.get("model") or {}).get("revision")
+
+
+def model_id_of(graph: _HasMetadata) -> str | None:
+    """The id of the model the graph was attributed on (``metadata["model"]["id"]``)."""
+    return (graph.metadata.get("model") or {}).get("id")
 
 
 def attribution_setting(graph: _HasMetadata, name: str, default: Any = None) -> Any:
@@ -455,6 +476,55 @@ def supernodes_of(graph: _HasMetadata) -> Supernodes:
 
 def store_supernodes(graph: _HasMetadata, supernodes: Supernodes) -> None:
     graph.metadata.update(supernodes.to_metadata())
+
+
+# ---- cuts and steering -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cut:
+    """``metadata["picture"]`` (``graphs/render.py``) or ``["viewer_cut"]`` (``graphs/html.py``): a graph
+    cut down for display — its node (and edge) budget and the sizes of the graph it was cut from."""
+
+    max_nodes: int
+    of_nodes: int
+    max_edges: int | None = None
+    of_edges: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"max_nodes": self.max_nodes}
+        if self.max_edges is not None:
+            d["max_edges"] = self.max_edges
+        d["of_nodes"] = self.of_nodes
+        if self.of_edges is not None:
+            d["of_edges"] = self.of_edges
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Cut":
+        return cls(d["max_nodes"], d["of_nodes"], d.get("max_edges"), d.get("of_edges"))
+
+
+CUTS = ("picture", "viewer_cut")
+
+
+def cut_of(graph: _HasMetadata, which: str) -> Cut | None:
+    """The ``which`` (one of :data:`CUTS`) cut record, or None."""
+    d = graph.metadata.get(which)
+    return Cut.from_dict(d) if d else None
+
+
+def store_cut(graph: _HasMetadata, which: str, cut: Cut) -> None:
+    if which not in CUTS:
+        raise ValueError(f"which={which!r}; allowed: {', '.join(CUTS)}")
+    graph.metadata[which] = cut.to_dict()
+
+
+def steering_of(graph: _HasMetadata) -> list[dict[str, Any]]:
+    """``metadata["steering"]``: the card's entries of steering runs (``graphs.card.steering_entry`` makes them)."""
+    return list(graph.metadata.get("steering") or [])
+
+
+def append_steering(graph: _HasMetadata, entry: Mapping[str, Any]) -> None:
+    graph.metadata.setdefault("steering", []).append(dict(entry))
 
 
 # ---- figure and card ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from sparsetrace.config import MANIFEST_FILE, FigureConfig, RecurConfig
 from sparsetrace.errors import ConfigError, FormatError
 
 from .graph import AttributionGraph, NodeKind
-from .records import feature_key, labels_by_feature
+from .records import feature_key, feature_labels_of, labels_by_feature
 
 __all__ = ["bootstrap_ci", "roles_of", "load_traced_set", "recur", "RecurReport", "combined_figure"]
 
@@ -474,7 +474,8 @@ def combined_figure(report: RecurReport, traced: Sequence[TracedPrompt], config:
     share = np.abs(weight) / np.where(unit_mass[dst] > 0, unit_mass[dst], 1.0) if pairs else np.zeros(0)
     importance = np.array([max(u.influence, 0.0) for u in units])
     keep = _pick_edges(src, dst, share, importance, cfg.max_edges, cfg.min_edge_share)
-    source = (rep.pruned.metadata.get("labels") or {}).get("source") or "none recorded"
+    label_source = feature_labels_of(rep.pruned).source
+    source = (label_source.source if label_source is not None else None) or "none recorded"
     fig_title = title if title is not None else (
         f"Recurring across {n} prompts: " + (rep.entry.get("template") or rep.entry.get("prompt", "")))
     return Figure(units=units, src=src[keep], dst=dst[keep], weight=weight[keep], share=share[keep],

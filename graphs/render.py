@@ -23,6 +23,7 @@ from sparsetrace.errors import ConfigError, RenderError
 
 from .export import NodeInfo, node_table
 from .graph import AttributionGraph, NodeKind, _atomic_write
+from .records import Cut, cut_of, store_cut
 from .supernodes import is_supernode
 
 __all__ = ["Layout", "layered_layout", "render", "to_svg", "repr_svg", "KIND_STYLE", "EDGE_COLORS"]
@@ -215,8 +216,7 @@ def picture_subgraph(graph: AttributionGraph, max_nodes: int = 150, max_edges: i
         rem = adj.remainder + np.bincount(rows[drop], weights=np.abs(adj.data[drop]), minlength=adj.n).astype(adj.remainder.dtype)
         adj = Adjacency.from_coo(rows[~drop], adj.indices[~drop], adj.data[~drop], adj.n, rem)
         sub.adjacency = adj
-    sub.metadata["picture"] = {"max_nodes": max_nodes, "max_edges": max_edges, "of_nodes": graph.n_nodes,
-                               "of_edges": int(graph.adjacency.nnz)}
+    store_cut(sub, "picture", Cut(max_nodes, graph.n_nodes, max_edges, int(graph.adjacency.nnz)))
     return sub
 
 
@@ -258,9 +258,9 @@ def render(
         raise ConfigError(f"dpi must be positive, got {dpi!r}")
     if not supernodes:  # supernode boxes index nodes of the graph as given
         graph = picture_subgraph(graph)
-        shown = graph.metadata.get("picture")
+        shown = cut_of(graph, "picture")
         if shown and title:
-            title = f"{title} — top {graph.n_nodes} of {shown['of_nodes']} nodes, {graph.adjacency.nnz} of {shown['of_edges']} edges"
+            title = f"{title} — top {graph.n_nodes} of {shown.of_nodes} nodes, {graph.adjacency.nnz} of {shown.of_edges} edges"
     g = build_dot(graph, labels, supernodes, title, legend)
     g.attr("graph", size="30,20")  # inches: bounds the bitmap (30 in × dpi) whatever the graph
     if suffix == ".png":
