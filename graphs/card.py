@@ -49,9 +49,8 @@ def _mean(values: Any) -> Any:
 
 
 def _transcoder_section(graph: AttributionGraph) -> dict[str, Any]:
-    meta = graph.metadata
-    tc = meta.get("transcoders") or {}
-    training = meta.get("transcoder_training") or {}
+    prov = records.provenance_of(graph)
+    tc, training = prov.transcoders, prov.training
     source = records.transcoder_source_of(graph)
     is_random = (source is not None and source.random) or bool(training.get("random"))
     return {
@@ -69,8 +68,8 @@ def _transcoder_section(graph: AttributionGraph) -> dict[str, Any]:
     }
 
 
-def _sparsity_section(meta: Mapping[str, Any]) -> dict[str, Any]:
-    tc = meta.get("transcoders") or {}
+def _sparsity_section(prov: records.AttributionProvenance) -> dict[str, Any]:
+    tc = prov.transcoders
     act = tc.get("activation", NOT_RECORDED)
     out = {"activation": act}
     if act == "topk":
@@ -82,8 +81,8 @@ def _sparsity_section(meta: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _quality_section(meta: Mapping[str, Any]) -> dict[str, Any]:
-    m = meta.get("transcoder_metrics") or {}
+def _quality_section(prov: records.AttributionProvenance) -> dict[str, Any]:
+    m = prov.metrics
     return {
         "fvu_mean": _mean(m.get("fvu")),
         "l0_mean": _mean(m.get("l0")),
@@ -98,9 +97,8 @@ def _quality_section(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _selection_section(graph: AttributionGraph) -> dict[str, Any]:
-    meta = graph.metadata
-    att = meta.get("attribution") or {}
-    stats = meta.get("stats") or {}
+    prov = records.provenance_of(graph)
+    att, stats = prov.attribution, prov.stats
     pr = records.prune_summary_of(graph)
     budget = att.get("max_feature_nodes", NOT_RECORDED) if "max_feature_nodes" in att else NOT_RECORDED
     return {
@@ -236,12 +234,12 @@ def build_card(graph: AttributionGraph) -> dict[str, Any]:
 
     Reads ``model``, ``hook_points``, ``transcoders``, ``transcoder_training``, ``transcoder_metrics``,
     ``transcoder_source``, ``attribution``, ``stats``, ``pruning``, ``scores`` and ``validation``."""
-    meta = graph.metadata
-    model = meta.get("model") or {}
+    prov = records.provenance_of(graph)
+    model = prov.model
     transcoders = _transcoder_section(graph)
     validation = records.validation_of(graph)
     steering = records.steering_of(graph)
-    hooks = meta.get("hook_points") or {}
+    hooks = prov.hook_points
     n_layers = model.get("n_layers", graph.layout.n_layers)
     return {
         "card_version": CARD_VERSION,
@@ -259,8 +257,8 @@ def build_card(graph: AttributionGraph) -> dict[str, Any]:
             "output": hooks.get("out", NOT_RECORDED),
         },
         "transcoders": transcoders,
-        "sparsity": _sparsity_section(meta),
-        "reconstruction": _quality_section(meta),
+        "sparsity": _sparsity_section(prov),
+        "reconstruction": _quality_section(prov),
         "feature_selection": _selection_section(graph),
         "scores": _scores_section(graph),
         "error_node_share": _error_share(graph),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping, Protocol
 
 import numpy as np
@@ -26,7 +27,7 @@ __all__ = [
     "FeatureKey", "feature_key", "parse_feature_key",
     "GraphScores", "ScoresRecord", "PruneSummary", "TranscoderRequest", "TranscoderSource", "ValidationRecord",
     "FigureRecord", "FeatureInfo", "LabelSource", "DecoderCosines", "FeatureLabels",
-    "transcoder_source_of", "store_provenance", "model_revision_of", "model_id_of", "attribution_setting", "attribution_stat",
+    "transcoder_source_of", "store_provenance", "AttributionProvenance", "provenance_of", "model_revision_of", "model_id_of", "attribution_setting", "attribution_stat",
     "prune_summary_of", "store_pruning", "stored_influence", "store_influence", "is_pruned", "mark_pruned",
     "scores_of", "store_scores_record", "validation_of", "append_validation",
     "feature_labels_of", "store_feature_labels", "drop_feature_texts", "labels_by_feature",
@@ -236,6 +237,32 @@ def store_provenance(graph: _HasMetadata, source: TranscoderSource, revision: st
     if revision:
         graph.metadata["model"]["revision"] = revision
     graph.metadata["transcoder_source"] = source.to_dict()
+
+
+@dataclass(frozen=True)
+class AttributionProvenance:
+    """What ``attribute`` recorded about how the graph was made (``tracer/attribution.py``): the sections
+    ``model``, ``transcoders`` (the set's config without training and metrics), ``transcoder_training``,
+    ``transcoder_metrics``, ``attribution`` (the :class:`AttributionConfig`), ``stats`` (the
+    :class:`AttributionStats`) and ``hook_points``. Each section is the dict of the format that owns it
+    (``{}`` when not recorded); this record only hands them out read-only."""
+
+    model: Mapping[str, Any]
+    transcoders: Mapping[str, Any]
+    training: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    attribution: Mapping[str, Any]
+    stats: Mapping[str, Any]
+    hook_points: Mapping[str, Any]
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> "AttributionProvenance":
+        keys = ("model", "transcoders", "transcoder_training", "transcoder_metrics", "attribution", "stats", "hook_points")
+        return cls(*(MappingProxyType(dict(meta.get(k) or {})) for k in keys))
+
+
+def provenance_of(graph: _HasMetadata) -> AttributionProvenance:
+    return AttributionProvenance.from_metadata(graph.metadata)
 
 
 def model_revision_of(graph: _HasMetadata) -> str | None:

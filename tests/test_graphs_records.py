@@ -50,6 +50,8 @@ def _old_graph(tmp_path: Path) -> AttributionGraph:
     (FigureRecord, {"nodes": 6, "edges": 7, "max_nodes": 6, "scores": {"replacement": 0.3, "completeness": 0.7},
                     "spec": "graph.spec.json", "seconds": 1.5}),
     (FigureRecord, {"nodes": 6, "edges": 7, "max_nodes": 6, "scores": None, "spec": "graph.spec.json"}),
+    (records.Cut, {"max_nodes": 40, "max_edges": 200, "of_nodes": 900, "of_edges": 5000}),
+    (records.Cut, {"max_nodes": 40, "of_nodes": 900}),
 ])
 def test_round_trips_are_exact(cls, d):
     out = cls.from_dict(d).to_dict()
@@ -136,3 +138,29 @@ def test_stored_influence_needs_one_entry_per_node():
     assert records.stored_influence(g) is None and not records.is_pruned(g)
     records.store_influence(g, None)
     assert "node_influence" not in g.metadata
+
+
+def test_provenance_sections_are_read_only_views(tmp_path):
+    g = _old_graph(tmp_path)
+    prov = records.provenance_of(g)
+    assert prov.model["revision"] == "abc" and prov.attribution["max_feature_nodes"] is None
+    assert prov.stats["active_features"] == 5 and dict(prov.training) == {} and dict(prov.hook_points) == {}
+    with pytest.raises(TypeError):
+        prov.model["id"] = "other"  # type: ignore[index]
+    assert records.model_id_of(g) == "tiny" and records.attribution_setting(g, "dtype") == "float64"
+
+
+def test_supernode_names_are_keyed_by_feature_id():
+    sn = records.Supernodes({-2: "say-x"}, {-2: ["F0.1@1", "F1.0@1"]})
+    meta = sn.to_metadata()
+    assert meta == {"supernode_names": {"-2": "say-x"}, "supernode_members": {"-2": ["F0.1@1", "F1.0@1"]}}
+    assert records.Supernodes.from_metadata(meta) == sn
+    assert records.Supernodes.from_metadata({}).to_metadata() == {}
+
+
+def test_transcoder_source_says_how_to_load_the_set_again():
+    shipped = TranscoderSource("shipped", False, "/sets/a").with_request(None, 0, None)
+    assert shipped.set_spec == "/sets/a" and shipped.model_arg is None and shipped.seed == 0
+    rnd = TranscoderSource.from_dict({"description": "r", "random": True, "spec": "random:8:2", "seed": 4, "model_arg": "m"})
+    assert rnd.set_spec == "random:8:2" and rnd.seed == 4 and rnd.model_arg == "m"
+    assert TranscoderSource("x").set_spec is None and TranscoderSource("x").seed is None
