@@ -169,13 +169,6 @@ def _graph_and_parts(graph_path: Path, model, transcoders, device, dtype, seed, 
     return graph, path, lm, ts
 
 
-def _parse_nodes(text: str, graph) -> tuple:
-    """:func:`sparsetrace.tracer.validate.parse_nodes` (kept for callers in cli/)."""
-    from sparsetrace.tracer.validate import parse_nodes
-
-    return parse_nodes(text, graph)
-
-
 @click.command()
 @click.argument("graph_path", metavar="GRAPH", type=click.Path(exists=True, path_type=Path))
 @transcoder_option()

@@ -147,12 +147,10 @@ def _position(p: int | None, T: int, flag: str) -> int | None:
 
 
 def _edge(text: str, graph) -> tuple[int, int]:
-    from ._interventions import _parse_nodes
-
     parts = [p for p in text.split(",") if p.strip()]
     if len(parts) != 2 or "+" in text:
         raise ConfigError(f"--edge {text!r}; allowed form: TARGET,SOURCE node ids, e.g. L0,F3.12@5")
-    t, s = _parse_nodes(text, graph)
+    t, s = graph.layout.parse_nodes(text)
     return int(t), int(s)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sparsetrace._atomic import atomic_write
-from sparsetrace.errors import FormatError, GraphError
+from sparsetrace.errors import ConfigError, FormatError, GraphError
 
 from .qk import QKStore
 
@@ -281,6 +281,22 @@ class NodeLayout:
         if k is NodeKind.TOKEN:
             return f"T@{self.pos[i]}"
         return f"L{i - self.logits.start}"
+
+    def parse_nodes(self, text: str) -> tuple[int | tuple[int, ...], ...]:
+        """``F3.12@5,E2@4,T@1`` (readable ids of :meth:`node_id`, comma-separated; ``+`` joins a group) →
+        node indices (a group as a tuple). An id that is not a node raises a ConfigError naming it."""
+        index = {self.node_id(i): i for i in range(self.n_nodes)}
+        out: list[int | tuple[int, ...]] = []
+        for part in text.split(","):
+            ids = [p.strip() for p in part.split("+") if p.strip()]
+            missing = [i for i in ids if i not in index]
+            if missing:
+                raise ConfigError(
+                    f"node {missing[0]!r} is not in the graph; allowed: ids like F<layer>.<feature>@<pos>, E<layer>@<pos>, "
+                    "T@<pos> (see `sparsetrace export GRAPH -f csv`)"
+                )
+            out.append(index[ids[0]] if len(ids) == 1 else tuple(index[i] for i in ids))
+        return tuple(out)
 
     def can_feed(self, target: np.ndarray, source: np.ndarray) -> np.ndarray:
         """Whether an edge source→target respects the DAG order (earlier layer, position ≤)."""

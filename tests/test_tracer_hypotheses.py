@@ -12,7 +12,7 @@ from sparsetrace.errors import ConfigError
 from sparsetrace.graphs import AttributionGraph, NodeKind, node_influence, prune_graph, records
 from sparsetrace.graphs.folder import record_validation
 from sparsetrace.graphs.records import ValidationRecord
-from sparsetrace.tracer.validate import Hypothesis, auto_hypotheses, build_hypotheses, parse_nodes
+from sparsetrace.tracer.validate import Hypothesis, auto_hypotheses, build_hypotheses
 
 
 def _ids(g):
@@ -24,10 +24,10 @@ def test_parse_nodes_reads_ids_and_groups():
     ids = _ids(g)
     f = [k for k in ids if k.startswith("F")]
     e = [k for k in ids if k.startswith("E")]
-    assert parse_nodes(f"{f[0]},{e[1]}", g) == (ids[f[0]], ids[e[1]])
-    assert parse_nodes(f"{f[0]}+{f[1]}, {e[0]}", g) == ((ids[f[0]], ids[f[1]]), ids[e[0]])
+    assert g.layout.parse_nodes(f"{f[0]},{e[1]}") == (ids[f[0]], ids[e[1]])
+    assert g.layout.parse_nodes(f"{f[0]}+{f[1]}, {e[0]}") == ((ids[f[0]], ids[f[1]]), ids[e[0]])
     with pytest.raises(ConfigError, match=r"node 'F9.9@0' is not in the graph; allowed: ids like"):
-        parse_nodes("F9.9@0", g)
+        g.layout.parse_nodes("F9.9@0")
 
 
 def test_build_hypotheses_from_options():

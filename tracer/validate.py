@@ -68,7 +68,6 @@ __all__ = [
     "predict",
     "validate",
     "verify_graph",
-    "parse_nodes",
     "build_hypotheses",
     "auto_hypotheses",
 ]
@@ -591,24 +590,7 @@ def verify_graph(
     )
 
 
-# ---- hypotheses from node ids -------------------------------------------------------------------
-def parse_nodes(text: str, graph: AttributionGraph) -> tuple[int | tuple[int, ...], ...]:
-    """``F3.12@5,E2@4,T@1`` (readable node ids, comma-separated; ``+`` joins a group) → node indices of
-    ``graph`` (a group as a tuple). An id not in the graph raises a ConfigError naming it."""
-    index = {graph.layout.node_id(i): i for i in range(graph.n_nodes)}
-    out: list[int | tuple[int, ...]] = []
-    for part in text.split(","):
-        ids = [p.strip() for p in part.split("+") if p.strip()]
-        missing = [i for i in ids if i not in index]
-        if missing:
-            raise ConfigError(
-                f"node {missing[0]!r} is not in the graph; allowed: ids like F<layer>.<feature>@<pos>, E<layer>@<pos>, T@<pos> "
-                "(see `sparsetrace export GRAPH -f csv`)"
-            )
-        out.append(index[ids[0]] if len(ids) == 1 else tuple(index[i] for i in ids))
-    return tuple(out)
-
-
+# ---- hypotheses from node ids (NodeLayout.parse_nodes) ----------------------------------------
 def _valued(flag: str, text: str) -> tuple[str, float]:
     """``NODES=VALUE`` → (NODES, VALUE); a ConfigError naming ``flag`` otherwise."""
     if "=" not in text:
@@ -635,12 +617,12 @@ def build_hypotheses(graph: AttributionGraph, ablates: Sequence[str] = (), scale
                      steers: Sequence[str] = (), target: int = ValidationConfig.target,
                      auto: int = ValidationConfig.auto) -> list[Hypothesis]:
     """Hypotheses from node-id strings — ``ablates`` (``NODES``), ``scales`` (``NODES=FACTOR``), ``steers``
-    (``NODES=ACTIVATION``), with NODES as :func:`parse_nodes` reads them — or, when none is given,
+    (``NODES=ACTIVATION``), with NODES as :meth:`NodeLayout.parse_nodes` reads them — or, when none is given,
     :func:`auto_hypotheses` with ``auto`` features. Errors name the ``validate`` option (--ablate/--scale/--steer)."""
-    hs = [Hypothesis(f"ablate {text}", parse_nodes(text, graph), "ablate", 0.0, target) for text in ablates]
+    hs = [Hypothesis(f"ablate {text}", graph.layout.parse_nodes(text), "ablate", 0.0, target) for text in ablates]
     for flag, action, items in (("--scale", "scale", scales), ("--steer", "steer", steers)):
         for text in items:
             nodes, v = _valued(flag, text)
             hs.append(Hypothesis(f"{action} {nodes}×{v:g}" if action == "scale" else f"steer {nodes}={v:g}",
-                                 parse_nodes(nodes, graph), action, v, target))
+                                 graph.layout.parse_nodes(nodes), action, v, target))
     return hs if hs else auto_hypotheses(graph, target, auto)
