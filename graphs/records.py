@@ -1,17 +1,21 @@
 """The one home of the records a graph carries in ``graph.metadata`` (docs/design.md §8), torch-free.
 
 Each record is a dataclass with ``to_dict``/``from_dict``; ``from_dict(d).to_dict() == d`` for every dict
-this package writes, and keys a record does not know are kept in ``extra`` (so files written by other
-versions round-trip too). The JSON in graph files is unchanged: feature labels are still stored keyed by
+this package writes, and the records whose dicts are open-ended (transcoder source, scores, validation
+records, feature info, label source, figure) keep keys they do not know in ``extra``, so such files of
+other versions round-trip too. The JSON in graph files is unchanged: feature labels are still stored keyed by
 ``"layer.feature"`` strings, but only this module writes or parses those keys — everything else sees
 ``(layer, feature)`` tuples. Readers get records (or None when nothing was recorded) from the
-``read_*``/``*_of`` functions; writers store them with the ``store_*`` functions.
+``*_of`` functions; writers store them with the ``store_*`` functions.
 
 Metadata keys: ``transcoder_source`` (:class:`TranscoderSource`), ``model.revision``, ``pruning`` and
 ``node_influence`` (:class:`PruneSummary`, :func:`stored_influence`), ``pruned``, ``scores``
 (:class:`ScoresRecord`), ``validation`` (:class:`ValidationRecord`), ``feature_info``,
 ``feature_labels``, ``feature_labels_source``, ``labels``, ``decoder_cosine`` (:class:`FeatureLabels`),
-``figure`` (:class:`FigureRecord`), ``card`` (the provenance card, built by ``graphs/card.py``).
+``figure`` (:class:`FigureRecord`), ``supernode_names``/``supernode_members`` (:class:`Supernodes`),
+``picture``/``viewer_cut`` (:class:`Cut`), ``steering`` (the card's steering entries), ``card`` (the
+provenance card, built by ``graphs/card.py``), and read-only the sections ``attribute`` writes
+(:class:`AttributionProvenance`).
 """
 
 from __future__ import annotations

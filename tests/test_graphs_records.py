@@ -52,6 +52,10 @@ def _old_graph(tmp_path: Path) -> AttributionGraph:
     (FigureRecord, {"nodes": 6, "edges": 7, "max_nodes": 6, "scores": None, "spec": "graph.spec.json"}),
     (records.Cut, {"max_nodes": 40, "max_edges": 200, "of_nodes": 900, "of_edges": 5000}),
     (records.Cut, {"max_nodes": 40, "of_nodes": 900}),
+    (ScoresRecord, {"full": {"replacement": 0.25, "completeness": 0.5}, "note": "x"}),
+    (FeatureInfo, {"short": "a", "label": "b", "later": [1]}),
+    (LabelSource, {"source": "s", "statistics": None, "later": 1}),
+    (FigureRecord, {"nodes": 1, "edges": 0, "max_nodes": 1, "scores": None, "spec": "s", "seconds": 0.5, "later": 2}),
 ])
 def test_round_trips_are_exact(cls, d):
     out = cls.from_dict(d).to_dict()
