@@ -265,44 +265,11 @@ def shipped_stats(transcoders: str | None, model: str | None) -> Path | None:
 
 
 def resolve_transcoders(spec: str | None, lm, model: str | None, seed: int) -> tuple[Any, dict[str, Any]]:
-    """The transcoder set named by ``--transcoders`` and a description of where it came from."""
-    from sparsetrace.tracer.replacement import check_compatible
-    from sparsetrace.transcoders import TranscoderSet, TranscoderSetConfig, load_transcoders
+    """The transcoder set named by ``--transcoders`` (the shipped set of ``--model`` when not given) and a
+    description of where it came from (:func:`sparsetrace.tracer.pipeline.open_transcoders`)."""
+    from sparsetrace.tracer.pipeline import open_transcoders
 
-    if spec is None:
-        folder = shipped_set(model)
-        ts = load_transcoders(folder)
-        source = {"description": f"shipped default set ({folder})", "random": False, "path": str(folder)}
-    elif spec.startswith(("random:", "random-clt:")):
-        parts = spec.split(":")
-        try:
-            n_features, k = int(parts[1]), int(parts[2])
-            if len(parts) != 3 or n_features <= 0 or not 0 < k <= n_features:
-                raise ValueError
-        except (ValueError, IndexError):
-            raise ConfigError(
-                f"--transcoders {spec!r}; allowed: a folder, or random:F:K / random-clt:F:K (a cross-layer "
-                f"transcoder) with integers F ≥ 1 and 1 ≤ K ≤ F"
-            ) from None
-        cross = parts[0] == "random-clt"
-        kw = dict(
-            model_id=lm.model_id, architecture=lm.adapter.name, n_layers=lm.n_layers, d_in=lm.d_model,
-            n_features=n_features, activation="topk", k=k, skip=True,
-            training={"random": True, "seed": seed, "note": "random weights: untrained, for trying the pipeline"},
-        )
-        if cross:
-            from sparsetrace.transcoders import CrossLayerTranscoder, CrossLayerTranscoderConfig
-
-            ts = CrossLayerTranscoder.random(CrossLayerTranscoderConfig(**kw), seed=seed)
-        else:
-            ts = TranscoderSet.random(TranscoderSetConfig(**kw), seed=seed)
-        what = "cross-layer transcoder" if cross else "set"
-        source = {"description": f"RANDOM untrained TopK {what} {spec} (seed {seed})", "random": True}
-    else:
-        ts = load_transcoders(spec)
-        source = {"description": str(Path(spec).resolve()), "random": False, "path": str(Path(spec).resolve())}
-    check_compatible(lm, ts)
-    return ts, source
+    return open_transcoders(spec if spec is not None else shipped_set(model), lm, seed, shipped=spec is None)
 
 
 def parse_token_ids(text: str) -> list[int]:

@@ -24,7 +24,57 @@ from sparsetrace.graphs.records import (DecoderCosines, FeatureLabels, LabelSour
 
 from .prompt_sets import PromptItem, token_positions
 
-__all__ = ["label_graphs", "TraceSession", "TraceSettings", "trace_item", "graph_record"]
+__all__ = ["open_transcoders", "label_graphs", "TraceSession", "TraceSettings", "trace_item", "graph_record"]
+
+
+RANDOM_SPECS = ("random:", "random-clt:")
+"""Prefixes of a transcoder spec that builds an untrained set: ``random:F:K`` (per-layer) and
+``random-clt:F:K`` (cross-layer), TopK with a skip, seeded."""
+
+
+def open_transcoders(spec: str | Path, lm, seed: int = 0, shipped: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The transcoder set of ``spec`` — a folder (per-layer or cross-layer), or ``random:F:K`` /
+    ``random-clt:F:K`` — checked against ``lm``, and a description of where it came from (``shipped``: the
+    folder is the model's shipped set)."""
+    from sparsetrace.transcoders import TranscoderSet, TranscoderSetConfig, load_transcoders
+
+    from .replacement import check_compatible
+
+    spec = str(spec)
+    if spec.startswith(RANDOM_SPECS):
+        ts = _random_set(spec, lm, seed)
+        what = "cross-layer transcoder" if spec.startswith("random-clt:") else "set"
+        source = {"description": f"RANDOM untrained TopK {what} {spec} (seed {seed})", "random": True}
+    else:
+        ts = load_transcoders(spec)
+        path = str(Path(spec).resolve())
+        source = {"description": f"shipped default set ({spec})" if shipped else path, "random": False, "path": path}
+    check_compatible(lm, ts)
+    return ts, source
+
+
+def _random_set(spec: str, lm, seed: int):
+    from sparsetrace.transcoders import (CrossLayerTranscoder, CrossLayerTranscoderConfig, TranscoderSet,
+                                         TranscoderSetConfig)
+
+    parts = spec.split(":")
+    try:
+        n_features, k = int(parts[1]), int(parts[2])
+        if len(parts) != 3 or n_features <= 0 or not 0 < k <= n_features:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ConfigError(
+            f"--transcoders {spec!r}; allowed: a folder, or random:F:K / random-clt:F:K (a cross-layer "
+            f"transcoder) with integers F ≥ 1 and 1 ≤ K ≤ F"
+        ) from None
+    kw = dict(
+        model_id=lm.model_id, architecture=lm.adapter.name, n_layers=lm.n_layers, d_in=lm.d_model,
+        n_features=n_features, activation="topk", k=k, skip=True,
+        training={"random": True, "seed": seed, "note": "random weights: untrained, for trying the pipeline"},
+    )
+    if parts[0] == "random-clt":
+        return CrossLayerTranscoder.random(CrossLayerTranscoderConfig(**kw), seed=seed)
+    return TranscoderSet.random(TranscoderSetConfig(**kw), seed=seed)
 
 
 def label_graphs(lm, ts, graph: AttributionGraph, pruned: AttributionGraph, stats, labels, stats_dir,
