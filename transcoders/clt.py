@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from sparsetrace.config import ACTIVATIONS
 from sparsetrace.errors import ConfigError
 
-from .model import TranscoderSetConfig, activate
+from .model import EncoderPath, TranscoderSetConfig
 
 __all__ = ["CrossLayerTranscoder", "CrossLayerTranscoderConfig", "LayerView", "DecoderSource", "CROSS_LAYER"]
 
@@ -60,7 +60,7 @@ class DecoderSource(Protocol):
         """The whole decoder [F, L − source, d] of one source layer."""
 
 
-class LayerView:
+class LayerView(EncoderPath):
     """Layer l of a CLT as the tracer reads a per-layer transcoder: its encoder (``W_enc``, ``b_enc``,
     ``threshold``, ``pre_activation``, ``activate``, ``encode``), its skip (``W_skip``, ``skip``) and the
     decoder bias of target layer l (``b_dec``). Views share the CLT's storage. There is no ``W_dec`` or
@@ -80,22 +80,6 @@ class LayerView:
     activation = property(lambda self: self._clt.config.activation)
     k = property(lambda self: self._clt.config.k)
     has_skip = property(lambda self: self._clt.W_skip is not None)
-
-    def pre_activation(self, x: Tensor) -> Tensor:
-        """[..., d] → [..., F]."""
-        return x @ self.W_enc.T + self.b_enc
-
-    def activate(self, pre: Tensor) -> Tensor:
-        return activate(pre, self.activation, self.threshold, self.k)
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.activate(self.pre_activation(x))
-
-    def skip(self, x: Tensor) -> Tensor:
-        """x̃ W_skip[l]ᵀ (zeros without a skip)."""
-        if self._clt.W_skip is None:
-            return x.new_zeros(*x.shape[:-1], self.d_out)
-        return x @ self.W_skip.T
 
 
 class CrossLayerTranscoder(nn.Module):

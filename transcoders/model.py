@@ -33,7 +33,30 @@ def activate(pre: Tensor, activation: str, threshold: Tensor, k: int | None) -> 
     return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
 
-class Transcoder(nn.Module):
+class EncoderPath:
+    """The encoder and skip of one layer's transcoder, shared by :class:`Transcoder` and a cross-layer
+    transcoder's layer view: needs ``W_enc``, ``b_enc``, ``threshold``, ``activation``, ``k``, ``W_skip``
+    and ``d_out``."""
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """[..., d_in] → [..., F]."""
+        return x @ self.W_enc.T + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """σ(pre) [..., F] for the configured activation."""
+        return activate(pre, self.activation, self.threshold, self.k)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.activate(self.pre_activation(x))
+
+    def skip(self, x: Tensor) -> Tensor:
+        """The linear skip path x̃ W_skipᵀ (zeros without a skip)."""
+        if self.W_skip is None:
+            return x.new_zeros(*x.shape[:-1], self.d_out)
+        return x @ self.W_skip.T
+
+
+class Transcoder(EncoderPath, nn.Module):
     """One layer's transcoder. Parameters are created zeroed; fill them or load them."""
 
     def __init__(
@@ -70,23 +93,6 @@ class Transcoder(nn.Module):
     @property
     def has_skip(self) -> bool:
         return self.W_skip is not None
-
-    def pre_activation(self, x: Tensor) -> Tensor:
-        """[..., d_in] → [..., F]."""
-        return x @ self.W_enc.T + self.b_enc
-
-    def activate(self, pre: Tensor) -> Tensor:
-        """σ(pre) [..., F] for the configured activation."""
-        return activate(pre, self.activation, self.threshold, self.k)
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.activate(self.pre_activation(x))
-
-    def skip(self, x: Tensor) -> Tensor:
-        """The linear skip path x̃ W_skipᵀ (zeros without a skip)."""
-        if self.W_skip is None:
-            return x.new_zeros(*x.shape[:-1], self.d_out)
-        return x @ self.W_skip.T
 
     def decode(self, a: Tensor, x: Tensor | None = None) -> Tensor:
         """a W_dec + b_dec, plus the skip of x when given and the transcoder has one."""
