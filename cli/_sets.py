@@ -103,8 +103,7 @@ def open_session(model: str | None, transcoders: str | None, device: str | None,
     worker processes and Dask can import it)."""
     import torch
 
-    from sparsetrace.tracer.features import load_feature_labels, load_feature_stats
-    from sparsetrace.tracer.pipeline import TraceSession
+    from sparsetrace.tracer.pipeline import TraceSession, open_label_sources
 
     from ._common import load_lm, model_revision, resolve_transcoders
     from ._trace import _stats_folder
@@ -114,12 +113,7 @@ def open_session(model: str | None, transcoders: str | None, device: str | None,
     stats_dir, auto = _stats_folder(Path(feature_stats) if feature_stats else None, transcoders, model, label_mode)
     lm = load_lm(model, device, "float32", quiet)
     ts, source = resolve_transcoders(transcoders, lm, model, seed)
-    stats = labels = None
-    if stats_dir is not None:
-        stats, labels = load_feature_stats(stats_dir), load_feature_labels(stats_dir)
-        if label_mode == "contexts" and labels is None:
-            raise ConfigError(f"--labels contexts: the feature statistics in {str(stats_dir)!r} have no labels "
-                              "(feature_labels.json.gz); rerun `sparsetrace features stats` on them, or use --labels auto")
+    stats, labels = open_label_sources(stats_dir, label_mode)
     record = {**source, "spec": transcoders, "seed": seed, "model_arg": model}
     return TraceSession(lm, ts, record, model_revision(lm, model), stats, labels, stats_dir, auto)
 

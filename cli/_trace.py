@@ -106,6 +106,7 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
     import torch
 
     from sparsetrace.tracer.attribution import attribute
+    from sparsetrace.tracer.pipeline import open_label_sources
 
     torch.manual_seed(seed)
     if transcoders is None:
@@ -113,14 +114,7 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
     clock = _Clock(t0)
     lm = load_lm(model, device, "float32", out)
     ts, source = resolve_transcoders(transcoders, lm, model, seed)
-    stats = labels = None
-    if stats_dir is not None:
-        from sparsetrace.tracer.features import load_feature_labels, load_feature_stats
-
-        stats, labels = load_feature_stats(stats_dir), load_feature_labels(stats_dir)
-        if label_mode == "contexts" and labels is None:
-            raise ConfigError(f"--labels contexts: the feature statistics in {str(stats_dir)!r} have no labels "
-                              "(feature_labels.json.gz); rerun `sparsetrace features stats` on them, or use --labels auto")
+    stats, labels = open_label_sources(stats_dir, label_mode)
     spec = list(targets) + list(target_ids) or None
     out.say(f"tracing with {source['description']}")
     clock.lap("loading")

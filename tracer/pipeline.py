@@ -24,7 +24,7 @@ from sparsetrace.graphs.records import (DecoderCosines, FeatureLabels, LabelSour
 
 from .prompt_sets import PromptItem, token_positions
 
-__all__ = ["open_transcoders", "label_graphs", "TraceSession", "TraceSettings", "trace_item", "graph_record"]
+__all__ = ["open_transcoders", "open_label_sources", "label_graphs", "TraceSession", "TraceSettings", "trace_item", "graph_record"]
 
 
 RANDOM_SPECS = ("random:", "random-clt:")
@@ -51,6 +51,20 @@ def open_transcoders(spec: str | Path, lm, seed: int = 0, shipped: bool = False)
         source = {"description": f"shipped default set ({spec})" if shipped else path, "random": False, "path": path}
     check_compatible(lm, ts)
     return ts, source
+
+
+def open_label_sources(stats_dir: Path | None, label_mode: str) -> tuple[Any, Any]:
+    """The feature statistics and labels in ``stats_dir`` (None, None without one); ``label_mode``
+    "contexts" needs the labels file."""
+    if stats_dir is None:
+        return None, None
+    from .features import load_feature_labels, load_feature_stats
+
+    stats, labels = load_feature_stats(stats_dir), load_feature_labels(stats_dir)
+    if label_mode == "contexts" and labels is None:
+        raise ConfigError(f"--labels contexts: the feature statistics in {str(stats_dir)!r} have no labels "
+                          "(feature_labels.json.gz); rerun `sparsetrace features stats` on them, or use --labels auto")
+    return stats, labels
 
 
 def _random_set(spec: str, lm, seed: int):
