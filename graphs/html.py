@@ -20,7 +20,8 @@ QK results stored with the graph (``graph.qk``, docs/design.md §13) get a panel
 stored attention scores; clicking one shows its exact split (score, pattern, the four term sums and the
 ``QKConfig.top`` largest (query-side, key-side) parts, with their nodes outlined in the graph). A node's
 panel lists the head loadings of its stored cross-position edges (each head links to its stored score at
-the target's position) and the stored scores it takes part in.
+the target's position) and the stored scores it takes part in; an edge with stored loadings is
+clickable (a wide invisible path over it) and opens its target's panel with those loadings outlined.
 """
 
 from __future__ import annotations

@@ -71,3 +71,19 @@ def test_node_panel_links_edge_heads_to_their_scores(page):
         b.click(f'#node-qk button[data-qk="1"]')
         assert b.js("document.body.dataset.qk") == "1"
         assert b.js("document.getElementById('qk-title').textContent") == f"L{site.layer}.H{site.head} {site.query_pos}←{site.key_pos}"
+
+
+def test_click_an_edge_with_stored_loadings_shows_its_heads(page, tmp_path):
+    g, decs, (t, s), path, _ = page
+    lay = g.layout
+    src, tgt = lay.node_id(s), lay.node_id(t)
+    with Browser(1280, 800) as b:
+        b.open(path.as_uri())
+        assert b.js("document.querySelectorAll('.edge-hit').length") == 1
+        b.js(f"document.querySelector('.edge-hit[data-source=\"{src}\"][data-target=\"{tgt}\"]')"
+             ".dispatchEvent(new MouseEvent('click', {bubbles: true}))")
+        assert b.js("document.body.dataset.selected") == tgt
+        assert b.js("document.body.dataset.qkEdge") == f"{src}>{tgt}"
+        box = b.js("document.querySelector('.qk-load.sel').textContent")
+        assert box.startswith("from ") and src in box and f"L{decs[1].site.layer}.H{decs[1].site.head}" in box
+        b.screenshot(tmp_path / "qk-edge.png")
