@@ -159,6 +159,9 @@ def corpus(ctx, out_dir, debian, packages, general, general_packages, stdlib, te
 @click.option("--cross-layer/--per-layer", "cross_layer", default=default_of(T, "cross_layer"), show_default=True,
               help="Train one cross-layer transcoder over all layers (TopK; each feature writes to its layer and "
               "every later one) instead of one transcoder per layer.")
+@click.option("--init-from", "init_from", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Warm start: a per-layer transcoder set of the same shape whose weights initialise the run "
+              "(recorded in the set's provenance).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @click.option("--evaluate/--no-evaluate", "run_eval", default=True, show_default=True,
               help="Evaluate on held-out text afterwards and store the metrics in config.json.")
@@ -166,7 +169,7 @@ def corpus(ctx, out_dir, debian, packages, general, general_packages, stdlib, te
 @output_options
 def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip, n_tokens, batch_tokens, lr, ctx_len,
           model_batch, model_dtype, matmul_dtype, warmup_steps, decay_fraction, auxk_coef, shuffle_buffer_tokens,
-          checkpoint_every_tokens, layers, cross_layer, resume, run_eval, model, device, dtype, seed, as_json, quiet):
+          checkpoint_every_tokens, layers, cross_layer, init_from, resume, run_eval, model, device, dtype, seed, as_json, quiet):
     """Train one transcoder per MLP layer of MODEL on a corpus, or one cross-layer transcoder (resumable)."""
     import torch
 
@@ -179,7 +182,7 @@ def train(corpus_dir, out_dir, n_features, expansion_factor, activation, k, skip
         n_tokens=n_tokens, batch_tokens=batch_tokens, lr=lr, ctx_len=ctx_len, model_batch=model_batch,
         model_dtype=model_dtype, matmul_dtype=matmul_dtype, warmup_steps=warmup_steps, decay_fraction=decay_fraction,
         auxk_coef=auxk_coef, shuffle_buffer_tokens=shuffle_buffer_tokens, checkpoint_every_tokens=checkpoint_every_tokens,
-        layers=parse_layers(layers), seed=seed, progress=not quiet, cross_layer=cross_layer,
+        layers=parse_layers(layers), seed=seed, progress=not quiet, cross_layer=cross_layer, init_from=init_from,
     )
     c = _open_corpus(corpus_dir)
     torch.manual_seed(seed)

@@ -244,12 +244,19 @@ class TrainConfig:
     cross_layer: bool = False
     """Train one cross-layer transcoder over all layers (``transcoders/clt_train.py``, docs/design.md §14)
     instead of one transcoder per layer: TopK only, every layer (``layers`` None), one process."""
+    init_from: str | None = None
+    """Warm start: a per-layer transcoder set folder whose weights initialise the run (same ``d_in``,
+    ``n_features``, activation, ``k`` and skip; its layers must cover ``layers``). The normalisation scales
+    still come from the first buffer; the set's weights are re-expressed in those units. Recorded in the
+    run's provenance. Ignored on ``--resume`` (the checkpoint holds the weights)."""
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
         if self.cross_layer and self.activation != "topk":
             raise ConfigError(f"activation={self.activation!r} with cross_layer=True; allowed: topk")
+        if self.cross_layer and self.init_from is not None:
+            raise ConfigError(f"init_from={self.init_from!r} with cross_layer=True; allowed: per-layer runs only")
         if self.cross_layer and self.layers is not None:
             raise ConfigError(f"layers={self.layers} with cross_layer=True; a cross-layer transcoder covers every layer")
         for name in ("model_dtype", "matmul_dtype"):

@@ -236,3 +236,35 @@ def test_activation_source_keeps_the_named_layers_whatever_the_collect_order(cor
     c = ModelActivationSource(lm, corpus, [1, 0], [0], ctx_len=16, model_batch=2, outlier_factor=10.0).read(40)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])  # layer 0's activations, not layer 1's
+
+
+def test_warm_start_reproduces_the_set_it_starts_from_and_continues_from_its_loss(corpus, tmp_path):
+    from sparsetrace.errors import ConfigError
+    from sparsetrace.transcoders.train import Trainer
+
+    lm = tiny_lm()
+    base = dict(n_features=128, k=8, n_tokens=128 * 30, batch_tokens=128, shuffle_buffer_tokens=1024, ctx_len=32,
+                model_batch=8, warmup_steps=5, lr=4e-3, checkpoint_every_tokens=0, log_every_steps=1, progress=False)
+    first = train_transcoders(lm, corpus, TrainConfig(**base), tmp_path / "a")
+    log_a = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    # Trainer level: after initialise on new data (new scales), to_transcoders() gives the same functions back.
+    tr = Trainer(TrainConfig(**base), 2, lm.d_model)
+    tr.warm_start(list(first.transcoders))
+    x = torch.randn(2, 512, lm.d_model) * torch.tensor([3.0, 0.5]).view(2, 1, 1)
+    tr.initialize(x, torch.randn(2, 512, lm.d_model) * 7)
+    for got, want in zip(tr.to_transcoders(), first.transcoders):
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip"):
+            assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+    # A warm-started run starts near where the first one ended, far below a fresh run's first step.
+    train_transcoders(lm, corpus, TrainConfig(**{**base, "init_from": str(tmp_path / "a"), "lr": 1e-5}), tmp_path / "b")
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    for a0, a_end, b0 in zip(log_a[0]["fvu"], log_a[-1]["fvu"], log_b[0]["fvu"]):
+        assert b0 < min(a_end + 0.02, a0), (log_a[0]["fvu"], log_a[-1]["fvu"], log_b[0]["fvu"])
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["training"]["config"]["init_from"] == str(tmp_path / "a")
+    # Another shape, or no set at all: a one-line error naming init_from.
+    with pytest.raises(ConfigError, match=r"init_from: layer 0 has .*n_features"):
+        train_transcoders(lm, corpus, TrainConfig(**{**base, "n_features": 64, "init_from": str(tmp_path / "a")}),
+                          tmp_path / "c")
+    with pytest.raises(ConfigError, match="init_from=.*not a readable transcoder set"):
+        train_transcoders(lm, corpus, TrainConfig(**{**base, "init_from": str(tmp_path / "nothing")}), tmp_path / "d")

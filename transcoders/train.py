@@ -145,6 +145,7 @@ class Trainer:
         # Tokens since each latent last fired (dead-latent detection for AuxK).
         self.since_fired = torch.zeros(L, F, dtype=torch.int64)
         self.step_count = 0
+        self._warm: list[Transcoder] | None = None
         self.lr = config.lr_for(F)
         self.optimizer = torch.optim.Adam(
             list(self.params.values()), lr=self.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True
@@ -184,6 +185,41 @@ class Trainer:
         p["b_dec"].copy_(b_dec)
         if "log_threshold" in p:
             p["log_threshold"].fill_(math.log(cfg.jumprelu_init_threshold))
+        if self._warm is not None:
+            self._apply_warm_start(self._warm)
+
+    def warm_start(self, transcoders: list[Transcoder]) -> None:
+        """Initialise from trained transcoders (one per trained layer, raw units) instead of at random.
+
+        Applied by :meth:`initialize` once the first buffer has set the scales: the inverse of the fold in
+        :meth:`to_transcoders` re-expresses each transcoder in this run's normalised units, so
+        ``to_transcoders()`` right after initialisation gives the same functions back."""
+        cfg = self.config
+        if len(transcoders) != self.n_layers:
+            raise ConfigError(f"init_from: {len(transcoders)} transcoders; allowed: one per trained layer ({self.n_layers})")
+        for lid, tc in zip(self.layer_ids, transcoders):
+            got = (tc.d_in, tc.d_out, tc.n_features, tc.activation, tc.k, tc.has_skip)
+            want = (self.d_in, self.d_out, self.n_features, cfg.activation, cfg.k if cfg.activation == "topk" else None, cfg.skip)
+            if got != want:
+                raise ConfigError(
+                    f"init_from: layer {lid} has (d_in, d_out, n_features, activation, k, skip)={got}; "
+                    f"allowed: this run's {want}"
+                )
+        self._warm = transcoders
+
+    @torch.no_grad()
+    def _apply_warm_start(self, transcoders: list[Transcoder]) -> None:
+        p = self.params
+        for l, tc in enumerate(transcoders):
+            sx, sy = float(self.rms_x[l]), float(self.rms_y[l])
+            p["W_enc"][l].copy_(tc.W_enc.float() * sx)
+            p["b_enc"][l].copy_(tc.b_enc.float())
+            p["W_dec"][l].copy_(tc.W_dec.float() / sy)
+            p["b_dec"][l].copy_(tc.b_dec.float() / sy)
+            if "W_skip" in p:
+                p["W_skip"][l].copy_(tc.W_skip.float() * (sx / sy))
+            if "log_threshold" in p:
+                p["log_threshold"][l].copy_(tc.threshold.float().clamp_min(1e-12).log())
 
     def _normalise(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return x / self.rms_x.view(-1, 1, 1), y / self.rms_y.view(-1, 1, 1)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sparsetrace._memory import keep_freed_memory
-from sparsetrace.errors import ConfigError
+from sparsetrace.errors import ConfigError, FormatError
 from sparsetrace.transcoders.data import Corpus
 from sparsetrace.transcoders.io import atomic_write, load_transcoders
 from sparsetrace.transcoders.model import Transcoder, TranscoderSet, TranscoderSetConfig
@@ -182,6 +182,8 @@ def train_transcoders(
         raise ConfigError(f"{str(out)!r} already has a checkpoint; pass resume=True to continue it or use a new folder")
     d = lm.d_model
     trainer = Trainer(config, len(mine), d, layer_ids=mine)
+    if config.init_from is not None and not (resume and (out / "checkpoint" / "latest.json").exists()):
+        trainer.warm_start(_warm_start_transcoders(config.init_from, mine, lm))
     source = ModelActivationSource(
         lm, corpus, collect=layers, keep=mine,
         ctx_len=config.ctx_len, model_batch=config.model_batch, outlier_factor=config.outlier_factor,
@@ -220,6 +222,22 @@ def train_transcoders(
     if dist is not None:
         dist.barrier()
     return load_transcoders(out)
+
+
+def _warm_start_transcoders(folder: str, layers: list[int], lm: LoadedModel) -> list[Transcoder]:
+    """The transcoders of ``layers`` from the set in ``folder`` (``TrainConfig.init_from``), in float32."""
+    try:
+        tset = load_transcoders(folder)
+    except (OSError, FormatError, ConfigError, ValueError) as e:
+        raise ConfigError(f"init_from={folder!r}: not a readable transcoder set ({e})") from e
+    if not isinstance(tset, TranscoderSet):
+        raise ConfigError(f"init_from={folder!r} is a cross-layer transcoder; allowed: a per-layer set")
+    if tset.config.n_layers != lm.n_layers or tset.config.d_in != lm.d_model:
+        raise ConfigError(
+            f"init_from={folder!r}: a set of {tset.config.n_layers} layers with d_in={tset.config.d_in}; "
+            f"allowed: a set for this model ({lm.n_layers} layers, d_model={lm.d_model})"
+        )
+    return [tset.transcoders[l] for l in layers]
 
 
 def checkpoint_transcoders(out_dir: str | os.PathLike, model_id: str = "unknown", architecture: str = "llama") -> TranscoderSet:
