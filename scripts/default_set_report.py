@@ -1,202 +1,265 @@
-"""Finalise and report the default transcoder set for SmolLM2-135M (issue 4).
+"""Finalise the default transcoder set v2 for SmolLM2-135M and report it beside the set shipped before (issue 22).
 
-    .venv/bin/python scripts/default_set_report.py --run runs/smollm2-f2304 \
-        --corpus runs/corpus-smollm2 --ship transcoders/default/smollm2-135m --docs docs
+    .venv/bin/python scripts/default_set_report.py --run runs/default-v2            # final: ships the set
+    .venv/bin/python scripts/default_set_report.py --run runs/default-v2 --from-checkpoint --no-ship   # interim
 
-1. loads the trained set (the run's final set, or its latest checkpoint with --from-checkpoint);
-2. evaluates it on held-out text (FVU, L0, dead fraction, per-layer spliced ΔCE/KL, CE/KL with all MLPs
-   replaced, % CE recovered vs zero-ablation) and fits the least-squares affine baseline per layer
-   (ŷ = x̃ W_skipᵀ + b on training tokens, FVU on held-out tokens);
-3. writes the shipped copy (fp16 safetensors + config.json with provenance and metrics + metrics.png);
-4. computes feature statistics on a corpus sample and traces three prompts, listing each graph's top
-   features by influence with their top-activating contexts and top output tokens;
-5. writes docs/transcoders-smollm2.md and the JSON of every number in it.
+Needs `make model`, the corpora (`.venv/bin/sparsetrace corpus --out runs/corpus-v2 --max-tokens-per-source
+6000000` and `.venv/bin/sparsetrace corpus --heldout-only --out runs/heldout-general`) and the run
+(`scripts/long_run.sh`).
+
+1. keeps a copy of the set shipped before in ``--old`` (runs/set-v1), the "old" side of every comparison;
+2. loads the new set: the run's final set, or its latest checkpoint with ``--from-checkpoint``;
+3. evaluates old and new on ``--eval-sequences`` held-out sequences of 128 tokens of both held-out
+   splits (FVU, L0, dead fraction, CE/KL with all MLPs replaced; cached per set in runs/report-cache);
+4. writes the new set fp16 with provenance and metrics to ``--ship`` (with ``--no-ship``: to
+   runs/set-v2-interim) and computes its feature statistics into its feature_stats/ folder, where
+   `trace` finds them with no flag (`sparsetrace features stats`);
+5. traces ``PROMPTS`` with both sets through `sparsetrace trace --json` (the user's path): replacement
+   and completeness of the full and pruned graphs, influence shares, top features with their labels,
+   and the graph picture of each set for the first prompt;
+6. writes docs/transcoders-smollm2.md and the JSON of every number in it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "The capital of France is",
     "When Mary and John went to the store, John gave a drink to",
+    "The opposite of hot is",
+    "Alice is taller than Bob. Bob is taller than Carol. The shortest of them is",
     "def add(a, b):\n    return a",
+    "Twinkle, twinkle, little",
 ]
+SPLITS = {"corpus-v2 held-out": "corpus", "general-domain held-out": "general"}
 
 
-def affine_baseline(lm, corpus, n_train: int, n_heldout: int, ridge: float = 1e-3) -> list[float]:
-    """Held-out FVU per layer of the least-squares affine map x̃ → y (ridge-regularised)."""
-    from sparsetrace.transcoders.training import ModelActivationSource
-    from sparsetrace.transcoders.metrics import fvu
+def set_digest(folder: Path) -> str:
+    """A short digest of a set's weight files (names the cached evaluations)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("layer_*.safetensors")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
-    L = lm.n_layers
-    kw = dict(ctx_len=128, model_batch=8, outlier_factor=10.0)
-    x, y = ModelActivationSource(lm, corpus, list(range(L)), **kw).read(n_train)
-    xh, yh = ModelActivationSource(lm, corpus, list(range(L)), split="heldout", **kw).read(n_heldout)
-    out = []
-    for l in range(L):
-        X = torch.cat([x[l].double(), torch.ones(x.shape[1], 1, dtype=torch.float64)], 1)
-        A = X.T @ X + ridge * torch.eye(X.shape[1], dtype=torch.float64) * X.shape[0]
-        W = torch.linalg.solve(A, X.T @ y[l].double())
-        Xh = torch.cat([xh[l].double(), torch.ones(xh.shape[1], 1, dtype=torch.float64)], 1)
-        out.append(float(fvu(yh[l].double(), Xh @ W)))
+
+def evaluate(lm, folder: Path, corpora: dict, n_sequences: int, cache: Path) -> dict:
+    """Held-out metrics of the set in ``folder`` on every split, cached by the set's digest."""
+    from sparsetrace.transcoders import load_transcoders
+    from sparsetrace.transcoders.evaluate import evaluate_transcoders
+
+    key = cache / f"{set_digest(folder)}-{n_sequences}.json"
+    if key.is_file():
+        return json.loads(key.read_text())
+    ts = load_transcoders(folder)
+    out = {}
+    for name, corpus in corpora.items():
+        t = time.perf_counter()
+        ev = evaluate_transcoders(lm, ts, corpus, n_sequences=n_sequences, ctx_len=128, batch=8, per_layer_ce=False)
+        out[name] = {**ev.to_dict(), "mean_fvu": float(np.mean(ev.fvu)), "seconds": time.perf_counter() - t,
+                     "sequences": n_sequences}
+        print(f"evaluated {folder} on {name}: FVU {out[name]['mean_fvu']:.3f}, KL {ev.kl_replaced:.3f}", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    key.write_text(json.dumps(out, indent=1) + "\n")
     return out
+
+
+def trace(prompt: str, folder: Path, out: Path) -> dict:
+    """`sparsetrace trace --json` with the set in ``folder``; adds influence shares and the top features."""
+    from sparsetrace.graphs import AttributionGraph, NodeKind, node_influence
+    from sparsetrace.graphs.records import feature_labels_of
+
+    cmd = [str(ROOT / ".venv/bin/sparsetrace"), "trace", prompt, "-t", str(folder), "--out", str(out), "--json", "-q"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        sys.exit(f"trace failed: {' '.join(cmd)}\n{res.stderr}")
+    d = json.loads(res.stdout)
+    g = AttributionGraph.load(out / "graph.safetensors")
+    infl = node_influence(g)
+    lay = g.layout
+    idx = {k: np.flatnonzero(lay.kind == getattr(NodeKind, k.upper())) for k in ("feature", "error", "token")}
+    share = {k: float(infl[i].sum()) for k, i in idx.items()}
+    total = sum(share.values())
+    info = feature_labels_of(AttributionGraph.load(out / "graph.pruned.safetensors")).info
+    top = []
+    for i in idx["feature"][np.argsort(-infl[idx["feature"]])[:8]]:
+        key = (int(lay.layer[i]), int(lay.feature[i]))
+        fi = info.get(key)
+        top.append({"node": lay.node_id(int(i)), "token": g.token_strings[int(lay.pos[i])],
+                    "influence": float(infl[i]), "activation": float(g.activation[i]),
+                    "label": fi.label if fi is not None else None,
+                    "contexts": list(fi.contexts or [])[:2] if fi is not None else []})
+    return {"prompt": prompt, "top_logits": d["top_logits"][:3], "scores": d["scores"], "graph": d["graph"],
+            "pruned": d["pruned"], "influence_share": {k: v / total for k, v in share.items()},
+            "top_features": top, "seconds": d["seconds"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--corpus", required=True)
-    ap.add_argument("--ship", required=True)
-    ap.add_argument("--docs", default="docs")
-    ap.add_argument("--from-checkpoint", action="store_true")
-    ap.add_argument("--eval-sequences", type=int, default=32)
-    ap.add_argument("--stats-sequences", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "default-v2")
+    ap.add_argument("--from-checkpoint", action="store_true", help="the run's latest checkpoint, not its final set")
+    ap.add_argument("--old", type=Path, default=ROOT / "runs" / "set-v1", help="copy of the set shipped before")
+    ap.add_argument("--ship", type=Path, default=ROOT / "transcoders" / "default" / "smollm2-135m")
+    ap.add_argument("--no-ship", action="store_true", help="write the new set to runs/set-v2-interim instead")
+    ap.add_argument("--corpus", type=Path, default=ROOT / "runs" / "corpus-v2")
+    ap.add_argument("--general", type=Path, default=ROOT / "runs" / "heldout-general")
+    ap.add_argument("--eval-sequences", type=int, default=64)
+    ap.add_argument("--stats-sequences", type=int, default=1024)
+    ap.add_argument("--n-prompts", type=int, default=len(PROMPTS), help="trace only the first N prompts (a quick check)")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    for p, cmd in ((a.corpus, "sparsetrace corpus --out runs/corpus-v2 --max-tokens-per-source 6000000"),
+                   (a.general, "sparsetrace corpus --heldout-only --out runs/heldout-general")):
+        if not (p / "manifest.json").is_file():
+            sys.exit(f"no corpus in {p}: run .venv/bin/{cmd}")
 
-    from sparsetrace.graphs import NodeKind, node_influence
-    from sparsetrace.tracer.attribution import AttributionConfig, attribute
-    from sparsetrace.transcoders.evaluate import evaluate_transcoders, plot_metrics
-    from sparsetrace.tracer.features import FeatureStatsConfig, compute_feature_stats, inspect_feature, open_sample
+    import torch
+
     from sparsetrace.models.loading import load_model
-    from sparsetrace.transcoders.training import checkpoint_transcoders
     from sparsetrace.transcoders import load_transcoders, save_transcoders
     from sparsetrace.transcoders.data import open_corpus
+    from sparsetrace.transcoders.training import checkpoint_transcoders
 
+    torch.set_num_threads(2)
     t0 = time.time()
-    lm = load_model(None)
-    corpus = open_corpus(a.corpus)
-    run = Path(a.run)
-    ts = checkpoint_transcoders(run, lm.model_id, lm.adapter.name) if a.from_checkpoint else load_transcoders(run)
-    print(f"loaded set: {ts.config.n_layers} layers × {ts.config.n_features} features, k={ts.config.k}", flush=True)
+    if not (a.old / "config.json").is_file():
+        old_cfg = json.loads((a.ship / "config.json").read_text())
+        if old_cfg["training"].get("tokens", 0) > 1_000_000:
+            sys.exit(f"{a.ship} already holds a set trained on {old_cfg['training']['tokens']:,} tokens and "
+                     f"{a.old} (the set shipped before) is missing: restore it with git")
+        shutil.copytree(a.ship, a.old, ignore=shutil.ignore_patterns("feature_stats"))
+    lm = load_model(None, device="cpu")
+    corpora = {name: open_corpus(a.corpus if k == "corpus" else a.general) for name, k in SPLITS.items()}
+    cache = ROOT / "runs" / "report-cache"
 
-    ev = evaluate_transcoders(lm, ts, corpus, n_sequences=a.eval_sequences, ctx_len=128)
-    print("evaluated", round(time.time() - t0), "s", flush=True)
-    base = affine_baseline(lm, corpus, n_train=16384, n_heldout=4096)
-    print("affine baseline", round(time.time() - t0), "s", flush=True)
-
-    metrics = {**ev.to_dict(), "affine_baseline_fvu": base,
-               "evaluation": {"split": "heldout", "sequences": a.eval_sequences, "ctx_len": 128}}
-    cfg = ts.config.replace(metrics=metrics, dtype="float16")
-    ts.config = cfg
-    ship = Path(a.ship)
-    tmp = ship.with_name(ship.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_transcoders(ts, tmp, dtype="float16")
-    plot_metrics(ev, tmp / "metrics.png")
-    if ship.exists():
-        shutil.rmtree(ship)
-    tmp.rename(ship)
-    shipped = load_transcoders(ship)
-    print("shipped", ship, sum(p.stat().st_size for p in ship.iterdir()) / 1e6, "MB", flush=True)
-
-    sample = open_sample(a.corpus, lm, ctx_len=64)
-    stats = compute_feature_stats(lm, shipped, sample, FeatureStatsConfig(n_sequences=a.stats_sequences, ctx_len=64),
-                                  cache=run / "feature_stats")
+    new = (checkpoint_transcoders(a.run, lm.model_id, lm.adapter.name) if a.from_checkpoint
+           else load_transcoders(a.run))
+    dest = ROOT / "runs" / "set-v2-interim" if a.no_ship else a.ship
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokens = new.config.training.get("tokens")
+    if a.from_checkpoint:
+        tokens = json.loads((a.run / "checkpoint" / "latest.json").read_text())["tokens"]
+    training = {**new.config.training, "tokens": tokens, "run": str(a.run.relative_to(ROOT)),
+                "warm_start_note": "initialised from set v1 (0.7M tokens of the documentation corpus) after the "
+                                   "first 5.45M-token run was lost with its machine"}
+    new.config = new.config.replace(dtype="float16", training=training)
+    save_transcoders(new, tmp, dtype="float16")
+    metrics = {"old": evaluate(lm, a.old, corpora, a.eval_sequences, cache),
+               "new": evaluate(lm, tmp, corpora, a.eval_sequences, cache)}
+    cfg = json.loads((tmp / "config.json").read_text())
+    main_split = metrics["new"]["corpus-v2 held-out"]
+    cfg["metrics"] = {**{k: main_split[k] for k in ("fvu", "l0", "dead_fraction", "ce_clean", "ce_replaced", "ce_zero",
+                                                    "ce_recovered", "kl_replaced", "n_tokens")},
+                      "evaluation": {"split": "corpus-v2 held-out", "sequences": a.eval_sequences, "ctx_len": 128},
+                      "general_domain": {k: metrics["new"]["general-domain held-out"][k]
+                                         for k in ("fvu", "ce_recovered", "kl_replaced", "mean_fvu")}}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    stats = subprocess.run([str(ROOT / ".venv/bin/sparsetrace"), "features", "stats", "--corpus", str(a.corpus),
+                            "--out", str(tmp / "feature_stats"), "-t", str(tmp), "--n-sequences",
+                            str(a.stats_sequences), "-q"], cwd=ROOT)
+    if stats.returncode != 0:
+        sys.exit("feature statistics failed")
     print("feature stats", round(time.time() - t0), "s", flush=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    size = {p.name: p.stat().st_size for p in dest.rglob("*") if p.is_file()}
+    print(f"wrote {dest}: {sum(size.values()) / 1e6:.0f} MB, largest file {max(size.values()) / 1e6:.1f} MB", flush=True)
 
-    graphs = []
-    for prompt in PROMPTS:
-        g = attribute(prompt, lm, shipped, config=AttributionConfig())
-        infl = node_influence(g)
-        lay = g.layout
-        feats = np.flatnonzero(lay.kind == NodeKind.FEATURE)
-        errs = np.flatnonzero(lay.kind == NodeKind.ERROR)
-        toks = np.flatnonzero(lay.kind == NodeKind.TOKEN)
-        top = feats[np.argsort(-infl[feats])[:8]]
-        items = []
-        for i in top:
-            rep = inspect_feature(lm, shipped, int(lay.layer[i]), int(lay.feature[i]), stats, sample, n_tokens=6)
-            items.append({
-                "node": lay.node_id(int(i)), "token": g.token_strings[int(lay.pos[i])], "influence": float(infl[i]),
-                "activation": float(g.activation[i]), "label": rep.label, "density": rep.density,
-                "top_output_tokens": [t for t, _ in rep.top_output_tokens],
-                "contexts": ["".join(f"[[{t}]]" if j == c.focus else t for j, t in enumerate(c.tokens)) for c in rep.contexts[:3]],
-            })
-        share = {"features": float(infl[feats].sum()), "errors": float(infl[errs].sum()), "tokens": float(infl[toks].sum())}
-        graphs.append({"prompt": prompt, "top_logits": list(zip(g.logit_label, map(float, g.logit_probability)))[:5],
-                       "active_features": int(lay.n_features), "influence_share": share, "top_features": items,
-                       "seconds": g.metadata["stats"]["seconds"]})
-        print("traced", repr(prompt), round(g.metadata["stats"]["seconds"], 1), "s", flush=True)
-
-    report = {"config": {k: v for k, v in cfg.to_dict().items() if k != "metrics"}, "metrics": metrics,
-              "corpus": json.loads((Path(a.corpus) / "manifest.json").read_text()), "graphs": graphs}
-    docs = Path(a.docs)
-    (docs / "transcoders-smollm2.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    shutil.copy(ship / "metrics.png", docs / "transcoders-smollm2-metrics.png")
-    (docs / "transcoders-smollm2.md").write_text(markdown(report, ship))
+    graphs = {"old": [], "new": []}
+    for side, folder in (("old", a.old), ("new", dest)):
+        for j, prompt in enumerate(PROMPTS[: a.n_prompts]):
+            out = ROOT / "runs" / "report-graphs" / side / str(j)
+            graphs[side].append(trace(prompt, folder, out))
+            if j == 0:
+                shutil.copy(out / "graph.png", a.docs / "figures" / f"transcoders-smollm2-{side}-capital.png")
+            print(f"traced {side} {prompt!r}: replacement {graphs[side][-1]['scores']['full']['replacement']:.3f}",
+                  flush=True)
+    report = {"written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "interim": a.no_ship,
+              "set": str(dest.relative_to(ROOT)), "size_bytes": sum(size.values()),
+              "largest_file_bytes": max(size.values()), "training": training,
+              "old_training_tokens": json.loads((a.old / "config.json").read_text())["training"].get("tokens"),
+              "metrics": metrics, "graphs": graphs, "seconds": time.time() - t0}
+    (a.docs / "transcoders-smollm2.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (a.docs / "transcoders-smollm2.md").write_text(markdown(report))
     print("done", round(time.time() - t0), "s")
 
 
-def markdown(r: dict, ship: Path) -> str:
-    """The quality report (issue 4, item 3–4), every number from ``r``."""
-    m, c, tr = r["metrics"], r["config"], r["config"]["training"]
-    L = len(m["fvu"])
-    size = sum(p.stat().st_size for p in ship.iterdir()) / 1e6
-    src = r["corpus"]["sources"]
+def markdown(r: dict) -> str:
+    """The report, every number from ``r``: old vs new side by side."""
+    m, tr = r["metrics"], r["training"]
+    cfg = tr.get("config", {})
+    L = len(m["new"]["corpus-v2 held-out"]["fvu"])
+    status = ("**Interim:** the set below is the long run's latest checkpoint, not shipped yet."
+              if r["interim"] else f"Shipped in `{r['set']}`.")
     lines = [
-        "# The default transcoder set for SmolLM2-135M-Instruct",
+        "# The default transcoder set for SmolLM2-135M-Instruct: v2 beside v1",
         "",
-        "Generated by `scripts/default_set_report.py` (every number below is in `transcoders-smollm2.json`).",
+        f"Generated by `scripts/default_set_report.py` on {r['written']} (every number: "
+        "[transcoders-smollm2.json](transcoders-smollm2.json)). " + status,
         "",
-        f"- **Set:** {L} TopK skip transcoders (k = {c['k']}, {c['n_features']} features each = {c['n_features'] // c['d_in']}× d_model), "
-        f"hook points `{c['hook_in']}` → `{c['hook_out']}`, stored fp16 in `{ship}` ({size:.0f} MB).",
-        f"- **Training:** {tr.get('tokens', 'not recorded')} tokens per layer (all layers from one model forward), "
-        f"batch {tr.get('config', {}).get('batch_tokens', 'n/a')} tokens, lr {tr.get('lr', 'n/a')}; full config in `config.json`.",
-        f"- **Corpus:** {r['corpus']['n_tokens']:,} tokens in {r['corpus']['n_documents']:,} documents (Debian documentation "
-        "packages + CPython's standard library), 1 % of documents held out. Per source: "
-        + ", ".join(f"{k} {v['tokens']:,}" for k, v in src.items()) + ".",
-        f"- **Evaluation:** held-out split, {m['evaluation']['sequences']} sequences × {m['evaluation']['ctx_len']} tokens "
-        f"({m['n_tokens']:,} predicted positions); position 0 excluded from FVU/L0.",
+        f"- **v2:** {L} TopK skip transcoders (k = {cfg.get('k')}, 2,304 features each = 4× d_model), fp16, "
+        f"{r['size_bytes'] / 1e6:.0f} MB with its feature statistics (largest file {r['largest_file_bytes'] / 1e6:.1f} MB). "
+        f"Trained {tr['tokens']:,} tokens per layer on `runs/corpus-v2` (docs/training.md), batch "
+        f"{cfg.get('batch_tokens')}, lr {tr.get('lr', 0):.2e}; {tr['warm_start_note']}.",
+        f"- **v1:** the set shipped before: {r['old_training_tokens']:,} tokens per layer of the documentation-only corpus.",
+        f"- **Evaluation:** {m['new']['corpus-v2 held-out']['sequences']} held-out sequences × 128 tokens of each split; "
+        "FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² (position 0 excluded); KL(clean ‖ all 30 MLPs replaced) per predicted token; "
+        "dead = never fired on the evaluated tokens.",
         "",
-        "## Definitions",
-        "- FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over held-out tokens (ȳ: the mean MLP output); 0 is perfect, 1 is the mean predictor.",
-        "- L0: mean number of active features per token. Dead fraction: features that never fire on the evaluated tokens.",
-        "- Spliced ΔCE / KL: CE increase and KL(clean ‖ spliced) when only that layer's MLP is replaced by its transcoder.",
-        "- All-MLPs-replaced CE recovered = 100 · (CE_zero − CE_replaced) / (CE_zero − CE_clean), CE_zero with every MLP output zeroed.",
-        "- Affine baseline: a least-squares affine map x̃ → y per layer (W_skip and a bias only), fitted on training tokens.",
+        "## Held-out quality",
         "",
-        "## Whole model",
-        "",
-        "| CE clean | CE all replaced | CE all zero-ablated | CE recovered | KL all replaced | mean FVU | mean affine-baseline FVU |",
-        "|---|---|---|---|---|---|---|",
-        f"| {m['ce_clean']:.3f} | {m['ce_replaced']:.3f} | {m['ce_zero']:.3f} | {m['ce_recovered']:.1f} % | {m['kl_replaced']:.3f} | "
-        f"{np.mean(m['fvu']):.3f} | {np.mean(m['affine_baseline_fvu']):.3f} |",
-        "",
-        "## Per layer",
-        "",
-        "| layer | FVU | affine FVU | L0 | dead | spliced ΔCE | spliced KL |",
-        "|---|---|---|---|---|---|---|",
+        "| split | set | mean FVU (max) | L0 | dead fraction | CE clean → all replaced | CE recovered | KL all replaced |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for l in range(L):
-        dce = f"{m['delta_ce'][l]:.4f}" if m.get("delta_ce") else "n/a"
-        kl = f"{m['kl'][l]:.4f}" if m.get("kl") else "n/a"
-        lines.append(f"| {l} | {m['fvu'][l]:.3f} | {m['affine_baseline_fvu'][l]:.3f} | {m['l0'][l]:.1f} | "
-                     f"{m['dead_fraction'][l]:.3f} | {dce} | {kl} |")
-    lines += ["", "![FVU and L0 per layer](transcoders-smollm2-metrics.png)", "", "## Graphs from this set", ""]
-    for g in r["graphs"]:
-        logits = ", ".join(f"{t!r} {p:.2f}" for t, p in g["top_logits"])
-        sh = g["influence_share"]
-        lines += [f"### {g['prompt']!r}", "",
-                  f"Top logits: {logits}. {g['active_features']} active features; attribution {g['seconds']:.1f} s. "
-                  f"Influence on the logits: features {sh['features']:.2f}, error nodes {sh['errors']:.2f}, tokens {sh['tokens']:.2f}.",
-                  "", "| node | at token | influence | activation | label | top output tokens | top contexts ([[max]]) |",
-                  "|---|---|---|---|---|---|---|"]
+    for split in SPLITS:
+        for side in ("old", "new"):
+            e = m[side][split]
+            lines.append(
+                f"| {split} | {'v1' if side == 'old' else 'v2'} | {np.mean(e['fvu']):.3f} ({max(e['fvu']):.3f}) | "
+                f"{np.mean(e['l0']):.1f} | {np.mean(e['dead_fraction']):.3f} | {e['ce_clean']:.3f} → "
+                f"{e['ce_replaced']:.3f} | {e['ce_recovered']:.1f} % | {e['kl_replaced']:.3f} |")
+    lines += ["", "Per layer FVU (corpus-v2 held-out), v1 → v2:", "",
+              "| layer | " + " | ".join(str(l) for l in range(L)) + " |", "|---|" + "---|" * L,
+              "| v1 | " + " | ".join(f"{v:.2f}" for v in m["old"]["corpus-v2 held-out"]["fvu"]) + " |",
+              "| v2 | " + " | ".join(f"{v:.2f}" for v in m["new"]["corpus-v2 held-out"]["fvu"]) + " |",
+              "", "## Graphs", "",
+              "`sparsetrace trace PROMPT -t SET` with default pruning. Replacement and completeness scores of the full "
+              "graph (pruned graph in brackets); the share of the logits' influence that reaches them through error "
+              "nodes, features and tokens.", "",
+              "| prompt | top logit | v1 replacement (pruned) | v2 replacement (pruned) | v1 completeness | "
+              "v2 completeness | error share v1 → v2 | active features v1 → v2 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for go, gn in zip(r["graphs"]["old"], r["graphs"]["new"]):
+        so, sn = go["scores"], gn["scores"]
+        top = gn["top_logits"][0]
+        lines.append(
+            f"| {go['prompt']!r} | {top['token']!r} {top['probability']:.2f} | {so['full']['replacement']:.3f} "
+            f"({so['pruned']['replacement']:.3f}) | {sn['full']['replacement']:.3f} ({sn['pruned']['replacement']:.3f}) | "
+            f"{so['full']['completeness']:.3f} | {sn['full']['completeness']:.3f} | "
+            f"{go['influence_share']['error']:.2f} → {gn['influence_share']['error']:.2f} | "
+            f"{go['graph']['active_features']} → {gn['graph']['active_features']} |".replace("\n", "⏎"))
+    lines += ["", "\"The capital of France is\", v1 (left) and v2 (right), as `make trace` draws them:", "",
+              "<img src=\"figures/transcoders-smollm2-old-capital.png\" width=\"49%\"> "
+              "<img src=\"figures/transcoders-smollm2-new-capital.png\" width=\"49%\">", ""]
+    for g in r["graphs"]["new"]:
+        lines += [f"### v2: {g['prompt']!r}".replace("\n", "⏎"), "",
+                  "| node | at token | influence | label | top contexts |", "|---|---|---|---|---|"]
         for f in g["top_features"]:
-            ctx = " · ".join(x.replace("|", "\\|").replace("\n", "⏎") for x in f["contexts"]) or "n/a"
-            outs = ", ".join(repr(t) for t in f["top_output_tokens"]).replace("|", "\\|")
-            lines.append(f"| {f['node']} | {f['token']!r} | {f['influence']:.3f} | {f['activation']:.2f} | "
-                         f"{f['label'].replace('|', '/')} | {outs} | {ctx} |")
+            ctx = " · ".join(c.replace("|", "\\|").replace("\n", "⏎") for c in f["contexts"]) or "n/a"
+            label = (f["label"] or "n/a").replace("|", "/").replace("\n", "⏎")
+            lines.append(f"| {f['node']} | {f['token']!r} | {f['influence']:.3f} | {label} | {ctx} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

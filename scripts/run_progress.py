@@ -111,6 +111,21 @@ def main() -> None:
         "![training curves](training-v2-progress.png)",
         "",
     ]
+    run1 = args.docs / "training-v2-progress-run1.json"
+    if run1.is_file():
+        r1 = json.loads(run1.read_text())
+        ev1 = r1.get("evaluation", {})
+        lines += [
+            f"**The first run** (same recipe, from random init) reached {r1['tokens']:,} tokens before its "
+            "checkpoints were lost with its machine (runs/ did not survive to the next working stretch); this "
+            "run restarted warm from the shipped set v1 (`train --init-from`). Its last report: "
+            f"[training-v2-progress-run1.json](training-v2-progress-run1.json), curves "
+            "[training-v2-progress-run1.png](training-v2-progress-run1.png); held-out at "
+            f"{r1['checkpoint']['tokens']:,} tokens: "
+            + "; ".join(f"{name} mean FVU {ev['mean_fvu']:.3f}, KL {ev['kl_replaced']:.3f} nats" for name, ev in ev1.items())
+            + ".",
+            "",
+        ]
     for name, ev in report.get("evaluation", {}).items():
         lines += [
             f"**Held-out, {name}** ({ev['n_tokens']:,} predicted tokens, checkpoint at {ev['checkpoint_tokens']:,} tokens): "
