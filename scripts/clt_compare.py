@@ -1,7 +1,7 @@
 """Per-layer transcoders vs one cross-layer transcoder on the default model, at equal training tokens and
 equal total feature count (issue 16, item 4; docs/cross-layer.md).
 
-    .venv/bin/python scripts/clt_compare.py                     # F = 256 per layer, k = 16, 300k tokens
+    .venv/bin/python scripts/clt_compare.py                     # F = 256 per layer, k = 16, 200k tokens
     .venv/bin/python scripts/clt_compare.py --n-tokens 8192 --n-features 64 --k 8 --prompts 1   # smoke run
 
 Needs `make model` and the corpora (`.venv/bin/sparsetrace corpus --out runs/corpus-v2
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=ROOT / "runs" / "corpus-v2")
     ap.add_argument("--general", type=Path, default=ROOT / "runs" / "heldout-general")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "clt-compare")
-    ap.add_argument("--n-tokens", type=int, default=300_000)
+    ap.add_argument("--n-tokens", type=int, default=200_000)
     ap.add_argument("--n-features", type=int, default=256)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--shuffle-buffer-tokens", type=int, default=16384,

@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--general", type=Path, default=ROOT / "runs" / "heldout-general")
     ap.add_argument("--eval-sequences", type=int, default=64)
     ap.add_argument("--stats-sequences", type=int, default=1024)
+    ap.add_argument("--stats-top-k", type=int, default=5,
+                    help="top contexts kept per feature (5 keeps weights + statistics under 200 MB)")
     ap.add_argument("--n-prompts", type=int, default=len(PROMPTS), help="trace only the first N prompts (a quick check)")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     a = ap.parse_args()
@@ -168,7 +170,7 @@ def main() -> None:
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     stats = subprocess.run([str(ROOT / ".venv/bin/sparsetrace"), "features", "stats", "--corpus", str(a.corpus),
                             "--out", str(tmp / "feature_stats"), "-t", str(tmp), "--n-sequences",
-                            str(a.stats_sequences), "-q"], cwd=ROOT)
+                            str(a.stats_sequences), "--top-k", str(a.stats_top_k), "-q"], cwd=ROOT)
     if stats.returncode != 0:
         sys.exit("feature statistics failed")
     print("feature stats", round(time.time() - t0), "s", flush=True)
@@ -212,7 +214,7 @@ def markdown(r: dict) -> str:
         f"- **v2:** {L} TopK skip transcoders (k = {cfg.get('k')}, 2,304 features each = 4× d_model), fp16, "
         f"{r['size_bytes'] / 1e6:.0f} MB with its feature statistics (largest file {r['largest_file_bytes'] / 1e6:.1f} MB). "
         f"Trained {tr['tokens']:,} tokens per layer on `runs/corpus-v2` (docs/training.md), batch "
-        f"{cfg.get('batch_tokens')}, lr {tr.get('lr', 0):.2e}; {tr['warm_start_note']}.",
+        f"{cfg.get('batch_tokens')}" + (f", lr {tr['lr']:.2e}" if tr.get("lr") else "") + f"; {tr['warm_start_note']}.",
         f"- **v1:** the set shipped before: {r['old_training_tokens']:,} tokens per layer of the documentation-only corpus.",
         f"- **Evaluation:** {m['new']['corpus-v2 held-out']['sequences']} held-out sequences × 128 tokens of each split; "
         "FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² (position 0 excluded); KL(clean ‖ all 30 MLPs replaced) per predicted token; "
@@ -236,8 +238,8 @@ def markdown(r: dict) -> str:
               "| v2 | " + " | ".join(f"{v:.2f}" for v in m["new"]["corpus-v2 held-out"]["fvu"]) + " |",
               "", "## Graphs", "",
               "`sparsetrace trace PROMPT -t SET` with default pruning. Replacement and completeness scores of the full "
-              "graph (pruned graph in brackets); the share of the logits' influence that reaches them through error "
-              "nodes, features and tokens.", "",
+              "graph (pruned graph in brackets). Error share: the error nodes' part of the summed influence on the "
+              "logits of all feature, error and token nodes (`graphs.node_influence`).", "",
               "| prompt | top logit | v1 replacement (pruned) | v2 replacement (pruned) | v1 completeness | "
               "v2 completeness | error share v1 → v2 | active features v1 → v2 |",
               "|---|---|---|---|---|---|---|---|"]
