@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        args.tokens = args.tokens[0]  # a child runs one length
         return child(args)
     tokens = args.tokens or list(CrossLayerConfig.benchmark_quick_tokens if args.quick else CrossLayerConfig.benchmark_tokens)
     n_features = args.n_features or (256 if args.quick else 2304)
@@ -122,7 +123,7 @@ def main() -> None:
     payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": " ".join([".venv/bin/python", "benchmarks/clt_attribution.py"] + sys.argv[1:]),
-               "load_note": "timed on a shared machine; other jobs ran at the same time",
+               "load_average_before": [round(x, 2) for x in os.getloadavg()],
                "results": []}
     for n in tokens:
         for kind in KINDS:
@@ -137,8 +138,10 @@ def main() -> None:
             else:
                 payload["results"].append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(json.dumps(payload["results"][-1]), flush=True)
+            payload["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
             _write(payload, out_path)
-    print(f"random TopK, F = {n_features} per layer, k = {k}; CPU, {args.threads} threads, fp32; machine shared (load)")
+    print(f"random TopK, F = {n_features} per layer, k = {k}; CPU, {args.threads} threads, fp32; load average "
+          f"{payload['load_average_before'][0]} before, {payload['load_average_after'][0]} after")
     print("\n".join(table(payload["results"])))
     print(f"wrote {out_path}")
 
