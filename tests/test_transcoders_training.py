@@ -268,3 +268,36 @@ def test_warm_start_reproduces_the_set_it_starts_from_and_continues_from_its_los
                           tmp_path / "c")
     with pytest.raises(ConfigError, match="init_from=.*not a readable transcoder set"):
         train_transcoders(lm, corpus, TrainConfig(**{**base, "init_from": str(tmp_path / "nothing")}), tmp_path / "d")
+
+
+def test_resume_with_a_new_token_budget_equals_a_run_started_with_it(corpus, tmp_path, monkeypatch):
+    from sparsetrace.errors import ConfigError
+    from sparsetrace.transcoders.train import Trainer
+
+    lm = tiny_lm()
+    base = dict(n_features=64, k=4, batch_tokens=128, shuffle_buffer_tokens=512, ctx_len=32, model_batch=8,
+                warmup_steps=5, lr=4e-3, checkpoint_every_tokens=512, log_every_steps=1, progress=False, decay_fraction=0.25)
+    # The direct run: 48 steps, decay over the last 12.
+    train_transcoders(lm, corpus, TrainConfig(**base, n_tokens=128 * 48), tmp_path / "direct")
+    # A run planned for 64 steps crashes at step 26; its last checkpoint is at step 24 (before either decay) ...
+    step = Trainer.step
+
+    def crash(self, x, y):
+        if self.step_count == 26:
+            raise KeyboardInterrupt
+        return step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_transcoders(lm, corpus, TrainConfig(**base, n_tokens=128 * 64), tmp_path / "long")
+    monkeypatch.setattr(Trainer, "step", step)
+    assert json.loads((tmp_path / "long" / "checkpoint" / "latest.json").read_text())["step"] == 24
+    # ... and is resumed with a 48-step budget: the same weights as the direct run, bit for bit.
+    train_transcoders(lm, corpus, TrainConfig(**base, n_tokens=128 * 48), tmp_path / "long", resume=True)
+    direct, resumed = _weights(tmp_path / "direct"), _weights(tmp_path / "long")
+    assert direct.keys() == resumed.keys()
+    for k, v in direct.items():
+        assert torch.equal(resumed[k], v), k
+    # A budget whose decay would have started before the checkpoint (step 44 now) is refused, naming n_tokens.
+    with pytest.raises(ConfigError, match=r"resume with a different training config: \{'n_tokens'.*only n_tokens may change"):
+        train_transcoders(lm, corpus, TrainConfig(**base, n_tokens=128 * 28), tmp_path / "long", resume=True)

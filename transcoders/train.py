@@ -23,7 +23,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -541,6 +541,15 @@ def _progress(cfg: TrainConfig, rank: int, tokens: int):
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
+def _same_run_so_far(saved: TrainConfig, now: TrainConfig, step: int) -> bool:
+    """Whether a run of ``now`` would have taken the checkpoint's ``step`` steps exactly as ``saved`` did: the
+    configs differ in ``n_tokens`` only and the learning rate of every step taken is the same under both
+    (before either schedule's decay), so resuming with a new token budget equals a run started with it."""
+    if replace(saved, n_tokens=now.n_tokens) != now:
+        return False
+    return all(saved.lr_scale(s) == now.lr_scale(s) for s in range(step))
+
+
 class Checkpointer:
     """``checkpoint/ckpt_{tokens}/rank{r}.safetensors`` + ``rank{r}.json``; ``latest.json`` names the last
     complete one and is written (atomically, by rank 0) only after every rank has written its files.
@@ -615,7 +624,9 @@ class Checkpointer:
         saved = TrainConfig.from_dict(meta["config"])
         if saved != trainer.config:
             diff = {k: (v, getattr(trainer.config, k)) for k, v in asdict(saved).items() if getattr(trainer.config, k) != v}
-            raise ConfigError(f"resume with a different training config: {diff} (checkpoint, now)")
+            if not _same_run_so_far(saved, trainer.config, meta["step"]):
+                raise ConfigError(f"resume with a different training config: {diff} (checkpoint, now); allowed: "
+                                  "only n_tokens may change, while every step taken had the same learning rate under both")
         t = read_safetensors(sub / f"rank{self.rank}.safetensors")
         gen.set_state(t.pop("rng_state"))
         trainer.load_state_tensors(t)
