@@ -25,15 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+from sparsetrace.config import EvalConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 ST = str(ROOT / ".venv" / "bin" / "sparsetrace")
-PROMPTS = [
-    "The capital of France is",
-    "When Mary and John went to the store, John gave a drink to",
-    "The opposite of hot is",
-    "Alice is taller than Bob. Bob is taller than Carol. The shortest of them is",
-    "def add(a, b):\n    return a",
-]
+PROMPTS = list(EvalConfig.report_prompts[:5])
 KINDS = {"per-layer": [], "cross-layer": ["--cross-layer"]}
 
 

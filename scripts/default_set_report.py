@@ -33,15 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsetrace.config import EvalConfig
+
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = [
-    "The capital of France is",
-    "When Mary and John went to the store, John gave a drink to",
-    "The opposite of hot is",
-    "Alice is taller than Bob. Bob is taller than Carol. The shortest of them is",
-    "def add(a, b):\n    return a",
-    "Twinkle, twinkle, little",
-]
+PROMPTS = list(EvalConfig.report_prompts)
 SPLITS = {"corpus-v2 held-out": "corpus", "general-domain held-out": "general"}
 
 

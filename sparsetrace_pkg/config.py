@@ -351,6 +351,16 @@ class EvalConfig:
     """``heldout`` or ``train`` (a corpus folder's split)."""
     per_layer_ce: bool = True
     """Also splice each layer alone (KL and ΔCE per layer; one forward per layer)."""
+    report_prompts: tuple[str, ...] = (
+        "The capital of France is",
+        "When Mary and John went to the store, John gave a drink to",
+        "The opposite of hot is",
+        "Alice is taller than Bob. Bob is taller than Carol. The shortest of them is",
+        "def add(a, b):\n    return a",
+        "Twinkle, twinkle, little",
+    )
+    """Prompts whose graphs' replacement and completeness scores compare transcoder sets
+    (scripts/default_set_report.py: all six; scripts/clt_compare.py: the first five)."""
 
 
 @dataclass(frozen=True)

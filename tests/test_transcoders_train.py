@@ -40,7 +40,8 @@ def test_config_errors_name_argument_and_allowed(kw, match):
 def test_config_fields_are_simple_types_and_round_trip():
     cfg = TrainConfig(layers=(0, 3), lr=1e-3)
     for f in dataclasses.fields(cfg):
-        assert f.type in ("int", "float", "bool", "str", "int | None", "float | None", "tuple[int, ...] | None"), f
+        assert f.type in ("int", "float", "bool", "str", "int | None", "float | None", "str | None",
+                          "tuple[int, ...] | None"), f
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown training config keys"):
         TrainConfig.from_dict({"nope": 1})
