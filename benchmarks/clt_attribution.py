@@ -62,12 +62,12 @@ def child(args: argparse.Namespace) -> None:
         raise SystemExit(f"benchmark text has only {len(ids)} tokens")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    g = attribute(ids, lm, ts, config=AttributionConfig(device="cpu"))
+    g = attribute(ids, lm, ts, config=AttributionConfig(device="cpu", max_feature_nodes=args.max_feature_nodes))
     secs = time.perf_counter() - t0
     st = g.metadata["stats"]
     print(json.dumps({
         "kind": args.kind, "tokens": args.tokens, "n_features": args.n_features, "k": args.k, "threads": args.threads,
-        "active_features": st["active_features"], "rows_computed": st["rows_computed"],
+        "max_feature_nodes": args.max_feature_nodes, "active_features": st["active_features"], "rows_computed": st["rows_computed"],
         "backward_passes": st["backward_passes"], "edges_stored": int(g.adjacency.nnz), "seconds": round(secs, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_before_attribution_mb": round(rss0, 1),
@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="active features per token and layer (default 32; --quick 8)")
     ap.add_argument("--quick", action="store_true", help="8 tokens, F = 256, k = 8: a smoke run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-feature-nodes", type=int, default=None,
+                    help="row budget (the same for both cases; default: every active feature's row, exact)")
     ap.add_argument("--out", default=None, help="JSON (default benchmarks/results/clt_attribution[_quick].json)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
@@ -129,6 +131,8 @@ def main() -> None:
         for kind in KINDS:
             cmd = [sys.executable, __file__, "--child", "--kind", kind, "--tokens", str(n), "--n-features",
                    str(n_features), "--k", str(k), "--threads", str(args.threads)]
+            if args.max_feature_nodes is not None:
+                cmd += ["--max-feature-nodes", str(args.max_feature_nodes)]
             print(f"{kind} {n} tokens …", flush=True)
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:  # recorded; the other cases still run
@@ -140,7 +144,8 @@ def main() -> None:
             print(json.dumps(payload["results"][-1]), flush=True)
             payload["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
             _write(payload, out_path)
-    print(f"random TopK, F = {n_features} per layer, k = {k}; CPU, {args.threads} threads, fp32; load average "
+    budget = f"row budget {args.max_feature_nodes}" if args.max_feature_nodes is not None else "every row"
+    print(f"random TopK, F = {n_features} per layer, k = {k}, {budget}; CPU, {args.threads} threads, fp32; load average "
           f"{payload['load_average_before'][0]} before, {payload['load_average_after'][0]} after")
     print("\n".join(table(payload["results"])))
     print(f"wrote {out_path}")
