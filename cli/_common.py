@@ -264,6 +264,17 @@ def shipped_stats(transcoders: str | None, model: str | None) -> Path | None:
     return cand if cand is not None and (cand / META_FILE).is_file() else None
 
 
+def load_lm_and_transcoders(transcoders: str | None, model: str | None, device: str | None, dtype: str, seed: int,
+                            out: Output) -> tuple[Any, Any, dict[str, Any]]:
+    """The model and the transcoder set a command runs on → (lm, set, its source description). Without
+    ``--transcoders`` the shipped set is looked up first, so a model without one fails before it loads."""
+    if transcoders is None:
+        shipped_set(model)
+    lm = load_lm(model, device, dtype, out)
+    ts, source = resolve_transcoders(transcoders, lm, model, seed)
+    return lm, ts, source
+
+
 def resolve_transcoders(spec: str | None, lm, model: str | None, seed: int) -> tuple[Any, dict[str, Any]]:
     """The transcoder set named by ``--transcoders`` (the shipped set of ``--model`` when not given) and a
     description of where it came from (:func:`sparsetrace.tracer.pipeline.open_transcoders`)."""

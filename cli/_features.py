@@ -12,15 +12,13 @@ from sparsetrace.errors import ConfigError
 from sparsetrace.config import EXACT_DTYPES, FeatureStatsConfig, InspectConfig, LabelConfig
 
 from ._common import (
-    parse_layers,
     Output,
     check_writable_parent,
     default_of,
-    load_lm,
+    load_lm_and_transcoders,
     model_options,
     output_options,
-    resolve_transcoders,
-    shipped_set,
+    parse_layers,
     shipped_stats,
     transcoder_option,
 )
@@ -67,10 +65,7 @@ def stats(corpus_path, cache, transcoders, n_sequences, ctx_len, batch, top_k, l
     out = Output(as_json, quiet)
     check_writable_parent(cache, "--out")
     cfg = FeatureStatsConfig(n_sequences=n_sequences, ctx_len=ctx_len, batch=batch, top_k=top_k, layers=parse_layers(layers))
-    if transcoders is None:
-        shipped_set(model)  # fail before the model loads
-    lm = load_lm(model, device, dtype, out)
-    ts, source = resolve_transcoders(transcoders, lm, model, seed)
+    lm, ts, source = load_lm_and_transcoders(transcoders, model, device, dtype, seed, out)
     sample = open_sample(corpus_path, lm, ctx_len)
     with out.progress() as bars:
         st = compute_feature_stats(lm, ts, sample, cfg, cache=cache, progress=bars)
@@ -171,10 +166,7 @@ def show(layer, feature, transcoders, stats_dir, corpus_path, n_sequences, ctx_l
     )
 
     out = Output(as_json, quiet)
-    if transcoders is None:
-        shipped_set(model)  # fail before the model loads
-    lm = load_lm(model, device, dtype, out)
-    ts, _ = resolve_transcoders(transcoders, lm, model, seed)
+    lm, ts, _ = load_lm_and_transcoders(transcoders, model, device, dtype, seed, out)
     # check the ids before any corpus pass: a typo should not cost a pass
     if layer >= ts.n_layers:
         raise ConfigError(f"LAYER={layer}; allowed: 0..{ts.n_layers - 1}")

@@ -11,14 +11,12 @@ from sparsetrace.config import EXACT_DTYPES, MODES, InterventionConfig, Validati
 from sparsetrace.errors import ConfigError
 
 from ._common import (
-    shipped_set,
     Output,
-    load_lm,
+    default_of,
+    load_lm_and_transcoders,
     model_options,
     output_options,
     parse_token_ids,
-    resolve_transcoders,
-    default_of,
     transcoder_option,
 )
 
@@ -99,10 +97,7 @@ def intervene(prompt, token_ids, transcoders, sets, scales, ablates, adds, scale
         raise ConfigError("PROMPT is empty; give some text")
     inputs = parse_token_ids(token_ids) if token_ids is not None else prompt
     torch.manual_seed(seed)
-    if transcoders is None:
-        shipped_set(model)  # fail before the model loads
-    lm = load_lm(model, device, dtype, out)
-    ts, source = resolve_transcoders(transcoders, lm, model, seed)
+    lm, ts, source = load_lm_and_transcoders(transcoders, model, device, dtype, seed, out)
     n_prompt = len(inputs) if token_ids is not None else int(lm.tokenize(inputs).numel())
     options = {"--set": sets, "--scale": scales, "--ablate": ablates, "--add": adds,
                "--scale-error": scale_errors, "--scale-token": scale_tokens}
@@ -164,8 +159,7 @@ def _graph_and_parts(graph_path: Path, model, transcoders, device, dtype, seed, 
             raise ConfigError("the graph does not record its transcoder set; pass --transcoders")
         if src.random and src.seed is not None:
             seed = src.seed
-    lm = load_lm(model, device, dtype, out)
-    ts, _ = resolve_transcoders(transcoders, lm, model, seed)
+    lm, ts, _ = load_lm_and_transcoders(transcoders, model, device, dtype, seed, out)
     return graph, path, lm, ts
 
 

@@ -259,15 +259,14 @@ def evaluate(transcoders, corpus_dir, n_sequences, ctx_len, batch, split, per_la
     """Measure a transcoder set: FVU, L0, dead fraction, per-layer ΔCE/KL and CE/KL with all MLPs replaced."""
     import torch
 
-    from ._common import resolve_transcoders
+    from ._common import load_lm_and_transcoders
 
     out = Output(as_json, quiet)
     c = _open_corpus(corpus_dir)
     if write and transcoders.startswith(("random:", "random-clt:")):
         raise ConfigError("--write needs a transcoder folder; add --no-write for a random:F:K / random-clt:F:K set")
     torch.manual_seed(seed)
-    lm = load_lm(model, device, dtype, out)
-    ts, _ = resolve_transcoders(transcoders, lm, model, seed)
+    lm, ts, _ = load_lm_and_transcoders(transcoders, model, device, dtype, seed, out)
     out.say(f"evaluating on {n_sequences} {split} sequences of {ctx_len} tokens")
     with Bars(disable=quiet) as bars:
         bars("evaluate", 0, 1)  # evaluate_transcoders reports no progress of its own

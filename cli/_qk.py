@@ -10,7 +10,7 @@ import click
 from sparsetrace.config import QKConfig
 from sparsetrace.errors import ConfigError, GraphError
 
-from ._common import Output, default_of, labels_of, load_lm, output_options, resolve_graph_path, resolve_transcoders
+from ._common import Output, default_of, labels_of, load_lm_and_transcoders, output_options, resolve_graph_path
 
 C = QKConfig
 
@@ -174,8 +174,7 @@ def _parts(graph, model: str | None, transcoders: str | None, device: str | None
         flags = [f for f, known in (("--model ID|PATH", model_known), ("--transcoders DIR", transcoders is not None)) if not known]
         raise GraphError(f"the graph does not record {' or '.join(missing)}; pass {' and '.join(flags)} "
                          "(the ones it was traced with)")
-    lm = load_lm(model, device, "float32", out)
-    ts, _ = resolve_transcoders(transcoders, lm, model, seed)
+    lm, ts, _ = load_lm_and_transcoders(transcoders, model, device, "float32", seed, out)
     return lm, ts
 
 

@@ -105,14 +105,13 @@ def open_session(model: str | None, transcoders: str | None, device: str | None,
 
     from sparsetrace.tracer.pipeline import TraceSession, open_label_sources
 
-    from ._common import load_lm, model_revision, resolve_transcoders
+    from ._common import load_lm_and_transcoders, model_revision
     from ._trace import _stats_folder
 
     torch.manual_seed(seed)
     quiet = Output(False, True)
     stats_dir, auto = _stats_folder(Path(feature_stats) if feature_stats else None, transcoders, model, label_mode)
-    lm = load_lm(model, device, "float32", quiet)
-    ts, source = resolve_transcoders(transcoders, lm, model, seed)
+    lm, ts, source = load_lm_and_transcoders(transcoders, model, device, "float32", seed, quiet)
     stats, labels = open_label_sources(stats_dir, label_mode)
     record = {**source, "spec": transcoders, "seed": seed, "model_arg": model}
     return TraceSession(lm, ts, record, model_revision(lm, model), stats, labels, stats_dir, auto)
@@ -299,7 +298,7 @@ def validate_set(folder, hypotheses, out_dir, modes, n_random, n_bootstrap, conf
     from sparsetrace.graphs.recur import load_traced_set
     from sparsetrace.tracer.validate_set import card_markdown, load_hypotheses, plot, validate_set as run_set
 
-    from ._common import load_lm, model_revision, resolve_transcoders
+    from ._common import load_lm_and_transcoders, model_revision
 
     out = Output(as_json, quiet)
     cfg = ValidateSetConfig(modes=tuple(modes), n_random=n_random, n_bootstrap=n_bootstrap, confidence=confidence,
@@ -309,10 +308,8 @@ def validate_set(folder, hypotheses, out_dir, modes, n_random, n_bootstrap, conf
     check_writable_parent(out_dir, "--out")
     manifest, traced = load_traced_set(folder, minimum=1)
     st = manifest.get("settings") or {}
-    if st.get("transcoders") is None:
-        shipped_set(st.get("model"))
-    lm = load_lm(st.get("model"), st.get("device"), "float32", out)
-    ts, source = resolve_transcoders(st.get("transcoders"), lm, st.get("model"), int(st.get("seed", 0)))
+    lm, ts, source = load_lm_and_transcoders(st.get("transcoders"), st.get("model"), st.get("device"), "float32",
+                                             int(st.get("seed", 0)), out)
     out.say(f"{len(traced)} prompts × {len(hf.hypotheses)} hypotheses × {len(cfg.modes)} modes")
     report = run_set(traced, hf, lm, ts, cfg, out.say)
     counts = manifest.get("summary") or {}

@@ -17,13 +17,11 @@ from ._common import (
     Output,
     check_writable_parent,
     default_of,
-    load_lm,
+    load_lm_and_transcoders,
     model_options,
     model_revision,
     output_options,
     parse_token_ids,
-    resolve_transcoders,
-    shipped_set,
     staged,
     transcoder_option,
     write_text_atomic,
@@ -149,10 +147,7 @@ def steer(prompt, token_ids, transcoders, adds, sets, scales, ablates, scale_err
         check_writable_parent(out_dir / "x", "--out")
     inputs = parse_token_ids(token_ids) if token_ids is not None else prompt
     torch.manual_seed(seed)
-    if transcoders is None:
-        shipped_set(model)  # fail before the model loads
-    lm = load_lm(model, device, dtype, out)
-    ts, source = resolve_transcoders(transcoders, lm, model, seed)
+    lm, ts, source = load_lm_and_transcoders(transcoders, model, device, dtype, seed, out)
     out.say("steering" + (f" over {len(values)} values" if values else ""))
     with _usage():
         outputs = run(inputs, lm, ts, specs, decoding=dec, metric_kind=metric, metric_tokens=metric_tokens,

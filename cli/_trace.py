@@ -13,18 +13,16 @@ from sparsetrace.config import EXACT_DTYPES, LABEL_SOURCES, STATS_FOLDER, Attrib
 from sparsetrace.errors import ConfigError
 
 from ._common import (
-    shipped_set,
     Output,
     atomic_folder,
     check_writable_parent,
     default_of,
-    load_lm,
+    load_lm_and_transcoders,
     model_options,
     model_revision,
     output_options,
     parse_token_ids,
     prune_and_score,
-    resolve_transcoders,
     transcoder_option,
     write_graph_outputs,
 )
@@ -109,11 +107,8 @@ def trace(prompt, out_dir, token_ids, transcoders, targets, target_ids, max_n_lo
     from sparsetrace.tracer.pipeline import open_label_sources
 
     torch.manual_seed(seed)
-    if transcoders is None:
-        shipped_set(model)  # fail before the model loads
     clock = _Clock(t0)
-    lm = load_lm(model, device, "float32", out)
-    ts, source = resolve_transcoders(transcoders, lm, model, seed)
+    lm, ts, source = load_lm_and_transcoders(transcoders, model, device, "float32", seed, out)
     stats, labels = open_label_sources(stats_dir, label_mode)
     spec = list(targets) + list(target_ids) or None
     out.say(f"tracing with {source['description']}")
