@@ -268,6 +268,7 @@ def test_warm_start_reproduces_the_set_it_starts_from_and_continues_from_its_los
                           tmp_path / "c")
     with pytest.raises(ConfigError, match="init_from=.*not a readable transcoder set"):
         train_transcoders(lm, corpus, TrainConfig(**{**base, "init_from": str(tmp_path / "nothing")}), tmp_path / "d")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()  # refused before anything is written
 
 
 def test_resume_with_a_new_token_budget_equals_a_run_started_with_it(corpus, tmp_path, monkeypatch):

@@ -177,13 +177,14 @@ def train_transcoders(
     positions = list(range(rank, len(layers), world))
     mine = [layers[i] for i in positions]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and (out / "checkpoint" / "latest.json").exists():
+    has_checkpoint = (out / "checkpoint" / "latest.json").exists()
+    if not resume and has_checkpoint:
         raise ConfigError(f"{str(out)!r} already has a checkpoint; pass resume=True to continue it or use a new folder")
     d = lm.d_model
     trainer = Trainer(config, len(mine), d, layer_ids=mine)
-    if config.init_from is not None and not (resume and (out / "checkpoint" / "latest.json").exists()):
+    if config.init_from is not None and not (resume and has_checkpoint):
         trainer.warm_start(_warm_start_transcoders(config.init_from, mine, lm))
+    out.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves no folder behind
     source = ModelActivationSource(
         lm, corpus, collect=layers, keep=mine,
         ctx_len=config.ctx_len, model_batch=config.model_batch, outlier_factor=config.outlier_factor,
