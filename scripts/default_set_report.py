@@ -50,31 +50,36 @@ def set_digest(folder: Path) -> str:
 
 
 def evaluate(lm, folder: Path, corpora: dict, n_sequences: int, cache: Path) -> dict:
-    """Held-out metrics of the set in ``folder`` on every split, cached by the set's digest."""
+    """Held-out metrics of the set in ``folder`` on every split, each split cached by the set's digest."""
     from sparsetrace.transcoders import load_transcoders
     from sparsetrace.transcoders.evaluate import evaluate_transcoders
 
-    key = cache / f"{set_digest(folder)}-{n_sequences}.json"
-    if key.is_file():
-        return json.loads(key.read_text())
-    ts = load_transcoders(folder)
-    out = {}
+    digest, ts, out = set_digest(folder), None, {}
     for name, corpus in corpora.items():
+        key = cache / f"{digest}-{SPLITS[name]}-{n_sequences}.json"
+        if key.is_file():
+            out[name] = json.loads(key.read_text())
+            continue
+        ts = ts or load_transcoders(folder)
         t = time.perf_counter()
         ev = evaluate_transcoders(lm, ts, corpus, n_sequences=n_sequences, ctx_len=128, batch=8, per_layer_ce=False)
         out[name] = {**ev.to_dict(), "mean_fvu": float(np.mean(ev.fvu)), "seconds": time.perf_counter() - t,
                      "sequences": n_sequences}
+        cache.mkdir(parents=True, exist_ok=True)
+        key.write_text(json.dumps(out[name], indent=1) + "\n")
         print(f"evaluated {folder} on {name}: FVU {out[name]['mean_fvu']:.3f}, KL {ev.kl_replaced:.3f}", flush=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    key.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
-def trace(prompt: str, folder: Path, out: Path) -> dict:
-    """`sparsetrace trace --json` with the set in ``folder``; adds influence shares and the top features."""
+def trace(prompt: str, folder: Path, out: Path, cache: Path) -> dict:
+    """`sparsetrace trace --json` with the set in ``folder``; adds influence shares and the top features.
+    Cached by the set's digest and the prompt (the graph files stay in ``out``)."""
     from sparsetrace.graphs import AttributionGraph, NodeKind, node_influence
     from sparsetrace.graphs.records import feature_labels_of
 
+    cached = cache / f"trace-{set_digest(folder)}-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}.json"
+    if cached.is_file() and (out / "graph.png").is_file():
+        return json.loads(cached.read_text())
     cmd = [str(ROOT / ".venv/bin/sparsetrace"), "trace", prompt, "-t", str(folder), "--out", str(out), "--json", "-q"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
@@ -95,9 +100,12 @@ def trace(prompt: str, folder: Path, out: Path) -> dict:
                     "influence": float(infl[i]), "activation": float(g.activation[i]),
                     "label": fi.label if fi is not None else None,
                     "contexts": list(fi.contexts or [])[:2] if fi is not None else []})
-    return {"prompt": prompt, "top_logits": d["top_logits"][:3], "scores": d["scores"], "graph": d["graph"],
-            "pruned": d["pruned"], "influence_share": {k: v / total for k, v in share.items()},
-            "top_features": top, "seconds": d["seconds"]}
+    res = {"prompt": prompt, "top_logits": d["top_logits"][:3], "scores": d["scores"], "graph": d["graph"],
+           "pruned": d["pruned"], "influence_share": {k: v / total for k, v in share.items()},
+           "top_features": top, "seconds": d["seconds"]}
+    cache.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(res, indent=1) + "\n")
+    return res
 
 
 def main() -> None:
@@ -115,6 +123,8 @@ def main() -> None:
                     help="top contexts kept per feature (5 keeps weights + statistics under 200 MB)")
     ap.add_argument("--n-prompts", type=int, default=len(PROMPTS), help="trace only the first N prompts (a quick check)")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    ap.add_argument("--old-only", action="store_true",
+                    help="only evaluate and trace the old set (fills the cache while the run trains), then stop")
     a = ap.parse_args()
     for p, cmd in ((a.corpus, "sparsetrace corpus --out runs/corpus-v2 --max-tokens-per-source 6000000"),
                    (a.general, "sparsetrace corpus --heldout-only --out runs/heldout-general")):
@@ -140,6 +150,12 @@ def main() -> None:
     corpora = {name: open_corpus(a.corpus if k == "corpus" else a.general) for name, k in SPLITS.items()}
     cache = ROOT / "runs" / "report-cache"
 
+    if a.old_only:
+        evaluate(lm, a.old, corpora, a.eval_sequences, cache)
+        for j, prompt in enumerate(PROMPTS[: a.n_prompts]):
+            trace(prompt, a.old, ROOT / "runs" / "report-graphs" / "old" / str(j), cache)
+        print("old set evaluated and traced", round(time.time() - t0), "s")
+        return
     new = (checkpoint_transcoders(a.run, lm.model_id, lm.adapter.name) if a.from_checkpoint
            else load_transcoders(a.run))
     dest = ROOT / "runs" / "set-v2-interim" if a.no_ship else a.ship
@@ -178,7 +194,7 @@ def main() -> None:
     for side, folder in (("old", a.old), ("new", dest)):
         for j, prompt in enumerate(PROMPTS[: a.n_prompts]):
             out = ROOT / "runs" / "report-graphs" / side / str(j)
-            graphs[side].append(trace(prompt, folder, out))
+            graphs[side].append(trace(prompt, folder, out, cache))
             if j == 0:
                 shutil.copy(out / "graph.png", a.docs / "figures" / f"transcoders-smollm2-{side}-capital.png")
             print(f"traced {side} {prompt!r}: replacement {graphs[side][-1]['scores']['full']['replacement']:.3f}",

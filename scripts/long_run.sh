@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/default-v2}
 CORPUS=${CORPUS:-runs/corpus-v2}
-N_TOKENS=${N_TOKENS:-6000000}
+N_TOKENS=${N_TOKENS:-7000000}
 PIDFILE="$RUN.pid"
 case "${1:-start}" in
   start)
@@ -18,9 +18,11 @@ case "${1:-start}" in
     [[ -f $CORPUS/manifest.json ]] || { echo "no corpus in $CORPUS: run .venv/bin/sparsetrace corpus --out $CORPUS --max-tokens-per-source 6000000" >&2; exit 2; }
     mkdir -p "$(dirname "$RUN")"
     # the recipe chosen by scripts/recipe_sweep.py (docs/training.md), warm-started from the shipped set v1
-    # (runs/ of the first 5.45M tokens was lost with its machine on 2026-12-04); extra arguments: TRAIN_ARGS
+    # (runs/ of the first 5.45M tokens was lost with its machine on 2026-12-04); extra arguments: TRAIN_ARGS.
+    # No evaluation at the end: scripts/default_set_report.py evaluates the finished set on both held-out splits.
     nohup nice -n 10 .venv/bin/sparsetrace train --corpus "$CORPUS" --out "$RUN" --resume --n-tokens "$N_TOKENS" \
-      --init-from transcoders/default/smollm2-135m --checkpoint-every-tokens 65536 ${TRAIN_ARGS:-} >>"$RUN.log" 2>&1 &
+      --init-from transcoders/default/smollm2-135m --checkpoint-every-tokens 65536 --no-evaluate ${TRAIN_ARGS:-} \
+      >>"$RUN.log" 2>&1 &
     echo $! >"$PIDFILE"
     echo "started pid $! → $RUN.log" ;;
   stop)
