@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/default_set_report.py --run runs/default-v2            # final: ships the set
     .venv/bin/python scripts/default_set_report.py --run runs/default-v2 --from-checkpoint --no-ship   # interim
+    .venv/bin/python scripts/default_set_report.py --old-only     # only the old set's side, while the run trains
 
 Needs `make model`, the corpora (`.venv/bin/sparsetrace corpus --out runs/corpus-v2 --max-tokens-per-source
 6000000` and `.venv/bin/sparsetrace corpus --heldout-only --out runs/heldout-general`) and the run
@@ -23,6 +24,7 @@ Needs `make model`, the corpora (`.venv/bin/sparsetrace corpus --out runs/corpus
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shutil
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsetrace._atomic import atomic_write_text
 from sparsetrace.config import EvalConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +43,10 @@ PROMPTS = list(EvalConfig.report_prompts)
 SPLITS = {"corpus-v2 held-out": "corpus", "general-domain held-out": "general"}
 
 
+@functools.lru_cache(maxsize=None)
 def set_digest(folder: Path) -> str:
-    """A short digest of a set's weight files (names the cached evaluations)."""
+    """A short digest of a set's weight files (names the cached evaluations and traces); read once per
+    folder and run (a folder's weights do not change while the script runs)."""
     h = hashlib.sha256()
     for p in sorted(folder.glob("layer_*.safetensors")):
         h.update(p.name.encode())
@@ -60,13 +65,14 @@ def evaluate(lm, folder: Path, corpora: dict, n_sequences: int, cache: Path) -> 
         if key.is_file():
             out[name] = json.loads(key.read_text())
             continue
-        ts = ts or load_transcoders(folder)
+        if ts is None:
+            ts = load_transcoders(folder)
         t = time.perf_counter()
         ev = evaluate_transcoders(lm, ts, corpus, n_sequences=n_sequences, ctx_len=128, batch=8, per_layer_ce=False)
         out[name] = {**ev.to_dict(), "mean_fvu": float(np.mean(ev.fvu)), "seconds": time.perf_counter() - t,
                      "sequences": n_sequences}
         cache.mkdir(parents=True, exist_ok=True)
-        key.write_text(json.dumps(out[name], indent=1) + "\n")
+        atomic_write_text(key, json.dumps(out[name], indent=1) + "\n")
         print(f"evaluated {folder} on {name}: FVU {out[name]['mean_fvu']:.3f}, KL {ev.kl_replaced:.3f}", flush=True)
     return out
 
@@ -104,7 +110,7 @@ def trace(prompt: str, folder: Path, out: Path, cache: Path) -> dict:
            "pruned": d["pruned"], "influence_share": {k: v / total for k, v in share.items()},
            "top_features": top, "seconds": d["seconds"]}
     cache.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(res, indent=1) + "\n")
+    atomic_write_text(cached, json.dumps(res, indent=1) + "\n")
     return res
 
 
@@ -204,8 +210,8 @@ def main() -> None:
               "largest_file_bytes": max(size.values()), "training": training,
               "old_training_tokens": json.loads((a.old / "config.json").read_text())["training"].get("tokens"),
               "metrics": metrics, "graphs": graphs, "seconds": time.time() - t0}
-    (a.docs / "transcoders-smollm2.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (a.docs / "transcoders-smollm2.md").write_text(markdown(report))
+    atomic_write_text(a.docs / "transcoders-smollm2.json", json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write_text(a.docs / "transcoders-smollm2.md", markdown(report))
     print("done", round(time.time() - t0), "s")
 
 
